@@ -93,3 +93,49 @@ def test_certify_corruptions_end_to_end(run_cli, cifar10_c, tmp_path):
     report = json.loads(run_cli("report", out, "--json")[1])
     assert set(report["corruptions"]) == set(CIFAR10_C[:2])
     assert report["mACR"] == pytest.approx(corruption_table(frame).loc["mean", "acr"])
+
+
+def _corruption_results(path, blocks):
+    """A result file of (corruption, severity, [correct…], radius of the correct ones) blocks, in index order."""
+    rows = []
+    for corruption, severity, correct, radius in blocks:
+        for c in correct:
+            rows.append(dict(idx=len(rows), label=1, predict=1 if c else 0, correct=c, radius=radius if c else 0.0,
+                             corruption=corruption, severity=severity))
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+@pytest.fixture
+def two_corruption_results(tmp_path):
+    # A: fog 75 % (ACR 0.625), snow 0 %, frost 100 % (0.3) → mAcc 58.3, mACR 0.308.
+    # B: fog 25 % (ACR 0.1), snow 100 % (0.6), no frost → mAcc 62.5, mACR 0.350.
+    a = _corruption_results(tmp_path / "A.parquet", [("fog", 1, [1, 1], 1.0), ("fog", 2, [1, 0], 0.5),
+                                                     ("snow", 1, [0, 0], 0.0), ("frost", 1, [1, 1], 0.3)])
+    b = _corruption_results(tmp_path / "B.parquet", [("fog", 1, [1, 0], 0.4), ("fog", 2, [0, 0], 0.0),
+                                                     ("snow", 1, [1, 1], 0.6)])
+    return a, b
+
+
+def test_table3_compares_results_per_corruption_with_the_best_of_every_row_marked(run_cli, two_corruption_results,
+                                                                                   tmp_path):
+    plot = tmp_path / "table3.png"
+    code, out, err = run_cli("report", *two_corruption_results, "--markdown", "--plot", plot)
+    assert code == 0, err
+    assert ("| corruption | A | B |\n|---|---|---|\n| fog | **75.0** | 25.0 |\n| snow | 0.0 | **100.0** |\n"
+            "| frost | **100.0** | – |\n| mAcc | 58.3 | **62.5** |") in out
+    assert ("| fog | **0.625** | 0.100 |\n| snow | 0.000 | **0.600** |\n| frost | **0.300** | – |\n"
+            "| mACR | 0.308 | **0.350** |") in out
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(plot)
+    assert pixels.shape[0] > 200 and pixels.std() > 0.05  # not a blank canvas
+    table = json.loads(run_cli("report", *two_corruption_results, "--json")[1])
+    assert table["accuracy"]["B"]["frost"] is None and table["acr"]["A"]["mACR"] == pytest.approx(0.925 / 3)
+
+
+def test_table3_refuses_to_mix_corruption_and_clean_results(run_cli, two_corruption_results, tmp_path):
+    clean = pd.read_parquet(two_corruption_results[0]).drop(columns=["corruption", "severity"])
+    clean.to_parquet(tmp_path / "clean.parquet")
+    code, out, err = run_cli("report", two_corruption_results[0], tmp_path / "clean.parquet")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "clean holds no corruption rows" in err

@@ -42,6 +42,7 @@ def test_a_small_sweep_runs_to_completion_and_is_on_record_in_mlflow(ray_cluster
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED" and "final_acr" in parent.data.metrics
+    assert f"catrs report --sweep {parent.info.run_id}" in out and "Table 3" not in out  # synthetic has no corruptions
     assert {"final_certified_accuracy_0", "best_acr"} <= set(parent.data.metrics)
     parent_files = {a.path for a in client.list_artifacts(parent.info.run_id, "results")}
     assert parent_files == {"results/final.parquet"}

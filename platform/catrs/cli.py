@@ -126,7 +126,8 @@ def _build_parser() -> argparse.ArgumentParser:
     report.add_argument("--dataset", default=None, help="data set of a TSV file (for the ℓ∞ view)")
     report.add_argument("--markdown", action="store_true", help="the comparison table as Markdown")
     report.add_argument("--latex", action="store_true", help="the comparison table as LaTeX")
-    report.add_argument("--plot", type=Path, default=None, help="write the certified-accuracy curves to this PNG")
+    report.add_argument("--plot", type=Path, default=None,
+                        help="write the certified-accuracy curves (corruption results: accuracy per corruption) to a PNG")
     _add_tracking_option(report)
 
     tune = commands.add_parser("tune", help="sweep a search space with Ray Tune + Optuna for the best ACR")
@@ -293,6 +294,9 @@ def _run_report(args: argparse.Namespace) -> None:
         print(json.dumps(report) if args.json else format_report(report, linf=args.linf))
         return
     frames = load_sources(args.sources, args.tracking_uri)
+    if any("corruption" in frame.columns for frame in frames.values()):
+        _report_corruptions(args, frames)
+        return
     table = comparison_table(frames, radii)
     if args.plot:
         from catrs.tracking import plot_certified_accuracy
@@ -310,6 +314,34 @@ def _run_report(args: argparse.Namespace) -> None:
             raise UserError("--linf needs --dataset NAME to know the input dimension")
         linf = {f"{r:.2f}": float(linf_radius(r, dataset_spec(args.dataset).input_dim)) for r in radii}
     print(format_comparison(table, style, linf))
+    if args.plot:
+        print(f"plot: {args.plot}")
+
+
+def _report_corruptions(args: argparse.Namespace, frames: dict[str, Any]) -> None:
+    """The paper's Table 3 for results of `certify --corruptions`: accuracy at r = 0, then ACR, per corruption."""
+    from catrs.report import TABLE3_ACCURACY, TABLE3_ACR, corruption_comparison, format_comparison
+
+    clean = [label for label, frame in frames.items() if "corruption" not in frame.columns]
+    if clean:
+        raise UserError(f"{', '.join(clean)} holds no corruption rows; compare results of `certify --corruptions` "
+                        f"with each other, and clean results with each other")
+    if args.linf:
+        raise UserError("--linf does not apply to corruption results (their table is accuracy at r = 0 and ACR)")
+    accuracy, acr = corruption_comparison(frames)
+    if args.plot:
+        from catrs.tracking import plot_corruption_accuracy
+
+        plot_corruption_accuracy(accuracy, args.plot)
+    if args.json:
+        as_json = {name: table.astype(object).where(table.notna(), None).to_dict()
+                   for name, table in (("accuracy", accuracy), ("acr", acr))}
+        print(json.dumps(as_json))
+        return
+    style = "markdown" if args.markdown else "latex" if args.latex else "text"
+    print(format_comparison(accuracy, style, layout=TABLE3_ACCURACY))
+    print()
+    print(format_comparison(acr, style, layout=TABLE3_ACR))
     if args.plot:
         print(f"plot: {args.plot}")
 

@@ -103,10 +103,11 @@ def objective_value(frame: pd.DataFrame, objective: str) -> float:
 
 def corruption_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Per corruption, certified accuracy at r = 0 and ACR, each averaged over severities (the paper's Table 3),
-    with a last row `mean` holding mAcc and mACR."""
-    per_severity = frame.groupby(["corruption", "severity"]).apply(
+    with a last row `mean` holding mAcc and mACR. Corruptions keep the order of the frame (result files are
+    sorted by index, i.e. the data set's order)."""
+    per_severity = frame.groupby(["corruption", "severity"], sort=False).apply(
         lambda g: pd.Series({"accuracy": certified_accuracy(g, [0.0])[0.0], "acr": average_certified_radius(g)}),
         include_groups=False)
-    table = per_severity.groupby("corruption").mean()
+    table = per_severity.groupby("corruption", sort=False).mean()
     table.loc["mean"] = table.mean()
     return table

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,7 @@ def load_sources(sources: Sequence[str], tracking_uri: str | None = None) -> dic
 
 
 def comparison_table(frames: dict[str, pd.DataFrame], radii: Sequence[float]) -> pd.DataFrame:
-    """One row per result: ACR and certified accuracy (%) at each radius."""
+    """The paper's Table 1: one row per result, ACR and certified accuracy (%) at each radius."""
     rows = {}
     for label, frame in frames.items():
         summary = summarize(frame, radii)
@@ -124,38 +125,73 @@ def comparison_table(frames: dict[str, pd.DataFrame], radii: Sequence[float]) ->
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
-def _cells(table: pd.DataFrame, mark) -> list[list[str]]:
-    """Formatted cells with the best value of every column passed through `mark` (ties all marked)."""
+def corruption_comparison(frames: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The paper's Table 3 and its ACR twin: one row per corruption (in data-set order) then the mean, one
+    column per result; certified accuracy at r = 0 (%) and ACR, each averaged over severities."""
+    tables = {label: corruption_table(frame) for label, frame in frames.items()}
+    names = list(dict.fromkeys(name for table in tables.values() for name in table.index if name != "mean"))
+    accuracy = pd.DataFrame({label: 100 * table["accuracy"] for label, table in tables.items()})
+    acr = pd.DataFrame({label: table["acr"] for label, table in tables.items()})
+    accuracy = accuracy.reindex(names + ["mean"]).rename(index={"mean": "mAcc"})
+    acr = acr.reindex(names + ["mean"]).rename(index={"mean": "mACR"})
+    accuracy.index.name = acr.index.name = "corruption"
+    return accuracy, acr
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a comparison table prints: along which axis the best value is marked, decimals, footnote."""
+
+    best_in: str  # "column" (Table 1: the best result per radius) or "row" (Table 3: per corruption)
+    decimals: Callable[[str], int]  # of a column
+    note: str
+
+
+TABLE1 = Layout("column", lambda column: 3 if column == "ACR" else 1,
+                "best in its column; certified accuracy in %, radii in ℓ2")
+TABLE3_ACCURACY = Layout("row", lambda column: 1, "best in its row; certified accuracy at r = 0 in %, averaged over "
+                                                  "severities")
+TABLE3_ACR = Layout("row", lambda column: 3, "best in its row; ACR averaged over severities")
+
+
+def _cells(table: pd.DataFrame, layout: Layout, mark: Callable[[str], str]) -> list[list[str]]:
+    """Formatted cells, the best value along the layout's axis passed through `mark` (ties all marked); a
+    result missing a value (a corruption it was not certified on) shows a dash."""
+    best = table.max(axis=0 if layout.best_in == "column" else 1)
     cells = []
     for label, row in table.iterrows():
         line = [str(label)]
         for column, value in row.items():
-            text = f"{value:.3f}" if column == "ACR" else f"{value:.1f}"
-            best = np.isclose(value, table[column].max()) and table[column].max() > 0
-            line.append(mark(text) if best else text)
+            if pd.isna(value):
+                line.append("–")
+                continue
+            text = f"{value:.{layout.decimals(str(column))}f}"
+            top = best[column] if layout.best_in == "column" else best[label]
+            line.append(mark(text) if np.isclose(value, top) and top > 0 else text)
         cells.append(line)
     return cells
 
 
-def format_comparison(table: pd.DataFrame, style: str = "text", linf: dict[str, float] | None = None) -> str:
+def format_comparison(table: pd.DataFrame, style: str = "text", linf: dict[str, float] | None = None,
+                      layout: Layout = TABLE1) -> str:
     """The table as terminal text (best marked *), Markdown (best in bold) or LaTeX (best in \\textbf)."""
-    header = ["", *table.columns]
+    header = [table.index.name or "", *table.columns]
     if style == "markdown":
-        rows = _cells(table, lambda t: f"**{t}**")
+        rows = _cells(table, layout, lambda t: f"**{t}**")
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
     if style == "latex":
-        rows = _cells(table, lambda t: f"\\textbf{{{t}}}")
+        rows = _cells(table, layout, lambda t: f"\\textbf{{{t}}}")
         spec = "l" + "r" * len(table.columns)
         lines = [f"\\begin{{tabular}}{{{spec}}}", "\\toprule", " & ".join(header) + " \\\\", "\\midrule"]
         lines += [" & ".join(r.replace("_", "\\_") for r in row) + " \\\\" for row in rows]
         return "\n".join(lines + ["\\bottomrule", "\\end{tabular}"])
-    rows = _cells(table, lambda t: t + "*")
+    rows = _cells(table, layout, lambda t: t + "*")
     widths = [max(len(str(c)) for c in column) + 2 for column in zip(header, *rows)]
     lines = ["".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
              for line in [header, *rows]]
     if linf:
         lines.insert(1, "ℓ∞ radius".ljust(widths[0] + widths[1]) + "".join(
             f"{linf[c]:.4f}".rjust(w) for c, w in zip(table.columns[1:], widths[2:])))
-    lines.append("* best in its column; certified accuracy in %, radii in ℓ2")
+    lines.append(f"* {layout.note}")
     return "\n".join(lines)

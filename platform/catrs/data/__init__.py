@@ -1,6 +1,6 @@
 """The data-set registry: `get_dataset(name, split, root)` gives items `(index, x, y)`, x in [0, 1].
 
-`digits` is the embedded default (no download); `synthetic` is generated for tests; the torchvision sets
+`digits` is the embedded default (no download), `digits_c` its generated corruptions; `synthetic` is generated for tests; the torchvision sets
 download only with `download=True`; ImageNet is read from an ImageFolder root. The root defaults to
 `$CATRS_DATA`, else `./data`.
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 from catrs.data.base import SPLITS, DatasetSpec, Indexed
 from catrs.data.corruptions import load_cifar10_c, load_mnist_c
 from catrs.data.digits import load_digits_split
+from catrs.data.digits_c import load_digits_c
 from catrs.data.imagenet import load_imagenet_split
 from catrs.data.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
 from catrs.data.synthetic import load_synthetic_split
@@ -48,6 +49,8 @@ _SPECS: dict[str, DatasetSpec] = {
                     load_cifar10_c, "CIFAR-10-C: 15 corruptions × 5 severities of the test set", base="cifar10"),
         DatasetSpec("mnist_c", 10, (1, 28, 28), None, "lenet", load_mnist_c,
                     "MNIST-C: 16 corruptions of the test set", base="mnist"),
+        DatasetSpec("digits_c", 10, (1, 8, 8), None, "digits_cnn", load_digits_c,
+                    "12 generated corruptions × 5 severities of the digits test set, catrs's own", base="digits"),
     )
 }
 

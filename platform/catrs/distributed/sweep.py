@@ -40,6 +40,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from catrs.certify import CertifyRequest, CertifySettings, ProxyEvaluation, run_certification
 from catrs.checkpoint import Checkpoint
+from catrs.data import corrupted_variant
 from catrs.distributed.runtime import connect
 from catrs.distributed.shards import certify_sharded, sharded_votes
 from catrs.distributed.train import from_ray_checkpoint, scaling, worker_loop
@@ -55,6 +56,7 @@ from catrs.train import (CHECKPOINT_NAME, EVALUATION_NAME, METRICS_NAME, SingleW
                          method_config, soft_label_spec, soft_labels_for, training_method)
 
 PARENT_FILE = "mlflow_parent_run"
+BEST_DIR = "best"  # the best trial's checkpoint, beside the sweep's final results
 
 
 def tune_domain(domain: Domain) -> Any:
@@ -374,7 +376,7 @@ def _certify_best(space: SearchSpace, best: Any, sweep_dir: Path, data_root: Pat
     checkpoint = trial_checkpoint(best)
     if checkpoint is None:
         raise JobFailed(f"the best trial of {space.name} left no checkpoint in {best.path}")
-    best_dir = sweep_dir / "best"
+    best_dir = sweep_dir / BEST_DIR
     checkpoint.to_directory(str(best_dir))
     final = space.final
     settings = CertifySettings(n0=final.n0, n=final.n, alpha=final.alpha, batch_size=final.batch, seed=space.seed,
@@ -394,4 +396,24 @@ def format_outcome(outcome: SweepOutcome, space: SearchSpace) -> str:
              format_report(build_report(outcome.final_results, DEFAULT_RADII), linf=False)]
     if outcome.trade_off is not None:
         lines.append(format_sweep_report(outcome.trade_off))
+    return "\n".join(lines + ["", next_commands(outcome, space)])
+
+
+def next_commands(outcome: SweepOutcome, space: SearchSpace) -> str:
+    """The commands that take this sweep to the paper's Table 1, Table 3 and Figure 2(c)."""
+    final = space.final
+    lines = ["the paper's tables for this sweep:",
+             f"  Table 1:      catrs report {outcome.final_results} OTHER_RESULTS… --markdown --plot curves.png",
+             f"  Figure 2(c):  catrs report --sweep {outcome.parent_run_id} --radius R"]
+    try:
+        corrupted_variant(space.dataset)
+    except UserError:
+        return "\n".join(lines)
+    # The paper certifies 100 images per (corruption, severity) of CIFAR-10-C's 10,000; digits has 360.
+    skip = 10 if space.dataset == "digits" else 100
+    shards = f" --shards {final.shards}" if final.shards > 1 else ""
+    lines.insert(2, f"  Table 3:      catrs certify --checkpoint {outcome.path / BEST_DIR / CHECKPOINT_NAME} "
+                    f"--dataset {space.dataset} --sigma {space.sigma} --corruptions --skip {skip} --n0 {final.n0} "
+                    f"--n {final.n} --alpha {final.alpha} --batch {final.batch}{shards} "
+                    f"--out {outcome.path / 'corruptions.parquet'}")
     return "\n".join(lines)
