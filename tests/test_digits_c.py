@@ -104,4 +104,4 @@ def test_a_sweep_on_digits_ends_with_the_commands_for_the_papers_tables(tmp_path
     assert table3.checkpoint == tmp_path / "sweep" / "best" / "checkpoint.pt" and table3.n == space.final.n
     assert TEST_SIZE // table3.skip >= 30  # enough images per (corruption, severity) for a mean
     assert lines["Figure 2(c)"][:4] == ["catrs", "report", "--sweep", "0" * 32]
-    assert lines["Table 1"][:3] == ["catrs", "report", str(outcome.final_results)]
+    assert lines["Table 1"][:3] == ["catrs", "report", f"catrs={outcome.final_results}"]

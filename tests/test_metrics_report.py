@@ -104,6 +104,15 @@ def test_comparison_as_markdown_and_latex(run_cli, two_results):
     assert "\\textbf{0.757}" in latex and "\\begin{tabular}{lrrr}" in latex and "halved & 0.379" in latex
 
 
+def test_results_are_labelled_as_given_and_labels_must_differ(run_cli, two_results):
+    code, out, err = run_cli("report", f"CAT-RS={two_results[0]}", f"halved radii={two_results[1]}", "--radii", "0",
+                             "--markdown")
+    assert code == 0, err
+    assert "| CAT-RS | **0.757** | **62.3** |" in out and "| halved radii | 0.379 | **62.3** |" in out
+    code, out, err = run_cli("report", f"A={two_results[0]}", f"A={two_results[1]}")
+    assert code == 2 and out == "" and "two results are labelled A" in err
+
+
 def test_overlay_plot_is_a_real_image(run_cli, two_results, tmp_path):
     import matplotlib.image
 

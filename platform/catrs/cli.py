@@ -115,7 +115,8 @@ def _build_parser() -> argparse.ArgumentParser:
         _add_sampling_options(sub, mode)
 
     report = commands.add_parser("report", help="ACR and certified accuracy of result files or MLflow runs")
-    report.add_argument("sources", nargs="*", help="result files (Parquet or TSV) or MLflow run ids")
+    report.add_argument("sources", nargs="*",
+                        help="result files (Parquet or TSV) or MLflow run ids, each as SOURCE or LABEL=SOURCE")
     report.add_argument("--sweep", default=None, metavar="PARENT_RUN_ID",
                         help="the trade-off report of a finished sweep: frontier, objective by parameter, importances")
     report.add_argument("--radius", type=_non_negative_float, default=0.5,

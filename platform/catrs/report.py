@@ -103,15 +103,23 @@ def load_source(source: str, tracking_uri: str | None = None) -> tuple[str, pd.D
 
 
 def load_sources(sources: Sequence[str], tracking_uri: str | None = None) -> dict[str, pd.DataFrame]:
-    """Every source's rows under a distinct label: its name, or `folder/name` where names collide."""
-    loaded = [(source, *load_source(source, tracking_uri)) for source in sources]
-    names = [label for _, label, _ in loaded]
+    """Every source's rows under a distinct label: the LABEL of a `LABEL=SOURCE`, else its name, or
+    `folder/name` where names collide."""
+    loaded = []
+    for given in sources:
+        label, separator, source = given.partition("=")
+        if not separator or not label or Path(given).exists():  # a file whose name holds '=' is just a file
+            label, source = "", given
+        name, frame = load_source(source, tracking_uri)
+        loaded.append((source, label or name, bool(label), frame))
+    names = [label for _, label, _, _ in loaded]
     frames = {}
-    for source, label, frame in loaded:
-        if names.count(label) > 1:
+    for source, label, chosen, frame in loaded:
+        if names.count(label) > 1 and not chosen:
             label = f"{Path(source).parent.name}/{label}"
         if label in frames:
-            raise UserError(f"{source} appears twice (as {label}); give each result once")
+            raise UserError(f"two results are labelled {label} (the second: {source}); give each result once, "
+                            f"under its own label")
         frames[label] = frame
     return frames
 

@@ -261,13 +261,16 @@ def plot_corruption_accuracy(accuracy: pd.DataFrame, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 1.2 + 0.3 * len(accuracy) * len(accuracy.columns) ** 0.5), dpi=120)
-    accuracy.iloc[::-1].plot.barh(ax=axes, width=0.8, legend=len(accuracy.columns) > 1 or bool(accuracy.columns[0]))
+    colours = [f"C{i}" for i in reversed(range(len(accuracy.columns)))]  # the first result in the first colour
+    accuracy.iloc[::-1, ::-1].plot.barh(ax=axes, width=0.8, legend=False, color=colours)  # barh fills upwards
+    if len(accuracy.columns) > 1 or accuracy.columns[0]:
+        handles, labels = axes.get_legend_handles_labels()
+        axes.legend(handles[::-1], labels[::-1], loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     axes.set_xlabel("certified accuracy at r = 0 (%), averaged over severities")
     axes.set_ylabel("")
     axes.set_xlim(0, 100)
     axes.grid(axis="x", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path)
+    figure.savefig(path, bbox_inches="tight")  # keeps the legend above the axes in the picture
     plt.close(figure)
     return path
 

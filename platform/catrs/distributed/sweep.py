@@ -403,7 +403,8 @@ def next_commands(outcome: SweepOutcome, space: SearchSpace) -> str:
     """The commands that take this sweep to the paper's Table 1, Table 3 and Figure 2(c)."""
     final = space.final
     lines = ["the paper's tables for this sweep:",
-             f"  Table 1:      catrs report {outcome.final_results} OTHER_RESULTS… --markdown --plot curves.png",
+             f"  Table 1:      catrs report {space.method}={outcome.final_results} LABEL=OTHER_RESULTS… --markdown "
+             f"--plot curves.png",
              f"  Figure 2(c):  catrs report --sweep {outcome.parent_run_id} --radius R"]
     try:
         corrupted_variant(space.dataset)
