@@ -128,7 +128,7 @@ def _build_parser() -> argparse.ArgumentParser:
     report.add_argument("--markdown", action="store_true", help="the comparison table as Markdown")
     report.add_argument("--latex", action="store_true", help="the comparison table as LaTeX")
     report.add_argument("--plot", type=Path, default=None,
-                        help="write the certified-accuracy curves (corruption results: accuracy per corruption) to a PNG")
+                        help="write the certified-accuracy curves (corruption results: bars per corruption) to a PNG")
     _add_tracking_option(report)
 
     tune = commands.add_parser("tune", help="sweep a search space with Ray Tune + Optuna for the best ACR")
@@ -354,7 +354,7 @@ def _sweep(args: argparse.Namespace, space: Any, resume: bool) -> None:
     outcome = run_sweep(space, num_samples=args.num_samples, tracking_uri=args.tracking_uri, resume=resume,
                         storage_path=args.storage_path, cache_dir=args.cache_dir, data_root=args.data_root,
                         download=args.download)
-    print(format_outcome(outcome, space))
+    print(format_outcome(outcome, space, args.tracking_uri, args.data_root))
     print(f"sweep: {outcome.path}  (MLflow parent run {outcome.parent_run_id})")
     print(ui_hint(resolve_tracking_uri(args.tracking_uri)))
 

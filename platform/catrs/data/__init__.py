@@ -1,8 +1,9 @@
 """The data-set registry: `get_dataset(name, split, root)` gives items `(index, x, y)`, x in [0, 1].
 
-`digits` is the embedded default (no download), `digits_c` its generated corruptions; `synthetic` is generated for tests; the torchvision sets
-download only with `download=True`; ImageNet is read from an ImageFolder root. The root defaults to
-`$CATRS_DATA`, else `./data`.
+`digits` is the embedded default (no download), `digits_c` its generated corruptions; `synthetic` is
+generated for tests; the torchvision sets download only with `download=True`; ImageNet is read from an
+ImageFolder root; CIFAR-10-C and MNIST-C from their published files. The root defaults to `$CATRS_DATA`,
+else `./data`.
 """
 
 from __future__ import annotations

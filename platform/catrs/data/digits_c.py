@@ -149,7 +149,7 @@ def _blocks() -> tuple[Block, ...]:
     for name in CORRUPTIONS:
         for severity in range(1, SEVERITIES + 1):
             images = corrupt(clean.images, name, severity)
-            pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (N, H, W, C) like the .npy sets
+            pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # NHWC like the .npy sets
             blocks.append(Block(name, severity, pixels, labels))
     return tuple(blocks)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
@@ -389,23 +390,28 @@ def _certify_best(space: SearchSpace, best: Any, sweep_dir: Path, data_root: Pat
     return run_certification(request, progress=progress)
 
 
-def format_outcome(outcome: SweepOutcome, space: SearchSpace) -> str:
+def format_outcome(outcome: SweepOutcome, space: SearchSpace, tracking_uri: str | None = None,
+                   data_root: Path | None = None) -> str:
     lines = [f"sweep {space.name}: {len(outcome.trials)} trials, objective {space.objective} (proxy)",
              outcome.trials.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
              f"\nbest: {outcome.best_config}",
              format_report(build_report(outcome.final_results, DEFAULT_RADII), linf=False)]
     if outcome.trade_off is not None:
         lines.append(format_sweep_report(outcome.trade_off))
-    return "\n".join(lines + ["", next_commands(outcome, space)])
+    return "\n".join(lines + ["", next_commands(outcome, space, tracking_uri, data_root)])
 
 
-def next_commands(outcome: SweepOutcome, space: SearchSpace) -> str:
-    """The commands that take this sweep to the paper's Table 1, Table 3 and Figure 2(c)."""
+def next_commands(outcome: SweepOutcome, space: SearchSpace, tracking_uri: str | None = None,
+                  data_root: Path | None = None) -> str:
+    """The commands that take this sweep to the paper's Table 1, Table 3 and Figure 2(c), with the sweep's own
+    tracking URI and data root where it was given them."""
     final = space.final
+    store = f" --tracking-uri {shlex.quote(tracking_uri)}" if tracking_uri else ""
     lines = ["the paper's tables for this sweep:",
              f"  Table 1:      catrs report {space.method}={outcome.final_results} LABEL=OTHER_RESULTS… --markdown "
              f"--plot curves.png",
-             f"  Figure 2(c):  catrs report --sweep {outcome.parent_run_id} --radius R"]
+             f"  Figure 2(c):  catrs report --sweep {outcome.parent_run_id} "
+             f"--radius {_nearest_logged_radius(space.sigma)}{store}"]
     try:
         corrupted_variant(space.dataset)
     except UserError:
@@ -413,8 +419,9 @@ def next_commands(outcome: SweepOutcome, space: SearchSpace) -> str:
     # The paper certifies 100 images per (corruption, severity) of CIFAR-10-C's 10,000; digits has 360.
     skip = 10 if space.dataset == "digits" else 100
     shards = f" --shards {final.shards}" if final.shards > 1 else ""
+    root = f" --data-root {shlex.quote(str(data_root))}" if data_root else ""
     lines.insert(2, f"  Table 3:      catrs certify --checkpoint {outcome.path / BEST_DIR / CHECKPOINT_NAME} "
                     f"--dataset {space.dataset} --sigma {space.sigma} --corruptions --skip {skip} --n0 {final.n0} "
-                    f"--n {final.n} --alpha {final.alpha} --batch {final.batch}{shards} "
+                    f"--n {final.n} --alpha {final.alpha} --batch {final.batch}{shards}{root}{store} "
                     f"--out {outcome.path / 'corruptions.parquet'}")
     return "\n".join(lines)
