@@ -25,6 +25,7 @@ from catrs.distributed.shards import certify_sharded
 from catrs.results import read_results
 from harness import device_and_models, parse_arguments  # benchmarks/harness.py
 
+
 def digits_checkpoint(folder: Path) -> Path:
     card = ModelCard(arch="digits_cnn", dataset="digits", num_classes=10, input_shape=(1, 8, 8), normalization=None,
                      sigma=0.5)

@@ -133,6 +133,7 @@ class PreparedCertification:
     checkpoint: Checkpoint
     provenance: dict[str, Any]
     writer: ResultWriter
+    dataset: Dataset
     selected: list[int]
 
     @property
@@ -162,16 +163,18 @@ def prepare_certification(request: CertifyRequest) -> PreparedCertification:
     writer = ResultWriter(request.out, provenance, request.output_format, extra_columns=extra)
     dataset = get_dataset(request.dataset, request.split, request.data_root, request.download)
     selected = select_indices(len(dataset), request.skip, request.max_index)
-    return PreparedCertification(request, checkpoint, provenance, writer, selected)
+    return PreparedCertification(request, checkpoint, provenance, writer, dataset, selected)
 
 
-def certify_indices(request: CertifyRequest, checkpoint: Checkpoint, indices: Sequence[int]
-                    ) -> Iterator[list[dict[str, Any]]]:
-    """Rows for `indices` of the request's split, a list per group of inputs certified together.
+def certify_indices(request: CertifyRequest, checkpoint: Checkpoint, indices: Sequence[int],
+                    dataset: Dataset | None = None) -> Iterator[list[dict[str, Any]]]:
+    """Rows for `indices` of the request's split (`dataset`, or loaded here), a list per group of inputs
+    certified together.
 
     Pure: reads the data set, writes nothing. The single-process job and every Ray shard run this.
     """
-    dataset = get_dataset(request.dataset, request.split, request.data_root, request.download)
+    if dataset is None:
+        dataset = get_dataset(request.dataset, request.split, request.data_root, request.download)
     model = checkpoint.model(pick_device(request.device))
     settings = request.settings
     smooth = Smooth(model, checkpoint.card.num_classes, request.sigma, seed=settings.seed,
@@ -185,7 +188,7 @@ def run_certification(request: CertifyRequest, progress: bool = True) -> Path:
     todo = prepared.todo
     try:
         with tqdm(total=len(todo), desc=request.mode, unit="img", disable=not progress, file=sys.stderr) as bar:
-            for rows in certify_indices(request, prepared.checkpoint, todo):
+            for rows in certify_indices(request, prepared.checkpoint, todo, prepared.dataset):
                 prepared.writer.add(rows)
                 bar.update(len(rows))
     finally:

@@ -47,10 +47,16 @@ def _add_tracking_option(parser: argparse.ArgumentParser) -> None:
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
 
 
-def _add_data_options(parser: argparse.ArgumentParser) -> None:
+def _add_cache_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="where soft labels and their teachers are cached (default: $CATRS_CACHE or ~/.cache/catrs)")
+
+
+def _add_data_options(parser: argparse.ArgumentParser, device: bool = True) -> None:
     parser.add_argument("--data-root", type=Path, default=None, help="data directory (default: $CATRS_DATA or ./data)")
     parser.add_argument("--download", action="store_true", help="download the data set if it is missing")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    if device:  # a sweep's trials run on the devices Ray gives them
+        parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, mode: str) -> None:
@@ -99,8 +105,7 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="a method hyper-parameter, e.g. --set lbd=2.0 (repeatable)")
     train.add_argument("--out", type=Path, required=True, help="run directory (checkpoint, metrics)")
-    train.add_argument("--cache-dir", type=Path, default=None,
-                       help="where soft labels and their teachers are cached (default: $CATRS_CACHE or ~/.cache/catrs)")
+    _add_cache_option(train)
     train.add_argument("--workers", type=int, default=0,
                        help="train with Ray Train on K data-parallel workers (0: in this process, without Ray)")
     train.add_argument("--gpus-per-worker", type=float, default=0.0)
@@ -146,11 +151,9 @@ def _add_sweep_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, default=None, help="trials (default: the file's budget)")
     parser.add_argument("--storage-path", default=None,
                         help="Ray Tune storage for trials: a directory or a cloud URI (default: runs/sweeps)")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="where soft labels and their teachers are cached (default: $CATRS_CACHE or ~/.cache/catrs)")
+    _add_cache_option(parser)
     _add_tracking_option(parser)
-    parser.add_argument("--data-root", type=Path, default=None, help="data directory (default: $CATRS_DATA or ./data)")
-    parser.add_argument("--download", action="store_true", help="download the data set if it is missing")
+    _add_data_options(parser, device=False)
 
 
 def _parse_sets(pairs: list[str]) -> dict[str, str]:

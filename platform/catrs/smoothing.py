@@ -41,6 +41,11 @@ class NoiseStream(IntEnum):
     VOTES = 3  # soft-label vote histograms (CAT-RS's teacher)
 
 
+def derived_seed(*words: int) -> int:
+    """A seed determined by `words` alone (e.g. seed, epoch), well mixed by NumPy's SeedSequence."""
+    return int(np.random.SeedSequence(list(words)).generate_state(1)[0])
+
+
 def noise_seed(seed: int, index: int, stream: NoiseStream) -> int:
     """A 63-bit generator seed determined by (seed, index, stream) alone, well mixed by NumPy's SeedSequence."""
     words = np.random.SeedSequence([seed, index, int(stream)]).generate_state(2, dtype=np.uint32)

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from catrs.errors import UserError
-from catrs.tracking import Tracker
+from catrs.tracking import Tracker, png_figure
 
 
 @dataclass
@@ -104,46 +104,30 @@ def sweep_report(tracker: Tracker, parent_run_id: str, radius: float = 0.5) -> S
 
 
 def plot_frontier(report: SweepReport, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(5, 4), dpi=120)
     trials = report.trials.sort_values("clean")
     front = trials[trials["pareto"]]
-    axes.scatter(trials["clean"], trials["certified"], c="tab:gray", label="trials")
-    axes.plot(front["clean"], front["certified"], "o-", c="tab:red", label="Pareto-optimal")
-    axes.set_xlabel("clean accuracy (certified at r = 0)")
-    axes.set_ylabel(f"certified accuracy at r = {report.radius:g}")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    with png_figure(path, figsize=(5, 4)) as axes:
+        axes.scatter(trials["clean"], trials["certified"], c="tab:gray", label="trials")
+        axes.plot(front["clean"], front["certified"], "o-", c="tab:red", label="Pareto-optimal")
+        axes.set_xlabel("clean accuracy (certified at r = 0)")
+        axes.set_ylabel(f"certified accuracy at r = {report.radius:g}")
+        axes.grid(alpha=0.3)
+        axes.legend()
     return path
 
 
 def plot_objective_by_param(report: SweepReport, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     params = report.params or ["trial"]
-    figure, axes = plt.subplots(1, len(params), figsize=(3.2 * len(params), 3), dpi=120, squeeze=False)
-    for axis, param in zip(axes[0], params):
-        values = _numeric(report.trials[param]) if param != "trial" else None
-        x = values if values is not None else report.trials[param].astype(str)
-        axis.scatter(x, report.trials[report.objective])
-        if values is not None and values.min() > 0 and values.max() / values.min() > 20:
-            axis.set_xscale("log")
-        axis.set_xlabel(param.removeprefix("param:"))
-        axis.set_ylabel(report.objective)
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    with png_figure(path, ncols=len(params), figsize=(3.2 * len(params), 3), squeeze=False) as axes:
+        for axis, param in zip(axes[0], params):
+            values = _numeric(report.trials[param]) if param != "trial" else None
+            x = values if values is not None else report.trials[param].astype(str)
+            axis.scatter(x, report.trials[report.objective])
+            if values is not None and values.min() > 0 and values.max() / values.min() > 20:
+                axis.set_xscale("log")
+            axis.set_xlabel(param.removeprefix("param:"))
+            axis.set_ylabel(report.objective)
+            axis.grid(alpha=0.3)
     return path
 
 

@@ -26,8 +26,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import torch
 from filelock import FileLock
 from torch import nn
@@ -36,7 +34,7 @@ from tqdm import tqdm
 
 from catrs.checkpoint import Checkpoint, file_sha256, load_checkpoint, write_atomically
 from catrs.errors import UserError
-from catrs.smoothing import NoiseStream, Smooth
+from catrs.smoothing import NoiseStream, Smooth, derived_seed
 
 FORMAT = "catrs-soft-labels"
 
@@ -81,7 +79,7 @@ def vote_histograms(model: nn.Module, dataset: Dataset, indices: list[int], sigm
 
 def _augmented_view(dataset: Dataset, index: int, seed: int) -> tuple[int, torch.Tensor, int]:
     """dataset[index] with its random training transform drawn from a seed of (seed, index)."""
-    torch.manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
+    torch.manual_seed(derived_seed(seed, index))
     return dataset[index]
 
 

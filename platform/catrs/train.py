@@ -27,10 +27,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
+import pandas as pd
 import torch
 from torch import nn
-import pandas as pd
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -41,6 +40,7 @@ from catrs.errors import UserError
 from catrs.faults import inject
 from catrs.inference import pick_device
 from catrs.models import model_names
+from catrs.smoothing import derived_seed
 from catrs.teacher import SoftLabelSpec, VoteFunction, count_votes, default_cache_dir, soft_labels, teacher_sha
 from trainables.base import Batch, Method, StepContext
 
@@ -100,10 +100,6 @@ def method_config(config: TrainConfig) -> Any:
         return training_method(config.method).make_config(config.method_config)
     except (KeyError, ValueError, TypeError) as error:
         raise UserError(str(error.args[0] if error.args else error)) from None
-
-
-def derived_seed(*words: int) -> int:
-    return int(np.random.SeedSequence(list(words)).generate_state(1)[0])
 
 
 @dataclass

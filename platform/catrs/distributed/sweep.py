@@ -44,10 +44,10 @@ from catrs.checkpoint import Checkpoint
 from catrs.data import corrupted_variant
 from catrs.distributed.runtime import connect
 from catrs.distributed.shards import certify_sharded, sharded_votes
-from catrs.distributed.train import from_ray_checkpoint, scaling, worker_loop
+from catrs.distributed.train import from_ray_checkpoint, scaling, worker_loop, worker_settings
 from catrs.errors import JobFailed, UserError
 from catrs.inference import pick_device
-from catrs.metrics import DEFAULT_RADII, certification_metrics
+from catrs.metrics import DEFAULT_RADII
 from catrs.report import build_report, format_report
 from catrs.results import read_results
 from catrs.search_space import Domain, SearchSpace
@@ -105,18 +105,15 @@ def sweep_trial(params: dict[str, Any], space: SearchSpace, soft_label_tables: d
     config = space.train_config(params)
     table = None
     if training_method(config.method).needs_soft_labels(method_config(config)):
-        table = ray.get(soft_label_tables[soft_label_spec(space.soft_label_config(params)).key()])
+        table = soft_label_tables[soft_label_spec(space.soft_label_config(params)).key()]
     evaluation = proxy_of(space, data_root, download)
     resources = space.resources
     if resources.workers == 1:
-        fit(config, TuneSession(), pick_device(None), data_root=data_root, download=download, soft_labels=table,
-            evaluation=evaluation)
+        fit(config, TuneSession(), pick_device(None), data_root=data_root, download=download,
+            soft_labels=None if table is None else ray.get(table), evaluation=evaluation)
         return
     trial_id = ray.tune.get_context().get_trial_id()
-    settings = {"config": asdict(config), "soft_labels": None if table is None else ray.put(table),
-                "data_root": None if data_root is None else str(data_root), "download": download,
-                "evaluation": evaluation}
-    TorchTrainer(worker_loop, train_loop_config=settings,
+    TorchTrainer(worker_loop, train_loop_config=worker_settings(config, table, data_root, download, evaluation),
                  scaling_config=scaling(resources.workers, resources.gpus_per_worker, resources.cpus_per_worker),
                  run_config=ray.train.RunConfig(name=f"train-{trial_id}", storage_path=storage_path,
                                                 callbacks=[TuneReportCallback()],
@@ -328,14 +325,13 @@ def run_sweep(space: SearchSpace, *, num_samples: int | None = None, tracking_ur
         raise JobFailed(f"no trial of {space.name} reported {space.objective}; see the trial logs in {sweep_dir}") from None
 
     final = _certify_best(space, best, sweep_dir, data_root, download, progress)
-    frame = read_results(final)
-    tracker.log_results(parent, frame, final, prefix="final_")
+    final_metrics = tracker.log_results(parent, read_results(final), final, prefix="final_")
     tracker.log_metrics(parent, {"best_" + space.objective: best.metrics.get(space.objective, math.nan)})
     tracker.log_params(parent, {f"best.{k}": v for k, v in best.config.items()})
     best_child = callback.tracker.find({"catrs.trial_id": best.metrics.get("trial_id", ""),
                                         "mlflow.parentRunId": parent}) if best.metrics.get("trial_id") else None
     if best_child:
-        tracker.log_metrics(best_child, {"final_" + k: v for k, v in certification_metrics(frame).items()})
+        tracker.log_metrics(best_child, {"final_" + k: v for k, v in final_metrics.items()})
     with tempfile.TemporaryDirectory() as folder:
         summary = Path(folder) / "trials.csv"
         table.to_csv(summary, index=False)

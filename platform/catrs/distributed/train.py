@@ -80,13 +80,21 @@ class RayTrainSession:
             ray.train.report(metrics, checkpoint=checkpoint)  # a barrier: every rank calls it
 
 
+def worker_settings(config: TrainConfig, soft_labels: ray.ObjectRef | None, data_root: Path | None, download: bool,
+                    evaluation: Evaluation | None = None) -> dict[str, Any]:
+    """`worker_loop`'s argument: the run, and its soft labels as a reference into the object store (each worker
+    fetches them there, so no node needs a shared file system)."""
+    return {"config": asdict(config), "soft_labels": soft_labels,
+            "data_root": None if data_root is None else str(data_root), "download": download,
+            "evaluation": evaluation}
+
+
 def worker_loop(settings: dict[str, Any]) -> None:
     """What each Ray Train worker runs: `fit` with a `RayTrainSession`."""
     config = TrainConfig(**settings["config"])
-    table = ray.get(settings["soft_labels"]) if settings.get("soft_labels") is not None else None
-    evaluation: Evaluation | None = settings.get("evaluation")
-    fit(config, RayTrainSession(), ray.train.torch.get_device(), data_root=settings.get("data_root"),
-        download=settings.get("download", False), soft_labels=table, evaluation=evaluation)
+    table = ray.get(settings["soft_labels"]) if settings["soft_labels"] is not None else None
+    fit(config, RayTrainSession(), ray.train.torch.get_device(), data_root=settings["data_root"],
+        download=settings["download"], soft_labels=table, evaluation=settings["evaluation"])
 
 
 def scaling(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> ray.train.ScalingConfig:
@@ -107,8 +115,7 @@ def train_distributed(config: TrainConfig, out: Path, *, workers: int, gpus_per_
     out = Path(out).resolve()
     connect()
     table = soft_labels_for(config, cache_dir, data_root=data_root, download=download, vote=sharded_votes)
-    settings = {"config": asdict(config), "soft_labels": None if table is None else ray.put(table),
-                "data_root": None if data_root is None else str(data_root), "download": download}
+    settings = worker_settings(config, None if table is None else ray.put(table), data_root, download)
     trainer = TorchTrainer(
         worker_loop, train_loop_config=settings, scaling_config=scaling(workers, gpus_per_worker, cpus_per_worker),
         run_config=ray.train.RunConfig(
