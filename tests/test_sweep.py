@@ -26,19 +26,22 @@ SPACE = {
 
 
 def test_a_small_sweep_runs_to_completion_and_is_on_record_in_mlflow(ray_cluster, run_cli, tmp_path, monkeypatch):
+    """Through `catrs demo --space` (the README's main command, on a tiny space); `catrs tune` is the same
+    sweep under the file's own name (the resume test runs it)."""
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(SPACE))
-    code, out, err = run_cli("tune", path, "--cache-dir", tmp_path / "cache")
+    code, out, err = run_cli("demo", "--space", path, "--cache-dir", tmp_path / "cache")
     assert code == 0, err
-    assert "sweep tiny: 3 trials" in out and "MLflow:" in out
+    [sweep_dir] = (tmp_path / "runs" / "sweeps").glob("tiny-*")  # the demo names each sweep by its start time
+    assert f"sweep {sweep_dir.name}: 3 trials" in out and "MLflow:" in out
 
-    final = read_results(tmp_path / "runs" / "sweeps" / "tiny" / "final.parquet")
+    final = read_results(sweep_dir / "final.parquet")
     assert final["idx"].tolist() == list(range(40)) and (final["n"] == 100).all()
 
     client = MlflowClient(resolve_tracking_uri())
     parents = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                 "tags.`catrs.kind` = 'sweep' and tags.`catrs.sweep` = 'tiny'")
+                                 f"tags.`catrs.kind` = 'sweep' and tags.`catrs.sweep` = '{sweep_dir.name}'")
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED" and "final_acr" in parent.data.metrics
