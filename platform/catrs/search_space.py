@@ -234,7 +234,27 @@ def load_search_space(path: str | Path) -> SearchSpace:
     for required in ("method", "dataset", "sigma", "search", "objective"):
         if required not in raw:
             check.fail(required, "missing (required)")
+    _check_identity(check, raw)
+    method = raw["method"]
+    train = check.mapping(raw.get("train"), "train")
+    check.only(train, FIXED_TRAIN_KEYS, "train")
+    fixed = check.mapping(raw.get("fixed"), "fixed")
+    _check_method_values(check, method, fixed, "fixed")
+    search = _search(check, raw["search"], method, train, fixed)
+    metric, proxy = _objective(check, raw["objective"])
+    space = SearchSpace(path=path, name=str(raw.get("name", path.stem)), method=method, dataset=raw["dataset"],
+                        arch=raw.get("arch"), sigma=float(raw["sigma"]), seed=raw.get("seed", 0), train=train,
+                        fixed=fixed, search=search, points_to_evaluate=_points(check, raw, search),
+                        objective=metric, proxy=proxy, **_run_sections(check, raw))
+    try:
+        space.train_config(space.first_point())
+    except UserError as error:
+        check.fail("train", str(error))
+    return space
 
+
+def _check_identity(check: _Checker, raw: dict[str, Any]) -> None:
+    """Method, data set, architecture, σ and seed name things that exist."""
     method, dataset, arch = raw["method"], raw["dataset"], raw.get("arch")
     if method not in trainables.names():
         check.fail("method", f"unknown method {method!r}; valid: {', '.join(trainables.names())}")
@@ -249,13 +269,12 @@ def load_search_space(path: str | Path) -> SearchSpace:
     if not isinstance(seed, int) or seed < 0:
         check.fail("seed", f"must be a non-negative integer, got {seed!r}")
 
-    train = check.mapping(raw.get("train"), "train")
-    check.only(train, FIXED_TRAIN_KEYS, "train")
-    fixed = check.mapping(raw.get("fixed"), "fixed")
-    _check_method_values(check, method, fixed, "fixed")
 
+def _search(check: _Checker, raw: Any, method: str, train: dict[str, Any], fixed: dict[str, Any]
+            ) -> dict[str, Domain]:
+    """The ranges: each over a method hyper-parameter or a searchable training setting, given in one place."""
     method_keys = {f.name for f in fields(trainables.get(method).config_type)}
-    search_raw = check.mapping(raw["search"], "search")
+    search_raw = check.mapping(raw, "search")
     if not search_raw:
         check.fail("search", "nothing to search: give at least one range")
     search = {}
@@ -269,7 +288,11 @@ def load_search_space(path: str | Path) -> SearchSpace:
         search[key] = _domain(check, f"search.{key}", spec)
     if TEACHER_KEY in search and search[TEACHER_KEY].kind != "choice":
         check.fail(f"search.{TEACHER_KEY}", "must be a choice: each value trains (and caches) one teacher")
+    return search
 
+
+def _points(check: _Checker, raw: dict[str, Any], search: dict[str, Domain]) -> list[dict[str, Any]]:
+    """The points evaluated first: each sets every searched key, inside its range."""
     points = raw.get("points_to_evaluate") or []
     if not isinstance(points, list):
         check.fail("points_to_evaluate", "expected a list of points")
@@ -280,39 +303,40 @@ def load_search_space(path: str | Path) -> SearchSpace:
         for key, value in point.items():
             if not search[key].contains(value):
                 check.fail(f"points_to_evaluate[{i}].{key}", f"{value!r} lies outside the searched range")
+    return points
 
-    objective_raw = check.mapping(raw["objective"], "objective")
-    check.only(objective_raw, {"metric", "proxy"}, "objective")
-    metric = objective_raw.get("metric", "acr")
+
+def _objective(check: _Checker, raw: Any) -> tuple[str, Proxy]:
+    """The metric to maximise and the proxy certification that measures it during the trials."""
+    objective = check.mapping(raw, "objective")
+    check.only(objective, {"metric", "proxy"}, "objective")
+    metric = objective.get("metric", "acr")
     if not isinstance(metric, str) or not OBJECTIVE.match(metric):
         check.fail("objective.metric", f"expected acr, certified_accuracy_R or auc_R (R a radius), got {metric!r}")
-    proxy = check.section(Proxy, objective_raw.get("proxy"), "objective.proxy")
+    proxy = check.section(Proxy, objective.get("proxy"), "objective.proxy")
+    _check_positive(check, proxy, "objective.proxy", ("n0", "n", "subset", "every", "batch"))
+    if not 0 < proxy.alpha < 1:
+        check.fail("objective.proxy.alpha", f"must lie strictly between 0 and 1, got {proxy.alpha}")
+    return metric, proxy
+
+
+def _run_sections(check: _Checker, raw: dict[str, Any]) -> dict[str, Any]:
+    """`final`, `budget` and `resources`: how the sweep runs and ends."""
     final = check.section(Final, raw.get("final"), "final")
     budget = check.section(Budget, raw.get("budget"), "budget")
     resources = check.section(Resources, raw.get("resources"), "resources")
-    _check_positive(check, proxy, "objective.proxy", ("n0", "n", "subset", "every", "batch"))
     _check_positive(check, final, "final", ("n0", "n", "batch", "skip", "shards"))
     _check_positive(check, budget, "budget", ("num_samples", "max_concurrent", "grace_period"))
     _check_positive(check, resources, "resources", ("workers",))
-    for section, value in (("objective.proxy.alpha", proxy.alpha), ("final.alpha", final.alpha)):
-        if not 0 < value < 1:
-            check.fail(section, f"must lie strictly between 0 and 1, got {value}")
+    if not 0 < final.alpha < 1:
+        check.fail("final.alpha", f"must lie strictly between 0 and 1, got {final.alpha}")
     if budget.scheduler not in ("asha", "none"):
         check.fail("budget.scheduler", f"expected asha or none, got {budget.scheduler!r}")
     if budget.reduction_factor < 2:
         check.fail("budget.reduction_factor", f"must be at least 2, got {budget.reduction_factor}")
     if resources.gpus_per_worker < 0 or resources.cpus_per_worker <= 0:
         check.fail("resources", "gpus_per_worker must be ≥ 0 and cpus_per_worker > 0")
-
-    space = SearchSpace(path=path, name=str(raw.get("name", path.stem)), method=method, dataset=dataset, arch=arch,
-                        sigma=float(sigma), seed=seed, train=train, fixed=fixed, search=search,
-                        points_to_evaluate=points, objective=metric, proxy=proxy, final=final, budget=budget,
-                        resources=resources)
-    try:
-        space.train_config(space.first_point())
-    except UserError as error:
-        check.fail("train", str(error))
-    return space
+    return {"final": final, "budget": budget, "resources": resources}
 
 
 def _check_positive(check: _Checker, section: Any, key: str, names: tuple[str, ...]) -> None:
