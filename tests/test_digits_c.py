@@ -105,5 +105,5 @@ def test_a_sweep_on_digits_ends_with_the_commands_for_the_papers_tables(tmp_path
     assert table3.tracking_uri == "sqlite:///elsewhere.db" and table3.data_root == tmp_path / "data"
     assert TEST_SIZE // table3.skip >= 30  # enough images per (corruption, severity) for a mean
     figure = _build_parser().parse_args(lines["Figure 2(c)"][1:])
-    assert figure.sweep == "0" * 32 and figure.tracking_uri == "sqlite:///elsewhere.db"
+    assert figure.sweep == ["0" * 32] and figure.tracking_uri == "sqlite:///elsewhere.db"
     assert lines["Table 1"][:3] == ["catrs", "report", f"catrs={outcome.final_results}"]

@@ -26,6 +26,7 @@ def test_the_published_settings_and_the_demo_are_shipped():
     assert {f"catrs_{d}" for d in ("mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet")} <= names
     assert {f"cifar10_{m}" for m in ("gaussian", "stability", "smoothadv", "macer", "consistency", "smoothmix")} <= names
     assert "demo_digits" in names
+    assert {f"tradeoff_digits_{m}" for m in ("catrs", "consistency", "smoothmix")} <= names
 
 
 @pytest.mark.parametrize("path", SPACES, ids=[p.stem for p in SPACES])
@@ -40,6 +41,19 @@ def test_the_paper_setting_is_the_first_point():
     space = load_search_space(Path(__file__).parents[1] / "search_spaces" / "catrs_cifar10.yaml")
     hyper = space.train_config(space.first_point()).method_config
     assert (hyper["lbd"], hyper["num_noises"], hyper["epsilon"], hyper["num_steps"], hyper["sigma0"]) == (1.0, 4, 1.0, 4, 0.25)
+
+
+@pytest.mark.parametrize("method, knob", [("catrs", "lbd"), ("consistency", "lbd"), ("smoothmix", "eta")])
+def test_the_trade_off_spaces_run_their_whole_grid_on_one_schedule(method, knob):
+    """Figure 2(c)'s sweeps vary one knob each; every grid value is a point, each trial runs to the end, and the
+    three share the training schedule and the proxy, so their frontiers are comparable."""
+    space = load_search_space(Path(__file__).parents[1] / "search_spaces" / f"tradeoff_digits_{method}.yaml")
+    demo = load_search_space(Path(__file__).parents[1] / "search_spaces" / "demo_digits.yaml")
+    assert space.method == method and list(space.search) == [knob] and space.search[knob].kind == "choice"
+    assert [point[knob] for point in space.points_to_evaluate] == list(space.search[knob].values)
+    assert space.budget.num_samples == len(space.points_to_evaluate) and space.budget.scheduler == "none"
+    assert (space.dataset, space.sigma, space.train) == (demo.dataset, demo.sigma, demo.train)
+    assert space.proxy.every == space.train["epochs"]  # one certification per trial, at its last epoch
 
 
 def _edit(data: dict, path: str, value):

@@ -1,4 +1,6 @@
-"""The sweep trade-off report's pieces that the math fixes: the Pareto front and importances."""
+"""The sweep trade-off report: the pieces the math fixes (Pareto front, dominated area, importances), and
+`catrs report --sweep` on sweeps written to a real MLflow store (trials' metrics given, so the numbers are
+known)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from catrs.sweep_report import importances, pareto_optimal
+from catrs.sweep_report import dominated_area, importances, pareto_optimal
+from catrs.tracking import Tracker
 
 
 def test_pareto_front_keeps_exactly_the_undominated_trials():
@@ -17,6 +20,18 @@ def test_pareto_front_keeps_exactly_the_undominated_trials():
     assert pareto_optimal(np.array([0.5, 0.5]), np.array([0.3, 0.3])).tolist() == [True, True]  # ties survive
 
 
+def test_dominated_area_is_the_area_under_the_front_down_to_the_origin():
+    clean = np.array([0.9, 0.8, 0.6, 0.7])
+    certified = np.array([0.2, 0.4, 0.5, 0.3])  # (0.7, 0.3) lies under the front and adds nothing
+    assert dominated_area(clean, certified) == pytest.approx(0.6 * 0.5 + 0.2 * 0.4 + 0.1 * 0.2)
+    assert dominated_area(np.array([0.5]), np.array([0.4])) == pytest.approx(0.2)
+    # A grid count of the dominated points agrees.
+    grid = (np.arange(1000) + 0.5) / 1000
+    gx, gy = np.meshgrid(grid, grid)
+    covered = np.any((gx[..., None] <= clean) & (gy[..., None] <= certified), axis=-1)
+    assert covered.mean() == pytest.approx(dominated_area(clean, certified), abs=2e-3)
+
+
 def test_importances_credit_the_parameter_that_drives_the_objective():
     rng = np.random.default_rng(0)
     trials = pd.DataFrame({"param:lbd": rng.uniform(0.25, 4, 24), "param:eps": rng.uniform(0.25, 1, 24),
@@ -25,3 +40,68 @@ def test_importances_credit_the_parameter_that_drives_the_objective():
     scores = importances(trials, ["param:lbd", "param:eps", "param:m"], "acr")
     assert set(scores) == {"lbd", "eps", "m"} and sum(scores.values()) == pytest.approx(1.0)
     assert max(scores, key=scores.get) == "lbd" and scores["lbd"] > 0.8
+
+
+# (clean, certified at r = 0.5) per trial; areas by hand: 0.6·0.5 + 0.2·0.4 + 0.1·0.2 = 0.40 and
+# 0.7·0.35 + 0.25·0.1 = 0.27.
+SWEEPS = {"lambda-catrs": [(0.9, 0.2), (0.8, 0.4), (0.6, 0.5), (0.7, 0.3)],
+          "lambda-consistency": [(0.95, 0.1), (0.7, 0.35), (0.5, 0.3)]}
+
+
+@pytest.fixture
+def two_sweeps(tmp_path):
+    """Two finished sweeps as `catrs tune` records them: a parent run, and a child per trial with its proxy
+    metrics and searched λ."""
+    uri = f"sqlite:///{tmp_path / 'sweeps.db'}"
+    tracker = Tracker(uri)
+    parents = {}
+    for name, trials in SWEEPS.items():
+        parent = tracker.start(name, {"catrs.kind": "sweep", "catrs.sweep": name, "catrs.objective": "acr"})
+        for number, (clean, certified) in enumerate(trials):
+            child = tracker.start(f"{name}-{number}", {"catrs.trial_id": f"{name[7:11]}{number}"}, parent=parent)
+            tracker.log_params(child, {"lbd": 2.0 ** number})
+            tracker.log_metrics(child, {"acr": clean * certified, "certified_accuracy_0": clean,
+                                        "certified_accuracy_0.5": certified})
+        parents[name] = parent
+    tracker.close()
+    return uri, parents
+
+
+def test_sweeps_compare_their_frontiers_with_the_higher_one_marked(run_cli, two_sweeps, tmp_path):
+    uri, parents = two_sweeps
+    plot = tmp_path / "frontiers.png"
+    code, out, err = run_cli("report", "--sweep", f"CAT-RS={parents['lambda-catrs']}",
+                             "--sweep", parents["lambda-consistency"], "--tracking-uri", uri, "--plot", plot)
+    assert code == 0, err
+    assert f"sweep CAT-RS ({parents['lambda-catrs']}): 4 trials" in out
+    assert f"sweep lambda-consistency ({parents['lambda-consistency']}): 3 trials" in out  # its own name
+    comparison = out[out.index("trade-off frontiers at r = 0.5"):].splitlines()
+    catrs_row, consistency_row = (next(line for line in comparison if line.split()[0] == name)
+                                  for name in ("CAT-RS", "lambda-consistency"))
+    assert catrs_row.split()[1:4] == ["4", "0.4000", "*"]
+    assert consistency_row.split()[1:3] == ["3", "0.2700"] and "*" not in consistency_row
+    assert "(0.600, 0.500) (0.800, 0.400) (0.900, 0.200)" in catrs_row
+    assert "(0.700, 0.350) (0.950, 0.100)" in consistency_row
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(plot)
+    assert pixels.shape[0] > 200 and pixels.std() > 0.05  # not a blank canvas
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    for parent in parents.values():  # each sweep's own report is logged to its parent run
+        assert "sweep_report/frontier.png" in {a.path for a in client.list_artifacts(parent, "sweep_report")}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--sweep", "{catrs}"), "two sweeps are named lambda-catrs; give each sweep once"),
+    (("--sweep", "X={catrs}", "--sweep", "X={consistency}"), "two sweeps are named X"),
+    (("results.parquet",), "give result files or --sweep PARENT_RUN_ID, not both"),
+    (("--sweep", "0123456789abcdef"), "no MLflow run 0123456789abcdef"),
+])
+def test_bad_sweep_comparisons_are_refused_in_one_line(run_cli, two_sweeps, extra, message):
+    uri, parents = two_sweeps
+    ids = {"catrs": parents["lambda-catrs"], "consistency": parents["lambda-consistency"]}
+    code, out, err = run_cli("report", "--sweep", ids["catrs"], *(a.format(**ids) for a in extra),
+                             "--tracking-uri", uri)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and message in err

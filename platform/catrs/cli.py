@@ -122,8 +122,9 @@ def _build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="ACR and certified accuracy of result files or MLflow runs")
     report.add_argument("sources", nargs="*",
                         help="result files (Parquet or TSV) or MLflow run ids, each as SOURCE or LABEL=SOURCE")
-    report.add_argument("--sweep", default=None, metavar="PARENT_RUN_ID",
-                        help="the trade-off report of a finished sweep: frontier, objective by parameter, importances")
+    report.add_argument("--sweep", action="append", default=[], metavar="[LABEL=]PARENT_RUN_ID",
+                        help="the trade-off report of a finished sweep (its MLflow parent run): frontier, objective "
+                             "by parameter, importances; repeated: the sweeps' frontiers compared (Figure 2(c))")
     report.add_argument("--radius", type=_non_negative_float, default=0.5,
                         help="with --sweep: the radius of the certified accuracy on the frontier (default 0.5)")
     report.add_argument("--radii", type=_non_negative_float, nargs="+", default=None)
@@ -133,7 +134,8 @@ def _build_parser() -> argparse.ArgumentParser:
     report.add_argument("--markdown", action="store_true", help="the comparison table as Markdown")
     report.add_argument("--latex", action="store_true", help="the comparison table as LaTeX")
     report.add_argument("--plot", type=Path, default=None,
-                        help="write the certified-accuracy curves (corruption results: bars per corruption) to a PNG")
+                        help="write the certified-accuracy curves (corruption results: bars per corruption; "
+                             "sweeps: their frontiers) to a PNG")
     _add_tracking_option(report)
 
     tune = commands.add_parser("tune", help="sweep a search space with Ray Tune + Optuna for the best ACR")
@@ -282,14 +284,7 @@ def _run_report(args: argparse.Namespace) -> None:
 
     radii = args.radii or DEFAULT_RADII
     if args.sweep:
-        from catrs.sweep_report import format_sweep_report, log_sweep_report, sweep_report
-        from catrs.tracking import Tracker
-
-        tracker = Tracker(args.tracking_uri)
-        report = sweep_report(tracker, args.sweep, args.radius)
-        log_sweep_report(tracker, report)
-        tracker.close()
-        print(format_sweep_report(report))
+        _report_sweeps(args)
         return
     if not args.sources:
         raise UserError("give result files or MLflow run ids to report on, or --sweep PARENT_RUN_ID")
@@ -319,6 +314,29 @@ def _run_report(args: argparse.Namespace) -> None:
         linf = {f"{r:.2f}": float(linf_radius(r, dataset_spec(args.dataset).input_dim)) for r in radii}
     print(format_comparison(table, style, linf))
     if args.plot:
+        print(f"plot: {args.plot}")
+
+
+def _report_sweeps(args: argparse.Namespace) -> None:
+    """Each sweep's trade-off report (also logged to its parent run); several: their frontiers compared."""
+    from catrs.sweep_report import (format_frontier_comparison, format_sweep_report, log_sweep_report,
+                                    plot_frontiers, sweep_reports)
+    from catrs.tracking import Tracker
+
+    if args.sources:
+        raise UserError("give result files or --sweep PARENT_RUN_ID, not both")
+    tracker = Tracker(args.tracking_uri)
+    try:
+        reports = sweep_reports(tracker, args.sweep, args.radius)
+        for report in reports:
+            log_sweep_report(tracker, report)
+    finally:
+        tracker.close()
+    print("\n\n".join(format_sweep_report(report) for report in reports))
+    if len(reports) > 1:
+        print("\n" + format_frontier_comparison(reports))
+    if args.plot:
+        plot_frontiers(reports, args.plot)
         print(f"plot: {args.plot}")
 
 

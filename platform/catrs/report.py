@@ -102,14 +102,20 @@ def load_source(source: str, tracking_uri: str | None = None) -> tuple[str, pd.D
         return run.info.run_name or source, read_results(path)
 
 
+def split_label(given: str) -> tuple[str, str]:
+    """`LABEL=SOURCE` → (LABEL, SOURCE); a bare source → ("", SOURCE)."""
+    label, separator, source = given.partition("=")
+    if not separator or not label or Path(given).exists():  # a file whose name holds '=' is just a file
+        return "", given
+    return label, source
+
+
 def load_sources(sources: Sequence[str], tracking_uri: str | None = None) -> dict[str, pd.DataFrame]:
     """Every source's rows under a distinct label: the LABEL of a `LABEL=SOURCE`, else its name, or
     `folder/name` where names collide."""
     loaded = []
     for given in sources:
-        label, separator, source = given.partition("=")
-        if not separator or not label or Path(given).exists():  # a file whose name holds '=' is just a file
-            label, source = "", given
+        label, source = split_label(given)
         name, frame = load_source(source, tracking_uri)
         loaded.append((source, label or name, bool(label), frame))
     names = [label for _, label, _, _ in loaded]

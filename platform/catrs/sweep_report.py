@@ -1,17 +1,23 @@
 """What a finished sweep says, from its MLflow parent run: the paper's Figure 2(c)-style trade-off.
 
     catrs report --sweep PARENT_RUN_ID [--radius 0.5]        (`catrs tune` also writes it at the end)
+    catrs report --sweep CAT-RS=ID1 --sweep Consistency=ID2 --radius 2.0 --plot frontiers.png
 
 Per trial (its last proxy certification): clean accuracy (certified accuracy at r = 0) against certified
 accuracy at r, with the Pareto-optimal trials marked (no other trial is at least as good on both and better on
 one); the objective against each searched hyper-parameter; and the hyper-parameters' importances for the
 objective, by Optuna's fANOVA evaluator over the finished trials. Plots go to the parent run
 (`sweep_report/`), the table to the terminal.
+
+Several sweeps (say, one per method, each varying that method's trade-off knob as the paper's λ and η) are
+compared the way the paper's Figure 2(c) compares methods: their fronts on one plot, and per sweep the area
+its front dominates — one number where the higher frontier wins.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +25,13 @@ import numpy as np
 import pandas as pd
 
 from catrs.errors import UserError
+from catrs.report import split_label
 from catrs.tracking import Tracker, png_figure
 
 
 @dataclass
 class SweepReport:
+    name: str  # the label it was given, else the sweep's name
     parent_run_id: str
     objective: str
     radius: float
@@ -39,6 +47,15 @@ def pareto_optimal(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Which points no other point dominates (≥ on both coordinates, > on one); both are maximised."""
     dominated = [(np.any((x >= xi) & (y >= yi) & ((x > xi) | (y > yi)))) for xi, yi in zip(x, y)]
     return ~np.array(dominated, dtype=bool)
+
+
+def dominated_area(x: np.ndarray, y: np.ndarray) -> float:
+    """The area of the points of [0, ∞)² that some point (x_i, y_i) is at least as good as on both coordinates:
+    the area under the Pareto front, down to the origin. A higher front dominates more."""
+    front = pareto_optimal(x, y)
+    order = np.argsort(x[front])
+    xs, ys = x[front][order], y[front][order]  # along the front, x rises as y falls
+    return float(np.sum(np.diff(xs, prepend=0.0) * ys))
 
 
 def _numeric(values: pd.Series) -> pd.Series | None:
@@ -74,11 +91,12 @@ def importances(trials: pd.DataFrame, params: list[str], objective: str) -> dict
     return {name.removeprefix("param:"): float(score) for name, score in scores.items()}
 
 
-def sweep_report(tracker: Tracker, parent_run_id: str, radius: float = 0.5) -> SweepReport:
+def sweep_report(tracker: Tracker, parent_run_id: str, radius: float = 0.5, label: str = "") -> SweepReport:
     try:
         parent = tracker.client.get_run(parent_run_id)
     except Exception:
         raise UserError(f"no MLflow run {parent_run_id} at {tracker.uri}") from None
+    name = label or parent.data.tags.get("catrs.sweep") or parent.info.run_name or parent_run_id
     objective = parent.data.tags.get("catrs.objective", "acr")
     certified = f"certified_accuracy_{radius:g}"
     rows = []
@@ -100,17 +118,30 @@ def sweep_report(tracker: Tracker, parent_run_id: str, radius: float = 0.5) -> S
             trials[column] = numeric
     trials["pareto"] = pareto_optimal(trials["clean"].to_numpy(), trials["certified"].to_numpy())
     params = [c for c in trials.columns if c.startswith("param:")]
-    return SweepReport(parent_run_id, objective, radius, trials, importances(trials, params, objective))
+    return SweepReport(name, parent_run_id, objective, radius, trials, importances(trials, params, objective))
 
 
-def plot_frontier(report: SweepReport, path: Path) -> Path:
-    trials = report.trials.sort_values("clean")
-    front = trials[trials["pareto"]]
+def sweep_reports(tracker: Tracker, sweeps: Sequence[str], radius: float) -> list[SweepReport]:
+    """The report of each `[LABEL=]PARENT_RUN_ID`, under distinct names."""
+    reports = [sweep_report(tracker, parent, radius, label) for label, parent in map(split_label, sweeps)]
+    names = [report.name for report in reports]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise UserError(f"two sweeps are named {repeated[0]}; give each sweep once, as LABEL=PARENT_RUN_ID")
+    return reports
+
+
+def plot_frontiers(reports: Sequence[SweepReport], path: Path) -> Path:
+    """Every trial of each sweep (faint) and each sweep's Pareto front (a line), in one colour per sweep."""
     with png_figure(path, figsize=(5, 4)) as axes:
-        axes.scatter(trials["clean"], trials["certified"], c="tab:gray", label="trials")
-        axes.plot(front["clean"], front["certified"], "o-", c="tab:red", label="Pareto-optimal")
+        for colour, report in enumerate(reports):
+            trials = report.trials
+            front = trials[trials["pareto"]].sort_values("clean")
+            axes.scatter(trials["clean"], trials["certified"], color=f"C{colour}", alpha=0.35)
+            axes.plot(front["clean"], front["certified"], "o-", color=f"C{colour}", label=report.name)
+        axes.set_title("lines: Pareto-optimal trials; faint points: all trials", fontsize="small")
         axes.set_xlabel("clean accuracy (certified at r = 0)")
-        axes.set_ylabel(f"certified accuracy at r = {report.radius:g}")
+        axes.set_ylabel(f"certified accuracy at r = {reports[0].radius:g}")
         axes.grid(alpha=0.3)
         axes.legend()
     return path
@@ -134,7 +165,7 @@ def plot_objective_by_param(report: SweepReport, path: Path) -> Path:
 def log_sweep_report(tracker: Tracker, report: SweepReport) -> None:
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
-        tracker.log_artifact(report.parent_run_id, plot_frontier(report, folder / "frontier.png"), "sweep_report")
+        tracker.log_artifact(report.parent_run_id, plot_frontiers([report], folder / "frontier.png"), "sweep_report")
         tracker.log_artifact(report.parent_run_id, plot_objective_by_param(report, folder / "objective_by_param.png"),
                              "sweep_report")
         report.trials.to_csv(folder / "trials.csv", index=False)
@@ -145,10 +176,27 @@ def log_sweep_report(tracker: Tracker, report: SweepReport) -> None:
 def format_sweep_report(report: SweepReport) -> str:
     shown = report.trials.rename(columns=lambda c: c.removeprefix("param:"))
     shown["pareto"] = shown["pareto"].map({True: "*", False: ""})
-    lines = [f"sweep {report.parent_run_id}: {len(shown)} trials; clean vs certified accuracy at "
+    lines = [f"sweep {report.name} ({report.parent_run_id}): {len(shown)} trials; clean vs certified accuracy at "
              f"r = {report.radius:g} (* Pareto-optimal)",
              shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")]
     if report.importances:
         lines.append("importance for " + report.objective + ": " +
                      ", ".join(f"{k} {v:.2f}" for k, v in sorted(report.importances.items(), key=lambda kv: -kv[1])))
     return "\n".join(lines)
+
+
+def format_frontier_comparison(reports: Sequence[SweepReport]) -> str:
+    """One row per sweep: its trials, the area its Pareto front dominates (the largest marked) and the front."""
+    rows = []
+    for report in reports:
+        trials = report.trials
+        front = trials[trials["pareto"]].sort_values("clean")
+        rows.append({"sweep": report.name, "trials": len(trials),
+                     "area": dominated_area(trials["clean"].to_numpy(), trials["certified"].to_numpy()),
+                     "front (clean, certified)": " ".join(f"({c:.3f}, {r:.3f})"
+                                                         for c, r in zip(front["clean"], front["certified"]))})
+    table = pd.DataFrame(rows)
+    table.insert(3, "", np.where(table["area"] == table["area"].max(), "*", ""))
+    return "\n".join([f"trade-off frontiers at r = {reports[0].radius:g}: area dominated by each sweep's Pareto "
+                      f"front (* the largest: the higher frontier)",
+                      table.to_string(index=False, float_format=lambda v: f"{v:.4f}")])
