@@ -4,6 +4,8 @@ known)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -92,11 +94,23 @@ def test_sweeps_compare_their_frontiers_with_the_higher_one_marked(run_cli, two_
     for parent in parents.values():  # each sweep's own report is logged to its parent run
         assert "sweep_report/frontier.png" in {a.path for a in client.list_artifacts(parent, "sweep_report")}
 
+    code, out, err = run_cli("report", "--sweep", f"CAT-RS={parents['lambda-catrs']}",
+                             "--sweep", parents["lambda-consistency"], "--tracking-uri", uri, "--json")
+    assert code == 0, err
+    records = json.loads(out)
+    assert list(records) == ["CAT-RS", "lambda-consistency"]
+    assert records["CAT-RS"]["area"] == pytest.approx(0.40) and records["lambda-consistency"]["area"] == pytest.approx(0.27)
+    by_lambda = {trial["lbd"]: trial for trial in records["CAT-RS"]["trials"]}
+    assert by_lambda[8.0] == {"trial": "catr3", "lbd": 8.0, "clean": 0.7, "certified": 0.3,
+                              "acr": pytest.approx(0.21), "pareto": False}
+
 
 @pytest.mark.parametrize("extra, message", [
     (("--sweep", "{catrs}"), "two sweeps are named lambda-catrs; give each sweep once"),
     (("--sweep", "X={catrs}", "--sweep", "X={consistency}"), "two sweeps are named X"),
     (("results.parquet",), "give result files or --sweep PARENT_RUN_ID, not both"),
+    (("--markdown", "--radii", "1"), "--markdown, --radii apply to result files, not to --sweep"),
+    (("--latex",), "--latex applies to result files"),
     (("--sweep", "0123456789abcdef"), "no MLflow run 0123456789abcdef"),
 ])
 def test_bad_sweep_comparisons_are_refused_in_one_line(run_cli, two_sweeps, extra, message):

@@ -320,11 +320,18 @@ def _run_report(args: argparse.Namespace) -> None:
 def _report_sweeps(args: argparse.Namespace) -> None:
     """Each sweep's trade-off report (also logged to its parent run); several: their frontiers compared."""
     from catrs.sweep_report import (format_frontier_comparison, format_sweep_report, log_sweep_report,
-                                    plot_frontiers, sweep_reports)
+                                    plot_frontiers, sweep_report_record, sweep_reports)
     from catrs.tracking import Tracker
 
     if args.sources:
         raise UserError("give result files or --sweep PARENT_RUN_ID, not both")
+    result_options = [flag for flag, given in (("--markdown", args.markdown), ("--latex", args.latex),
+                                               ("--linf", args.linf), ("--radii", args.radii),
+                                               ("--dataset", args.dataset)) if given]
+    if result_options:
+        verb = "applies" if len(result_options) == 1 else "apply"
+        raise UserError(f"{', '.join(result_options)} {verb} to result files, not to --sweep (it takes --radius, "
+                        f"--json and --plot)")
     tracker = Tracker(args.tracking_uri)
     try:
         reports = sweep_reports(tracker, args.sweep, args.radius)
@@ -332,9 +339,12 @@ def _report_sweeps(args: argparse.Namespace) -> None:
             log_sweep_report(tracker, report)
     finally:
         tracker.close()
-    print("\n\n".join(format_sweep_report(report) for report in reports))
-    if len(reports) > 1:
-        print("\n" + format_frontier_comparison(reports))
+    if args.json:
+        print(json.dumps({report.name: sweep_report_record(report) for report in reports}))
+    else:
+        print("\n\n".join(format_sweep_report(report) for report in reports))
+        if len(reports) > 1:
+            print("\n" + format_frontier_comparison(reports))
     if args.plot:
         plot_frontiers(reports, args.plot)
         print(f"plot: {args.plot}")

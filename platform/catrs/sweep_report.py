@@ -16,10 +16,12 @@ its front dominates — one number where the higher frontier wins.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -41,6 +43,11 @@ class SweepReport:
     @property
     def params(self) -> list[str]:
         return [c for c in self.trials.columns if c.startswith("param:")]
+
+    @property
+    def front_area(self) -> float:
+        """The area the trials' Pareto front dominates in the (clean, certified) plane."""
+        return dominated_area(self.trials["clean"].to_numpy(), self.trials["certified"].to_numpy())
 
 
 def pareto_optimal(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -162,6 +169,14 @@ def plot_objective_by_param(report: SweepReport, path: Path) -> Path:
     return path
 
 
+def sweep_report_record(report: SweepReport) -> dict[str, Any]:
+    """The report as plain JSON values: the sweep, its front's area, importances and every trial."""
+    trials = report.trials.rename(columns=lambda c: c.removeprefix("param:"))
+    return {"parent_run_id": report.parent_run_id, "objective": report.objective, "radius": report.radius,
+            "area": report.front_area, "importances": report.importances,
+            "trials": json.loads(trials.to_json(orient="records"))}
+
+
 def log_sweep_report(tracker: Tracker, report: SweepReport) -> None:
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
@@ -191,8 +206,7 @@ def format_frontier_comparison(reports: Sequence[SweepReport]) -> str:
     for report in reports:
         trials = report.trials
         front = trials[trials["pareto"]].sort_values("clean")
-        rows.append({"sweep": report.name, "trials": len(trials),
-                     "area": dominated_area(trials["clean"].to_numpy(), trials["certified"].to_numpy()),
+        rows.append({"sweep": report.name, "trials": len(trials), "area": report.front_area,
                      "front (clean, certified)": " ".join(f"({c:.3f}, {r:.3f})"
                                                          for c, r in zip(front["clean"], front["certified"]))})
     table = pd.DataFrame(rows)
