@@ -45,6 +45,11 @@ class SweepReport:
         return [c for c in self.trials.columns if c.startswith("param:")]
 
     @property
+    def front(self) -> pd.DataFrame:
+        """The Pareto-optimal trials, by clean accuracy."""
+        return self.trials[self.trials["pareto"]].sort_values("clean")
+
+    @property
     def front_area(self) -> float:
         """The area the trials' Pareto front dominates in the (clean, certified) plane."""
         return dominated_area(self.trials["clean"].to_numpy(), self.trials["certified"].to_numpy())
@@ -142,10 +147,8 @@ def plot_frontiers(reports: Sequence[SweepReport], path: Path) -> Path:
     """Every trial of each sweep (faint) and each sweep's Pareto front (a line), in one colour per sweep."""
     with png_figure(path, figsize=(5, 4)) as axes:
         for colour, report in enumerate(reports):
-            trials = report.trials
-            front = trials[trials["pareto"]].sort_values("clean")
-            axes.scatter(trials["clean"], trials["certified"], color=f"C{colour}", alpha=0.35)
-            axes.plot(front["clean"], front["certified"], "o-", color=f"C{colour}", label=report.name)
+            axes.scatter(report.trials["clean"], report.trials["certified"], color=f"C{colour}", alpha=0.35)
+            axes.plot(report.front["clean"], report.front["certified"], "o-", color=f"C{colour}", label=report.name)
         axes.set_title("lines: Pareto-optimal trials; faint points: all trials", fontsize="small")
         axes.set_xlabel("clean accuracy (certified at r = 0)")
         axes.set_ylabel(f"certified accuracy at r = {reports[0].radius:g}")
@@ -204,11 +207,9 @@ def format_frontier_comparison(reports: Sequence[SweepReport]) -> str:
     """One row per sweep: its trials, the area its Pareto front dominates (the largest marked) and the front."""
     rows = []
     for report in reports:
-        trials = report.trials
-        front = trials[trials["pareto"]].sort_values("clean")
-        rows.append({"sweep": report.name, "trials": len(trials), "area": report.front_area,
-                     "front (clean, certified)": " ".join(f"({c:.3f}, {r:.3f})"
-                                                         for c, r in zip(front["clean"], front["certified"]))})
+        front = " ".join(f"({c:.3f}, {r:.3f})" for c, r in zip(report.front["clean"], report.front["certified"]))
+        rows.append({"sweep": report.name, "trials": len(report.trials), "area": report.front_area,
+                     "front (clean, certified)": front})
     table = pd.DataFrame(rows)
     table.insert(3, "", np.where(table["area"] == table["area"].max(), "*", ""))
     return "\n".join([f"trade-off frontiers at r = {reports[0].radius:g}: area dominated by each sweep's Pareto "
