@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,11 @@ class CertifySettings:
             raise UserError(f"--seed must be a non-negative integer, got {self.seed}")
         if self.inference not in INFERENCE_MODES:
             raise UserError(f"unknown --inference {self.inference!r}; choose one of: {', '.join(INFERENCE_MODES)}")
+
+    def smoothed(self, model: nn.Module, num_classes: int, sigma: float) -> Smooth:
+        """`model` smoothed at σ, sampling with this protocol's seed, precision and inference mode."""
+        return Smooth(model, num_classes, sigma, seed=self.seed, mixed_precision=self.mixed_precision,
+                      inference=self.inference)
 
 
 def select_indices(length: int, skip: int = 1, max_index: int = -1) -> list[int]:
@@ -176,10 +182,8 @@ def certify_indices(request: CertifyRequest, checkpoint: Checkpoint, indices: Se
     if dataset is None:
         dataset = get_dataset(request.dataset, request.split, request.data_root, request.download)
     model = checkpoint.model(pick_device(request.device))
-    settings = request.settings
-    smooth = Smooth(model, checkpoint.card.num_classes, request.sigma, seed=settings.seed,
-                    mixed_precision=settings.mixed_precision, inference=settings.inference)
-    yield from certify_rows(smooth, dataset, list(indices), settings, request.mode)
+    smooth = request.settings.smoothed(model, checkpoint.card.num_classes, request.sigma)
+    yield from certify_rows(smooth, dataset, list(indices), request.settings, request.mode)
 
 
 def run_certification(request: CertifyRequest, progress: bool = True) -> Path:
@@ -220,10 +224,14 @@ class ProxyEvaluation:
     def indices(self, length: int) -> list[int]:
         return sorted({int(i) for i in np.linspace(0, length - 1, min(self.subset, length))})
 
+    @cached_property
+    def test_set(self) -> Dataset:
+        """Loaded at the first evaluation, kept for the trial's later ones."""
+        return get_dataset(self.dataset, "test", self.data_root, self.download)
+
     def run(self, model: nn.Module) -> tuple[dict[str, float], pd.DataFrame]:
-        test = get_dataset(self.dataset, "test", self.data_root, self.download)
-        smooth = Smooth(model, dataset_spec(self.dataset).num_classes, self.sigma, seed=self.settings.seed,
-                        mixed_precision=self.settings.mixed_precision, inference=self.settings.inference)
+        smooth = self.settings.smoothed(model, dataset_spec(self.dataset).num_classes, self.sigma)
+        test = self.test_set
         rows = [row for group in certify_rows(smooth, test, self.indices(len(test)), self.settings) for row in group]
         frame = pd.DataFrame(rows)
         metrics = certification_metrics(frame)

@@ -207,6 +207,10 @@ def _run_train(args: argparse.Namespace) -> None:
 
 
 def _train_locally_or_on_ray(args: argparse.Namespace, config: Any, tracker: Any, run_id: str) -> Path:
+    def on_epoch(metrics: dict[str, float]) -> None:
+        _print_epoch(metrics)
+        tracker.log_metrics(run_id, metrics, step=int(metrics["epoch"]))
+
     if args.workers:
         from catrs.checkpoint import load_checkpoint
         from catrs.distributed.train import train_distributed
@@ -216,14 +220,9 @@ def _train_locally_or_on_ray(args: argparse.Namespace, config: Any, tracker: Any
                                        cache_dir=args.cache_dir, data_root=args.data_root, download=args.download)
         # Logged from here, the driver, once the workers are done: on a cluster only the head reaches MLflow.
         for metrics in load_checkpoint(checkpoint).training_state["history"]:
-            _print_epoch(metrics)
-            tracker.log_metrics(run_id, metrics, step=int(metrics["epoch"]))
+            on_epoch(metrics)
         return checkpoint
     from catrs.train import train
-
-    def on_epoch(metrics: dict[str, float]) -> None:
-        _print_epoch(metrics)
-        tracker.log_metrics(run_id, metrics, step=int(metrics["epoch"]))
 
     return train(config, args.out, device=args.device, data_root=args.data_root, download=args.download,
                  cache_dir=args.cache_dir, on_epoch=on_epoch)
@@ -304,7 +303,7 @@ def _run_report(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps({label: row.to_dict() for label, row in table.iterrows()}))
         return
-    style = "markdown" if args.markdown else "latex" if args.latex else "text"
+    style = _table_style(args)
     linf = None
     if args.linf:
         from catrs.data import dataset_spec
@@ -315,6 +314,10 @@ def _run_report(args: argparse.Namespace) -> None:
     print(format_comparison(table, style, linf))
     if args.plot:
         print(f"plot: {args.plot}")
+
+
+def _table_style(args: argparse.Namespace) -> str:
+    return "markdown" if args.markdown else "latex" if args.latex else "text"
 
 
 def _report_sweeps(args: argparse.Namespace) -> None:
@@ -370,7 +373,7 @@ def _report_corruptions(args: argparse.Namespace, frames: dict[str, Any]) -> Non
                    for name, table in (("accuracy", accuracy), ("acr", acr))}
         print(json.dumps(as_json))
         return
-    style = "markdown" if args.markdown else "latex" if args.latex else "text"
+    style = _table_style(args)
     print(format_comparison(accuracy, style, layout=TABLE3_ACCURACY))
     print()
     print(format_comparison(acr, style, layout=TABLE3_ACR))

@@ -46,16 +46,20 @@ class CorruptedImages(Dataset):
     def __len__(self) -> int:
         return int(self.starts[-1])
 
+    def _locate(self, index: int) -> tuple[Block, int]:
+        """The block holding a dataset index, and the index within it."""
+        block = int(np.searchsorted(self.starts, index, side="right") - 1)
+        return self.blocks[block], int(index - self.starts[block])
+
     def layout(self, index: int) -> tuple[str, int, int]:
         """(corruption, severity, index within the clean test set) of a dataset index."""
-        block = int(np.searchsorted(self.starts, index, side="right") - 1)
-        return self.blocks[block].corruption, self.blocks[block].severity, int(index - self.starts[block])
+        block, within = self._locate(index)
+        return block.corruption, block.severity, within
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        block = int(np.searchsorted(self.starts, index, side="right") - 1)
-        within = index - self.starts[block]
-        image = np.asarray(self.blocks[block].images[within], dtype=np.float32) / 255.0
-        return torch.from_numpy(image).permute(2, 0, 1).contiguous(), int(self.blocks[block].labels[within])
+        block, within = self._locate(index)
+        image = np.asarray(block.images[within], dtype=np.float32) / 255.0
+        return torch.from_numpy(image).permute(2, 0, 1).contiguous(), int(block.labels[within])
 
 
 def _load(path: Path) -> np.ndarray:

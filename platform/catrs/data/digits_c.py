@@ -158,4 +158,3 @@ def load_digits_c(split: str, root: Path, download: bool) -> CorruptedImages:
     if split != "test":
         raise UserError("digits_c corrupts the digits test split only; use --split test")
     return CorruptedImages(list(_blocks()))
-

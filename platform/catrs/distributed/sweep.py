@@ -50,7 +50,7 @@ from catrs.inference import pick_device
 from catrs.metrics import DEFAULT_RADII
 from catrs.report import build_report, format_report
 from catrs.results import read_results
-from catrs.search_space import Domain, SearchSpace
+from catrs.search_space import Domain, Final, Proxy, SearchSpace
 from catrs.sweep_report import SweepReport, format_sweep_report, log_sweep_report, sweep_report
 from catrs.tracking import Tracker, flatten, plot_certified_accuracy, run_tags
 from catrs.train import (CHECKPOINT_NAME, EVALUATION_NAME, METRICS_NAME, SingleWorkerSession, TrainingRun, fit,
@@ -71,11 +71,16 @@ def tune_domain(domain: Domain) -> Any:
     return ray.tune.choice(list(domain.values))
 
 
+def certify_settings(protocol: Proxy | Final, seed: int, **extra: Any) -> CertifySettings:
+    """The sampling protocol of a space's proxy or final certification."""
+    return CertifySettings(n0=protocol.n0, n=protocol.n, alpha=protocol.alpha, batch_size=protocol.batch, seed=seed,
+                           **extra)
+
+
 def proxy_of(space: SearchSpace, data_root: Path | None, download: bool) -> ProxyEvaluation:
     proxy = space.proxy
-    settings = CertifySettings(n0=proxy.n0, n=proxy.n, alpha=proxy.alpha, batch_size=proxy.batch, seed=space.seed)
-    return ProxyEvaluation(space.dataset, space.sigma, settings, proxy.subset, proxy.every, space.objective,
-                           data_root, download)
+    return ProxyEvaluation(space.dataset, space.sigma, certify_settings(proxy, space.seed), proxy.subset,
+                           proxy.every, space.objective, data_root, download)
 
 
 def reports_per_trial(space: SearchSpace, epochs: int) -> int:
@@ -376,8 +381,7 @@ def _certify_best(space: SearchSpace, best: Any, sweep_dir: Path, data_root: Pat
     best_dir = sweep_dir / BEST_DIR
     checkpoint.to_directory(str(best_dir))
     final = space.final
-    settings = CertifySettings(n0=final.n0, n=final.n, alpha=final.alpha, batch_size=final.batch, seed=space.seed,
-                               inference="channels_last")
+    settings = certify_settings(final, space.seed, inference="channels_last")
     request = CertifyRequest(checkpoint=best_dir / CHECKPOINT_NAME, dataset=space.dataset, sigma=space.sigma,
                              out=sweep_dir / "final.parquet", settings=settings, skip=final.skip,
                              max_index=final.max, data_root=data_root, download=download)
