@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from catrs.data import dataset_names, dataset_spec, get_dataset
+from catrs.data import SealedSplitError, dataset_names, dataset_spec, get_dataset, sealed
+from catrs.data.holdout import holdout_indices, splitmix64
 from catrs.errors import UserError
 
 
@@ -82,5 +83,61 @@ def test_imagenet_missing_folder_is_named(tmp_path):
 def test_unknown_names_list_the_valid_ones():
     with pytest.raises(UserError, match="digits"):
         get_dataset("svhn", "test")
-    with pytest.raises(UserError, match="train, test"):
+    with pytest.raises(UserError, match="train, val, test, train_minus_val"):
         get_dataset("digits", "validation")
+
+
+def _images(dataset) -> dict[bytes, int]:
+    return {dataset[i][1].numpy().tobytes(): dataset[i][0] for i in range(len(dataset))}
+
+
+@pytest.mark.parametrize("name, per_class", [("digits", 30), ("synthetic", 32)])
+def test_val_is_held_out_of_train_stratified_disjoint_and_the_same_on_every_call(name, per_class):
+    train, val, fit, test = (get_dataset(name, split) for split in ("train", "val", "train_minus_val", "test"))
+    classes = dataset_spec(name).num_classes
+    assert len(val) == per_class * classes and len(val) + len(fit) == len(train)
+    assert np.bincount([val[i][2] for i in range(len(val))]).tolist() == [per_class] * classes
+    val_keys, fit_keys = {val[i][0] for i in range(len(val))}, {fit[i][0] for i in range(len(fit))}
+    assert not val_keys & fit_keys and val_keys | fit_keys == set(range(len(train)))  # by index
+    for position in (0, len(val) - 1):  # a val item is the training image its index names
+        index, x, y = val[position]
+        assert torch.equal(x, train[index][1]) and y == train[index][2]
+    val_images = _images(val)
+    assert not val_images.keys() & _images(fit).keys()  # by content
+    assert not val_images.keys() & _images(test).keys()
+    assert list(get_dataset(name, "val").keys) == list(val.keys)  # the same on every call
+    assert len(test) == {"digits": 360, "synthetic": 128}[name]  # the test split is untouched
+
+
+def test_the_holdout_rule_is_fixed_exact_per_class_and_caps_small_classes():
+    labels = np.array([0] * 10 + [1] * 40 + [2] * 3)
+    chosen = holdout_indices(labels, 4)
+    assert np.bincount(labels[chosen]).tolist() == [4, 4, 1]  # K per class, at most half of a small class
+    assert np.array_equal(chosen, holdout_indices(labels, 4)) and np.all(np.diff(chosen) > 0)
+    # splitmix64's published first output for seed 0 (Steele, Lea, Flood 2014; Vigna's reference code)
+    assert int(splitmix64(np.array([0], dtype=np.uint64))[0]) == 0xE220A8397B1DCDAF
+
+
+def test_val_images_get_the_test_transforms_and_training_images_the_augmentations(tmp_path):
+    for wnid in ("n01", "n02"):
+        folder = tmp_path / "imagenet" / "train" / wnid
+        folder.mkdir(parents=True)
+        for k in range(4):
+            pixels = np.random.default_rng(k).integers(0, 256, (300, 260, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{k}.png")
+    val, fit = get_dataset("imagenet", "val", tmp_path), get_dataset("imagenet", "train_minus_val", tmp_path)
+    assert (len(val), len(fit)) == (4, 4)  # 10 per class asked, half of each 4-image class held out
+    assert torch.equal(val[0][1], val[0][1]) and val[0][1].shape == (3, 224, 224)  # centre crop: deterministic
+    torch.manual_seed(0)
+    first = fit[0][1]
+    assert not all(torch.equal(first, fit[0][1]) for _ in range(3))  # random resized crops and flips
+
+
+def test_corrupted_sets_have_no_val_and_a_sealed_split_cannot_be_read():
+    with pytest.raises(UserError, match="test split only"):
+        get_dataset("digits_c", "val")
+    with sealed("test"):
+        with pytest.raises(SealedSplitError, match="test split of digits is sealed"):
+            get_dataset("digits", "test")
+        assert len(get_dataset("digits", "val")) == 300
+    assert len(get_dataset("digits", "test")) == 360  # unsealed when the block ends

@@ -127,6 +127,29 @@ def test_batched_certification_is_invariant_to_how_inputs_are_grouped():
     assert len({r for _, r in together}) > 1  # the model discriminates: the check is not vacuous
 
 
+def test_evaluation_gives_certifys_acr_and_rows_and_skips_the_estimation_of_wrong_selections():
+    """An input whose selected class is wrong counts 0 at every radius: it needs no estimation samples. The
+    others get CERTIFY's own rows (same noise), so ACR and certified accuracy at every radius are equal."""
+    torch.manual_seed(2)
+    model = CountingLinear(torch.randn(1, 4, 4), 0.1)
+    xs = torch.randn(40, 1, 4, 4) * 0.6
+    labels = (torch.rand(40) < 0.7).long() * (model.margin(xs) > 0).long()  # ~30% of labels disagree with f
+    smooth = Smooth(model, 2, 0.5, seed=5)
+    certified = smooth.certify_batch(xs, 20, 400, 0.001, 1000, indices=range(40))
+    model.rows_seen = 0
+    evaluated = smooth.evaluate_batch(xs, labels.tolist(), 20, 400, 0.001, 1000, indices=range(40))
+    wrong = [i for i, (guess, _, estimated) in enumerate(evaluated) if not estimated]
+    assert 5 <= len(wrong) < 40 and all(evaluated[i][0] != labels[i] for i in wrong)
+    assert model.rows_seen == 40 * 20 + (40 - len(wrong)) * 400  # no estimation samples for the wrong ones
+    for i, (row, (guess, radius, estimated)) in enumerate(zip(certified, evaluated)):
+        if estimated:
+            assert (guess, radius) == row
+        else:  # CERTIFY abstains or predicts the wrong class there: nothing certified correct either way
+            assert radius == 0.0 and row[0] != labels[i]
+    contribution = lambda rows: [r if p == y else 0.0 for (p, r, *_), y in zip(rows, labels.tolist())]  # noqa: E731
+    assert contribution(evaluated) == contribution(certified) and sum(contribution(certified)) > 0
+
+
 def test_noise_streams_are_keyed_by_index_and_phase():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))  # near-uniform votes: counts reveal the noise

@@ -28,6 +28,10 @@ from catrs.errors import UserError
 
 CERTIFY_COLUMNS = ["idx", "label", "predict", "radius", "correct", "time"]
 PREDICT_COLUMNS = ["idx", "label", "predict", "correct", "time"]
+# Evaluation (a sweep's view of CERTIFY, `Smooth.evaluate_batch`): `estimated` is False where the selected class
+# was wrong and no estimation samples were spent; those rows are evaluations, not certificates.
+EVALUATE_COLUMNS = CERTIFY_COLUMNS + ["estimated"]
+COLUMNS = {"certify": CERTIFY_COLUMNS, "predict": PREDICT_COLUMNS, "evaluate": EVALUATE_COLUMNS}
 CORRUPTION_COLUMNS = ("corruption", "severity")  # rows of a corruption data set (cifar10_c, mnist_c)
 # Provenance that must match for two runs' rows to belong in one file (batch size and the checkpoint's path
 # are recorded per row but may differ: they do not change what a row certifies).
@@ -108,7 +112,7 @@ class ResultWriter:
         self.path = Path(path)
         self.format = detect_format(self.path, fmt)
         self.provenance = provenance
-        self.columns = (CERTIFY_COLUMNS if provenance["mode"] == "certify" else PREDICT_COLUMNS) + list(extra_columns)
+        self.columns = COLUMNS[provenance["mode"]] + list(extra_columns)
         self._sidecar = self.path.with_name(self.path.name + ".provenance.json")
         self._rows: list[dict[str, Any]] = []
         self._unwritten = 0

@@ -1,21 +1,30 @@
 """What every catrs data set is: items `(index, x, y)` with x a float tensor in [0, 1].
 
-The index is the position in the split, so per-sample artefacts (certification rows, soft labels, noise
-streams) are keyed by it and survive any sharding or reordering.
+The index names the image in the data set's published files: its position in the training or the test
+split. Per-sample artefacts (certification rows, soft labels, noise streams) are keyed by it, so they
+survive any sharding or reordering, and a `val` row names the training image it was held out from.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from catrs.models.normalize import Normalization
 
-SPLITS = ("train", "test")
+# `train`: the published training split, whole; `val`: held out from it (`catrs.data.holdout`);
+# `train_minus_val`: what a run that keeps `val` unseen trains on; `test`: the published test split.
+SPLITS = ("train", "val", "test", "train_minus_val")
+TRAINING_SPLITS = ("train", "train_minus_val")
+
+# (files, root, download, augment) -> the base data set: files is "train" or "test"; augment applies the
+# training transforms (random crops and flips), which images held out for validation never get.
+Loader = Callable[[str, Path, bool, bool], Dataset]
 
 
 @dataclass(frozen=True)
@@ -27,9 +36,10 @@ class DatasetSpec:
     input_shape: tuple[int, int, int]
     normalization: Normalization | None
     default_arch: str
-    load: Callable[[str, Path, bool], Dataset]  # (split, root, download) -> the split's base data set
+    load: Loader
     description: str = ""
     base: str | None = None  # a corrupted copy of this data set's test split: models trained on it apply
+    val_per_class: int = 0  # images of each class held out of the training split as `val`
 
     @property
     def trained_as(self) -> str:
@@ -44,15 +54,22 @@ class DatasetSpec:
 
 
 class Indexed(Dataset):
-    """Wraps a data set of `(x, y)` into one of `(index, x, y)`."""
+    """Wraps a data set of `(x, y)` into one of `(index, x, y)`; `keys` picks which items, in order (default:
+    all). Item `i` is `base[keys[i]]`, and its index is `keys[i]`."""
 
-    def __init__(self, base: Dataset) -> None:
+    def __init__(self, base: Dataset, keys: Sequence[int] | None = None) -> None:
         self.base = base
+        self.keys = np.arange(len(base)) if keys is None else np.asarray(keys, dtype=np.int64)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
+        return len(self.keys)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, int]:
+    def key(self, position: int) -> int:
+        """The index of the `position`-th item."""
+        return int(self.keys[position])
+
+    def __getitem__(self, position: int) -> tuple[int, torch.Tensor, int]:
+        index = self.key(position)
         x, y = self.base[index]
         return index, x, int(y)
 

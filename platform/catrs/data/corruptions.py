@@ -69,11 +69,11 @@ def _load(path: Path) -> np.ndarray:
         raise UserError(f"{path} is not a readable .npy file ({error}); replace it") from None
 
 
-def load_cifar10_c(split: str, root: Path, download: bool) -> CorruptedImages:
+def load_cifar10_c(split: str, root: Path, download: bool, augment: bool = False) -> CorruptedImages:
     folder = root / "CIFAR-10-C"
     found = [c for c in CIFAR10_C if (folder / f"{c}.npy").exists()]
-    if split != "test" or download or not found or not (folder / "labels.npy").exists():
-        raise UserError(f"CIFAR-10-C is read, never downloaded, and only as a test split: expected {folder}/labels.npy "
+    if download or not found or not (folder / "labels.npy").exists():
+        raise UserError(f"CIFAR-10-C is read, never downloaded: expected {folder}/labels.npy "
                         f"and {folder}/<corruption>.npy for corruptions among {', '.join(CIFAR10_C)}")
     labels = _load(folder / "labels.npy")
     blocks = []
@@ -88,11 +88,11 @@ def load_cifar10_c(split: str, root: Path, download: bool) -> CorruptedImages:
     return CorruptedImages(blocks)
 
 
-def load_mnist_c(split: str, root: Path, download: bool) -> CorruptedImages:
+def load_mnist_c(split: str, root: Path, download: bool, augment: bool = False) -> CorruptedImages:
     folder = root / "mnist_c"
     found = [c for c in MNIST_C if (folder / c / "test_images.npy").exists() and (folder / c / "test_labels.npy").exists()]
-    if split != "test" or download or not found:
-        raise UserError(f"MNIST-C is read, never downloaded, and only as a test split: expected "
+    if download or not found:
+        raise UserError(f"MNIST-C is read, never downloaded: expected "
                         f"{folder}/<corruption>/test_images.npy and test_labels.npy for corruptions among "
                         f"{', '.join(MNIST_C)}")
     blocks = []

@@ -2,7 +2,7 @@
 
 No download, no data directory: what lets every catrs command run on a laptop out of the box. Pixel values
 0–16 are scaled to [0, 1]. The train/test split is fixed (stratified, seed 0, 360 test images) so results are
-comparable across machines and runs.
+comparable across machines and runs; `val` holds out 30 images of each class of the training split.
 """
 
 from __future__ import annotations
@@ -32,6 +32,6 @@ def _split_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {"train": (x_train, y_train), "test": (x_test, y_test)}
 
 
-def load_digits_split(split: str, root: Path, download: bool) -> TensorImages:
+def load_digits_split(split: str, root: Path, download: bool, augment: bool = False) -> TensorImages:
     images, labels = _split_arrays()[split]
     return TensorImages(torch.from_numpy(images), torch.from_numpy(labels))

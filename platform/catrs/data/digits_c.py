@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from catrs.data.corruptions import Block, CorruptedImages
 from catrs.data.digits import load_digits_split
-from catrs.errors import UserError
 
 Corruption = Callable[[torch.Tensor, float, torch.Generator], torch.Tensor]  # (images, level, rng) -> images
 
@@ -154,7 +153,5 @@ def _blocks() -> tuple[Block, ...]:
     return tuple(blocks)
 
 
-def load_digits_c(split: str, root: Path, download: bool) -> CorruptedImages:
-    if split != "test":
-        raise UserError("digits_c corrupts the digits test split only; use --split test")
+def load_digits_c(split: str, root: Path, download: bool, augment: bool = False) -> CorruptedImages:
     return CorruptedImages(list(_blocks()))

@@ -1,7 +1,8 @@
 """ImageNet from an ImageFolder root (`ROOT/imagenet/{train,val}/<wnid>/*.JPEG`), never downloaded.
 
 Transforms as in the randomized-smoothing literature: RandomResizedCrop(224) + flip for training,
-Resize(256) + CenterCrop(224) for testing. The test split is the validation set.
+Resize(256) + CenterCrop(224) for testing and for the images catrs holds out of the training folder as its
+`val` split (10 per class). The test split is ImageNet's own validation set.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from catrs.errors import UserError
 _FOLDERS = {"train": "train", "test": "val"}
 
 
-def load_imagenet_split(split: str, root: Path, download: bool) -> datasets.ImageFolder:
+def load_imagenet_split(split: str, root: Path, download: bool, augment: bool = False) -> datasets.ImageFolder:
     folder = root / "imagenet" / _FOLDERS[split]
     if download:
         raise UserError("ImageNet cannot be downloaded automatically; place it under ROOT/imagenet/{train,val}")
     if not folder.is_dir():
         raise UserError(f"ImageNet {split} folder not found: {folder} (expected <wnid>/ subfolders of images)")
-    if split == "train":
+    if augment:
         transform = transforms.Compose(
             [transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), transforms.ToTensor()]
         )

@@ -27,5 +27,5 @@ def make_synthetic(split: str, num_classes: int = NUM_CLASSES, size: int | None 
     return TensorImages(images, labels)
 
 
-def load_synthetic_split(split: str, root: Path, download: bool) -> TensorImages:
+def load_synthetic_split(split: str, root: Path, download: bool, augment: bool = False) -> TensorImages:
     return make_synthetic(split)

@@ -21,18 +21,19 @@ _CLASSES = {
 }
 
 
-def _transform(name: str, split: str) -> transforms.Compose:
-    if name.startswith("cifar") and split == "train":
+def _transform(name: str, augment: bool) -> transforms.Compose:
+    if name.startswith("cifar") and augment:
         return transforms.Compose(
             [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor()]
         )
     return transforms.Compose([transforms.ToTensor()])
 
 
-def load_torchvision_split(name: str, split: str, root: Path, download: bool) -> Dataset:
+def load_torchvision_split(name: str, split: str, root: Path, download: bool, augment: bool = False) -> Dataset:
+    """The `split` files ("train" or "test"), with the training augmentations if `augment`."""
     cls = _CLASSES[name]
     try:
-        return cls(str(root), train=split == "train", transform=_transform(name, split), download=download)
+        return cls(str(root), train=split == "train", transform=_transform(name, augment), download=download)
     except RuntimeError as error:
         if "not found" in str(error).lower() or "corrupted" in str(error).lower():
             raise UserError(
