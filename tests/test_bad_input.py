@@ -104,7 +104,7 @@ CASES = {
     "negative shards": lambda tmp, good: (_certify(good, tmp / "o.parquet", "--shards", "-1"), "--shards must be"),
     "predict with alpha 0": lambda tmp, good: (["predict", "--checkpoint", good, "--dataset", "digits", "--sigma",
                                                 "0.5", "--alpha", "0", "--out", tmp / "o.parquet"], "--alpha must lie"),
-    "split not offered": lambda tmp, good: (_certify(good, tmp / "o.parquet", "--split", "val"), "invalid choice"),
+    "unknown split": lambda tmp, good: (_certify(good, tmp / "o.parquet", "--split", "dev"), "unknown split 'dev'"),
     "missing required option": lambda tmp, good: (["certify", "--dataset", "digits"], "are required"),
     "unknown command": lambda tmp, good: (["fit"], "invalid choice"),
     "report of a missing file": lambda tmp, good: (["report", tmp / "absent.parquet"], "result file not found"),

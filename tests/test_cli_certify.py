@@ -38,6 +38,22 @@ def test_certify_writes_one_row_per_selected_image_with_provenance(run_cli, digi
     assert "catrs report" in stdout
 
 
+def test_certify_on_val_names_the_training_images_it_certified_and_resumes(run_cli, digits_checkpoint, tmp_path):
+    from catrs.data import get_dataset
+
+    val = get_dataset("digits", "val")
+    out = tmp_path / "val.parquet"
+    code, _, err = certify(run_cli, digits_checkpoint, out, "--split", "val", "--skip", "7", "--max", "30")
+    assert code == 0, err
+    frame = pq.read_table(out).to_pandas()
+    assert frame["idx"].tolist() == [val.key(p) for p in range(0, 30, 7)]  # positions in val, training indices
+    assert frame["split"].unique().tolist() == ["val"]
+    assert frame["label"].tolist() == [val[p][2] for p in range(0, 30, 7)]
+    code, _, err = certify(run_cli, digits_checkpoint, out, "--split", "val", "--skip", "7", "--max", "60")
+    assert code == 0, err  # a resume keyed by training index: the first five rows are kept, four more added
+    assert pq.read_table(out).to_pandas()["idx"].tolist() == [val.key(p) for p in range(0, 60, 7)]
+
+
 def test_resume_skips_finished_images_and_equals_an_uninterrupted_run(run_cli, digits_checkpoint, tmp_path):
     whole, pieces = tmp_path / "whole.parquet", tmp_path / "pieces.parquet"
     assert certify(run_cli, digits_checkpoint, whole, "--max", "12")[0] == 0

@@ -95,13 +95,14 @@ def _latest_certify_run():
 
 def test_a_sweep_on_digits_ends_with_the_commands_for_the_papers_tables(tmp_path):
     space = load_search_space(Path(__file__).parents[1] / "search_spaces" / "demo_digits.yaml")
-    outcome = SweepOutcome(tmp_path / "sweep", "0" * 32, pd.DataFrame(), {}, tmp_path / "sweep" / "final.parquet")
+    outcome = SweepOutcome(tmp_path / "sweep", "0" * 32, pd.DataFrame(), {}, "a1b2c3d4",
+                           tmp_path / "sweep" / "best" / "checkpoint.pt", tmp_path / "sweep" / "final.parquet")
     printed = next_commands(outcome, space, "sqlite:///elsewhere.db", tmp_path / "data").splitlines()[1:]
     lines = {line.split(":")[0].strip(): line.split(":", 1)[1].split() for line in printed}
     assert set(lines) == {"Table 1", "Table 3", "Figure 2(c)"}
     table3 = _build_parser().parse_args(lines["Table 3"][1:])
     assert table3.corruptions and table3.dataset == "digits" and table3.sigma == space.sigma
-    assert table3.checkpoint == tmp_path / "sweep" / "best" / "checkpoint.pt" and table3.n == space.final.n
+    assert table3.checkpoint == str(outcome.best_checkpoint) and table3.n == space.final.n
     assert table3.tracking_uri == "sqlite:///elsewhere.db" and table3.data_root == tmp_path / "data"
     assert TEST_SIZE // table3.skip >= 30  # enough images per (corruption, severity) for a mean
     figure = _build_parser().parse_args(lines["Figure 2(c)"][1:])

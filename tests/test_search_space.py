@@ -17,7 +17,8 @@ VALID = {
     "fixed": {"num_steps": 1},
     "search": {"lbd": {"loguniform": [0.5, 2.0]}, "sigma0": {"choice": [0.25, 0.5]}},
     "points_to_evaluate": [{"lbd": 1.0, "sigma0": 0.25}],
-    "objective": {"metric": "acr", "proxy": {"n": 64, "subset": 16}},
+    "objective": "acr",
+    "proxy": {"n": 64, "images": 16},
 }
 
 
@@ -53,7 +54,7 @@ def test_the_trade_off_spaces_run_their_whole_grid_on_one_schedule(method, knob)
     assert [point[knob] for point in space.points_to_evaluate] == list(space.search[knob].values)
     assert space.budget.num_samples == len(space.points_to_evaluate) and space.budget.scheduler == "none"
     assert (space.dataset, space.sigma, space.train) == (demo.dataset, demo.sigma, demo.train)
-    assert space.proxy.every == space.train["epochs"]  # one certification per trial, at its last epoch
+    assert space.budget.rungs(space.epochs) == []  # one proxy certification per trial, at its last epoch
 
 
 def _edit(data: dict, path: str, value):
@@ -87,9 +88,13 @@ CASES = [
     ("point outside the range", "points_to_evaluate", [{"lbd": 9.0, "sigma0": 0.25}],
      "points_to_evaluate[0].lbd: 9.0 lies outside"),
     ("point missing a key", "points_to_evaluate", [{"lbd": 1.0}], "points_to_evaluate[0]: must set exactly"),
-    ("unknown objective", "objective.metric", "accuracy", "objective.metric: expected acr"),
-    ("alpha out of range", "objective.proxy.alpha", 1.5, "objective.proxy.alpha: must lie strictly between"),
-    ("zero proxy samples", "objective.proxy.n", 0, "objective.proxy.n: must be at least 1"),
+    ("unknown objective", "objective", "accuracy", "objective: expected acr"),
+    ("alpha out of range", "proxy.alpha", 1.5, "proxy.alpha: must lie strictly between"),
+    ("zero proxy samples", "proxy.n", 0, "proxy.n: must be at least 1"),
+    ("no validation candidates", "selection.top_k", 0, "selection.top_k: must be at least 1"),
+    ("negative selection images", "selection.images", -1, "selection.images: must be 0 (all) or more"),
+    ("refit not a flag", "selection.refit", "yes", "selection.refit: expected bool"),
+    ("a rung at the last epoch", "budget.first_rung", 2, "budget.first_rung: 2 is not below the last epoch (2)"),
     ("wrong type", "budget.num_samples", "many", "budget.num_samples: expected int"),
     ("unknown scheduler", "budget.scheduler", "hyperband", "budget.scheduler: expected asha or none"),
     ("zero workers", "resources.workers", 0, "resources.workers: must be at least 1"),
@@ -121,3 +126,61 @@ def test_cli_tune_refuses_a_bad_space_in_one_line(run_cli, tmp_path):
     path.write_text(yaml.safe_dump({**VALID, "method": "trades"}))
     code, _, err = run_cli("tune", path)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "unknown method 'trades'" in err
+
+
+OLD_KEYS = [
+    ("objective", {"metric": "acr", "proxy": {"n": 64}}, "objective.proxy: the proxy is the top-level section"),
+    ("objective", {"metric": "acr"}, "objective.metric: give the metric alone"),
+    ("proxy", {"n": 64, "subset": 16}, "proxy.subset: renamed `images`"),
+    ("proxy", {"n": 64, "every": 2}, "proxy.every: the proxy runs at ASHA's rungs"),
+    ("budget", {"scheduler": "asha", "grace_period": 2}, "budget.grace_period: replaced by `first_rung`"),
+]
+
+
+@pytest.mark.parametrize("section,value,message", OLD_KEYS, ids=[m.split(":")[0] for _, _, m in OLD_KEYS])
+def test_keys_of_the_old_format_name_the_file_the_key_and_what_became_of_it(tmp_path, section, value, message):
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({**VALID, section: value}))
+    with pytest.raises(UserError) as error:
+        load_search_space(path)
+    assert str(error.value).startswith(f"{path}: {message}"), str(error.value)
+
+
+def test_asha_compares_trials_at_geometric_rungs_below_the_last_epoch_and_the_proxy_runs_there(tmp_path):
+    from catrs.distributed.sweep import proxy_of
+
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({**VALID, "train": {"epochs": 20}, "budget": {"first_rung": 3,
+                                                                                   "reduction_factor": 2}}))
+    space = load_search_space(path)
+    assert space.budget.rungs(20) == [3, 6, 12]
+    proxy = proxy_of(space, None, False)
+    assert [epoch + 1 for epoch in range(20) if proxy.due(epoch, 20)] == [3, 6, 12, 20]
+    assert space.metric == "val_acr" and space.selection.refit is False
+
+
+def test_trials_hold_out_val_and_the_selection_defaults_to_the_final_protocol(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({**VALID, "final": {"n": 3000, "alpha": 0.01}, "selection": {"top_k": 2}}))
+    space = load_search_space(path)
+    assert space.train_config(space.first_point()).train_split == "train_minus_val"
+    assert space.train_config(space.first_point(), train_split="train").train_split == "train"
+    assert (space.selection.n, space.selection.alpha, space.selection.top_k) == (3000, 0.01, 2)
+
+
+def test_optuna_learns_a_stopped_trial_as_pruned_and_a_trained_out_one_as_complete():
+    import optuna
+    from ray import tune
+
+    from catrs.distributed.sweep import PrunedAwareOptunaSearch
+
+    search = PrunedAwareOptunaSearch(8, space={"lbd": tune.loguniform(0.25, 4.0)}, metric="val_acr", mode="max",
+                                     sampler=optuna.samplers.TPESampler(seed=0))
+    for trial, (epochs, value) in {"stopped": ((4,), 0.30), "trained out": ((4, 8), 0.25)}.items():
+        search.suggest(trial)
+        for step, epoch in enumerate(epochs, 1):
+            search.on_trial_result(trial, {"val_acr": value, "epoch": epoch, "training_iteration": step})
+        search.on_trial_complete(trial, {"val_acr": value, "epoch": epochs[-1]})
+    stopped, trained_out = search._ot_study.trials
+    assert stopped.state == optuna.trial.TrialState.PRUNED and stopped.intermediate_values == {1: 0.30}
+    assert trained_out.state == optuna.trial.TrialState.COMPLETE and trained_out.value == 0.25

@@ -1,12 +1,14 @@
-"""A small CAT-RS sweep end to end: Tune + Optuna + ASHA, proxy certification, final sharded certification,
-and the MLflow store it leaves (checked with MlflowClient)."""
+"""A small CAT-RS sweep end to end: Tune + Optuna + ASHA, the proxy on val, the choice on val, the one test
+certification (sharded), the registered champion, and the MLflow store it leaves (checked with MlflowClient)."""
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from catrs.data import get_dataset
 from catrs.results import read_results
 from catrs.tracking import resolve_tracking_uri
 
@@ -18,9 +20,11 @@ SPACE = {
     "fixed": {"num_steps": 1, "teacher_noises": 20, "num_noises": 2},
     "search": {"lbd": {"loguniform": [0.5, 2.0]}, "sigma0": {"choice": [0.25, 0.5]}},
     "points_to_evaluate": [{"lbd": 1.0, "sigma0": 0.25}],
-    "objective": {"metric": "acr", "proxy": {"n0": 16, "n": 64, "subset": 16, "every": 1, "batch": 512}},
+    "objective": "acr",
+    "proxy": {"n0": 16, "n": 64, "images": 16, "batch": 512},
+    "selection": {"top_k": 2, "images": 32},
     "final": {"n0": 16, "n": 100, "batch": 500, "max": 40, "shards": 2},
-    "budget": {"num_samples": 3, "max_concurrent": 2, "scheduler": "asha", "grace_period": 1},
+    "budget": {"num_samples": 3, "max_concurrent": 2, "scheduler": "asha", "first_rung": 1},
     "resources": {"workers": 1, "cpus_per_worker": 1},
 }
 
@@ -44,26 +48,59 @@ def test_a_small_sweep_runs_to_completion_and_is_on_record_in_mlflow(ray_cluster
                                  f"tags.`catrs.kind` = 'sweep' and tags.`catrs.sweep` = '{sweep_dir.name}'")
     assert len(parents) == 1
     parent = parents[0]
-    assert parent.info.status == "FINISHED" and "final_acr" in parent.data.metrics
+    assert parent.info.status == "FINISHED"
     assert f"catrs report --sweep {parent.info.run_id}" in out and "Table 3" not in out  # synthetic has no corruptions
-    assert {"final_certified_accuracy_0", "best_acr"} <= set(parent.data.metrics)
-    parent_files = {a.path for a in client.list_artifacts(parent.info.run_id, "results")}
-    assert parent_files == {"results/final.parquet"}
+    assert {"test_acr", "test_certified_accuracy_0", "final_val_acr"} <= set(parent.data.metrics)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "results")} == {"results/final.parquet"}
 
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 3
+    val_keys = set(get_dataset("synthetic", "val").keys.tolist())
     for child in children:
         assert child.info.status == "FINISHED"
         assert child.data.tags["catrs.method"] == "catrs" and child.data.tags["catrs.sigma"] == "0.25"
         assert {"lbd", "sigma0"} <= set(child.data.params)
-        assert "acr" in child.data.metrics and "certified_accuracy_0.25" in child.data.metrics
-        history = client.get_metric_history(child.info.run_id, "acr")
+        assert "val_acr" in child.data.metrics and "val_certified_accuracy_0.25" in child.data.metrics
+        assert not {"acr", "test_noisy_accuracy"} & set(child.data.metrics)  # no figure of the test split
+        history = client.get_metric_history(child.info.run_id, "val_acr")
         assert 1 <= len(history) <= 2
         files = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"config.json", "proxy", "plots"} <= files
-    assert any("final_acr" in child.data.metrics for child in children)  # the best trial's final certification
+        proxy_rows = pd.read_parquet(client.download_artifacts(child.info.run_id, "proxy/evaluation.parquet",
+                                                               str(tmp_path)))
+        assert len(proxy_rows) == 16 and set(proxy_rows["idx"]) <= val_keys  # the proxy certified val images
+
+    # The choice is made on val; test is read once, after it, for the winner alone.
+    winner = parent.data.tags["best_trial"]
+    [chosen] = [c for c in children if c.data.tags["catrs.trial_id"] == winner]
+    assert [c for c in children if "test_acr" in c.data.metrics] == [chosen]
+    assert chosen.data.metrics["test_acr"] == parent.data.metrics["test_acr"]
+    shortlisted = [c for c in children if "final_val_acr" in c.data.metrics]
+    assert chosen in shortlisted and 1 <= len(shortlisted) <= 2
+    assert chosen.data.metrics["final_val_acr"] == max(c.data.metrics["final_val_acr"] for c in shortlisted)
+    chose_at = max(client.get_metric_history(c.info.run_id, "final_val_acr")[0].timestamp for c in shortlisted)
+    assert client.get_metric_history(parent.info.run_id, "test_acr")[0].timestamp >= chose_at
+    assert pd.read_parquet(sweep_dir / "final.parquet")["split"].unique().tolist() == ["test"]
     paper_point = [c for c in children if float(c.data.params["lbd"]) == 1.0 and c.data.params["sigma0"] == "0.25"]
     assert paper_point, "the paper's setting is among the trials"
+
+    # The choice is the registered champion, and certifies to the same rows as its checkpoint.
+    version = client.get_model_version_by_alias(sweep_dir.name, "champion")
+    assert version.run_id == parent.info.run_id and parent.data.tags["best_checkpoint"] == str(
+        sweep_dir / "best" / "checkpoint.pt")
+    assert (version.tags["sigma"], version.tags["dataset"], version.tags["method"]) == ("0.25", "synthetic", "catrs")
+    assert float(version.tags["hyper.lbd"]) == float(chosen.data.params["lbd"])
+    rows = {}
+    for name, checkpoint in (("file", sweep_dir / "best" / "checkpoint.pt"), ("registry",
+                                                                              f"models:/{sweep_dir.name}@champion")):
+        code, _, err = run_cli("certify", "--checkpoint", checkpoint, "--dataset", "synthetic", "--sigma", "0.25",
+                               "--n0", "16", "--n", "100", "--max", "12", "--inference", "eager",
+                               "--out", tmp_path / f"{name}.parquet")
+        assert code == 0, err
+        rows[name] = read_results(tmp_path / f"{name}.parquet")
+    columns = ["idx", "label", "predict", "radius", "correct", "checkpoint_sha256"]
+    pd.testing.assert_frame_equal(rows["file"][columns], rows["registry"][columns])
+    assert rows["registry"]["checkpoint"].unique().tolist() == [f"models:/{sweep_dir.name}@champion"]
 
     # The trade-off report: written by `catrs tune` itself, and again on demand from the store.
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "sweep_report")} == {
@@ -72,9 +109,9 @@ def test_a_small_sweep_runs_to_completion_and_is_on_record_in_mlflow(ray_cluster
     assert code == 0, err
     assert "Pareto-optimal" in text
     importances = {k: v for k, v in client.get_run(parent.info.run_id).data.metrics.items() if k.startswith("importance/")}
-    objectives = {c.data.metrics["acr"] for c in children}
+    objectives = {c.data.metrics["val_acr"] for c in children}
     if len(objectives) > 1:  # with three tiny trials the proxy ACR can tie: then there is nothing to attribute
-        assert set(importances) == {"importance/lbd", "importance/sigma0"} and "importance for acr:" in text
+        assert set(importances) == {"importance/lbd", "importance/sigma0"} and "importance for val_acr:" in text
         assert sum(importances.values()) == pytest.approx(1.0, abs=1e-6)
 
 

@@ -62,8 +62,8 @@ def two_sweeps(tmp_path):
         for number, (clean, certified) in enumerate(trials):
             child = tracker.start(f"{name}-{number}", {"catrs.trial_id": f"{name[7:11]}{number}"}, parent=parent)
             tracker.log_params(child, {"lbd": 2.0 ** number})
-            tracker.log_metrics(child, {"acr": clean * certified, "certified_accuracy_0": clean,
-                                        "certified_accuracy_0.5": certified})
+            tracker.log_metrics(child, {"val_acr": clean * certified, "val_certified_accuracy_0": clean,
+                                        "val_certified_accuracy_0.5": certified})
         parents[name] = parent
     tracker.close()
     return uri, parents
@@ -102,7 +102,7 @@ def test_sweeps_compare_their_frontiers_with_the_higher_one_marked(run_cli, two_
     assert records["CAT-RS"]["area"] == pytest.approx(0.40) and records["lambda-consistency"]["area"] == pytest.approx(0.27)
     by_lambda = {trial["lbd"]: trial for trial in records["CAT-RS"]["trials"]}
     assert by_lambda[8.0] == {"trial": "catr3", "lbd": 8.0, "clean": 0.7, "certified": 0.3,
-                              "acr": pytest.approx(0.21), "pareto": False}
+                              "val_acr": pytest.approx(0.21), "pareto": False}
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -54,6 +54,29 @@ def test_checkpoint_carries_the_complete_training_state(tmp_path):
     assert {"loss", "accuracy", "test_noisy_accuracy", "seconds", "lr"} <= set(history)
 
 
+def test_a_run_that_holds_out_val_never_trains_or_evaluates_on_it(run_cli, tmp_path):
+    from catrs.data import get_dataset
+    from catrs.train import LocalSession, fit
+
+    class Recording(LocalSession):
+        def loader(self, dataset, config, epoch):
+            seen.update(int(i) for i in dataset.keys)
+            return super().loader(dataset, config, epoch)
+
+    seen: set[int] = set()
+    config = TrainConfig(method="gaussian", epochs=1, train_split="train_minus_val", **QUICK).resolved()
+    run = fit(config, Recording(tmp_path / "fit"), torch.device("cpu"))
+    val = set(get_dataset("synthetic", "val").keys.tolist())
+    assert seen and not seen & val and len(seen | val) == len(get_dataset("synthetic", "train"))
+    assert "val_noisy_accuracy" in run.history[0] and "test_noisy_accuracy" not in run.history[0]
+
+    code, out, err = run_cli("train", "--method", "gaussian", "--dataset", "synthetic", "--sigma", "0.25", "--epochs",
+                             "1", "--hold-out-val", "--out", tmp_path / "cli")
+    assert code == 0, err
+    assert load_checkpoint(tmp_path / "cli" / "checkpoint.pt").card.config["train_split"] == "train_minus_val"
+    assert "val_noisy_accuracy=" in out
+
+
 def test_a_run_with_other_settings_in_the_same_directory_is_refused(tmp_path):
     train(TrainConfig(method="gaussian", epochs=1, **QUICK), tmp_path / "run", progress=False)
     from catrs.errors import UserError

@@ -2,9 +2,11 @@
 
     catrs certify --checkpoint runs/digits/checkpoint.pt --dataset digits --sigma 0.5 --out cert.parquet
 
-`certify_rows` is the pure core (model + rows in, rows out) that a single process runs here and that the
-Ray shards will run per index range; `run_certification` adds the checkpoint checks, the result file with
-its provenance and resume, and the progress bar.
+`certify_rows` is the pure core (model + images in, rows out) that a single process runs here and that the
+Ray shards run per range of positions; `run_certification` adds the checkpoint checks, the result file with
+its provenance and resume, and the progress bar. Images are chosen by position in the split (`--skip`,
+`--max`) and rows keyed by dataset index (`catrs.data`): the two agree except on `val`, whose rows name the
+training images they are.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from catrs.checkpoint import Checkpoint, check_matches, file_sha256, load_checkpoint
-from catrs.data import dataset_spec, get_dataset
+from catrs.data import Indexed, dataset_spec, get_dataset
 from catrs.errors import UserError
 from catrs.inference import INFERENCE_MODES, pick_device
 from catrs.metrics import certification_metrics, objective_value
@@ -69,8 +70,8 @@ class CertifySettings:
                       inference=self.inference)
 
 
-def select_indices(length: int, skip: int = 1, max_index: int = -1) -> list[int]:
-    """Cohen's subset rule: every `skip`-th index below `max_index` (all when negative)."""
+def select_positions(length: int, skip: int = 1, max_index: int = -1) -> list[int]:
+    """Cohen's subset rule: every `skip`-th position below `max_index` (all when negative)."""
     if skip < 1:
         raise UserError(f"--skip must be a positive integer, got {skip}")
     stop = length if max_index < 0 else min(length, max_index)
@@ -79,39 +80,49 @@ def select_indices(length: int, skip: int = 1, max_index: int = -1) -> list[int]
 
 def inputs_per_pass(settings: CertifySettings, mode: str) -> int:
     """How many inputs share forward passes: enough for the smallest phase (n0) to fill a batch."""
-    smallest = settings.n0 if mode == "certify" else settings.n
-    per_input = settings.n0 + settings.n if mode == "certify" else settings.n
+    smallest = settings.n if mode == "predict" else settings.n0
+    per_input = settings.n if mode == "predict" else settings.n0 + settings.n
     return max(1, min(settings.batch_size // smallest, MAX_PENDING_SAMPLES // per_input))
 
 
 def certify_rows(
-    smooth: Smooth, dataset: Dataset, indices: Sequence[int], settings: CertifySettings, mode: str = "certify"
+    smooth: Smooth, dataset: Dataset, positions: Sequence[int], settings: CertifySettings, mode: str = "certify"
 ) -> Iterator[list[dict[str, Any]]]:
-    """Rows for `indices`, a list per group of inputs certified together; `time` is the group's time per input."""
+    """Rows for the items at `positions`, a list per group of inputs certified together; `time` is the group's
+    time per input. Mode `evaluate` is CERTIFY's ACR for less (`Smooth.evaluate_batch`), with an `estimated`
+    column: False where the selection was already wrong and no estimation samples were spent."""
     group = inputs_per_pass(settings, mode)
-    for start in range(0, len(indices), group):
-        items = [dataset[i] for i in indices[start : start + group]]
+    for start in range(0, len(positions), group):
+        items = [dataset[i] for i in positions[start : start + group]]
         keys = [int(index) for index, _, _ in items]
         xs = torch.stack([x for _, x, _ in items])
         began = time.perf_counter()
-        if mode == "certify":
-            outcomes = smooth.certify_batch(xs, settings.n0, settings.n, settings.alpha, settings.batch_size,
-                                            indices=keys)
-        else:
-            outcomes = [(label, None) for label in
-                        smooth.predict_batch(xs, settings.n, settings.alpha, settings.batch_size, indices=keys)]
+        outcomes = _sample(smooth, xs, [label for _, _, label in items], keys, settings, mode)
         seconds = (time.perf_counter() - began) / len(items)
         rows = []
-        for (index, _, label), (predicted, radius) in zip(items, outcomes):
-            row = {"idx": index, "label": int(label), "predict": predicted, "correct": int(predicted == label),
+        for (index, _, label), outcome in zip(items, outcomes):
+            row = {"idx": index, "label": int(label), "predict": outcome[0], "correct": int(outcome[0] == label),
                    "time": seconds}
-            if mode == "certify":
-                row["radius"] = radius
+            if mode != "predict":
+                row["radius"] = outcome[1]
+            if mode == "evaluate":
+                row["estimated"] = outcome[2]
             layout = getattr(dataset, "layout", lambda i: None)(index)
             if layout is not None:
                 row["corruption"], row["severity"] = layout[0], layout[1]
             rows.append(row)
         yield rows
+
+
+def _sample(smooth: Smooth, xs: torch.Tensor, labels: list[int], keys: list[int], settings: CertifySettings,
+            mode: str) -> list[tuple]:
+    if mode == "certify":
+        return smooth.certify_batch(xs, settings.n0, settings.n, settings.alpha, settings.batch_size, indices=keys)
+    if mode == "evaluate":
+        return smooth.evaluate_batch(xs, labels, settings.n0, settings.n, settings.alpha, settings.batch_size,
+                                     indices=keys)
+    return [(label,) for label in smooth.predict_batch(xs, settings.n, settings.alpha, settings.batch_size,
+                                                        indices=keys)]
 
 
 @dataclass(frozen=True)
@@ -129,6 +140,7 @@ class CertifyRequest:
     download: bool = False
     output_format: str | None = None
     device: str | None = None
+    checkpoint_source: str = ""  # what the user named (a models:/ URI), recorded instead of the file's path
 
 
 @dataclass
@@ -139,13 +151,17 @@ class PreparedCertification:
     checkpoint: Checkpoint
     provenance: dict[str, Any]
     writer: ResultWriter
-    dataset: Dataset
-    selected: list[int]
+    dataset: Indexed
+    selected: list[int]  # positions in the split
+
+    def unfinished(self, positions: Sequence[int], *finished: set[int]) -> list[int]:
+        """The `positions` whose rows are in none of the `finished` sets of indices (default: the output's)."""
+        done = set().union(*finished) if finished else self.writer.done
+        return [p for p in positions if self.dataset.key(p) not in done]
 
     @property
     def todo(self) -> list[int]:
-        done = self.writer.done
-        return [i for i in self.selected if i not in done]
+        return self.unfinished(self.selected)
 
 
 def prepare_certification(request: CertifyRequest) -> PreparedCertification:
@@ -160,22 +176,22 @@ def prepare_certification(request: CertifyRequest) -> PreparedCertification:
     checkpoint.model()  # weights that do not fit their architecture are refused now, not mid-run
     provenance = {
         "mode": request.mode, "dataset": request.dataset, "split": request.split,
-        "n0": settings.n0 if request.mode == "certify" else 0, "n": settings.n, "alpha": settings.alpha,
+        "n0": 0 if request.mode == "predict" else settings.n0, "n": settings.n, "alpha": settings.alpha,
         "sigma": request.sigma, "seed": settings.seed, "batch": settings.batch_size,
-        "mixed_precision": settings.mixed_precision, "checkpoint": str(request.checkpoint),
+        "mixed_precision": settings.mixed_precision, "checkpoint": request.checkpoint_source or str(request.checkpoint),
         "checkpoint_sha256": file_sha256(request.checkpoint),
     }
     extra = CORRUPTION_COLUMNS if dataset_spec(request.dataset).base else ()
     writer = ResultWriter(request.out, provenance, request.output_format, extra_columns=extra)
     dataset = get_dataset(request.dataset, request.split, request.data_root, request.download)
-    selected = select_indices(len(dataset), request.skip, request.max_index)
+    selected = select_positions(len(dataset), request.skip, request.max_index)
     return PreparedCertification(request, checkpoint, provenance, writer, dataset, selected)
 
 
-def certify_indices(request: CertifyRequest, checkpoint: Checkpoint, indices: Sequence[int],
-                    dataset: Dataset | None = None) -> Iterator[list[dict[str, Any]]]:
-    """Rows for `indices` of the request's split (`dataset`, or loaded here), a list per group of inputs
-    certified together.
+def certify_positions(request: CertifyRequest, checkpoint: Checkpoint, positions: Sequence[int],
+                      dataset: Dataset | None = None) -> Iterator[list[dict[str, Any]]]:
+    """Rows for the items at `positions` of the request's split (`dataset`, or loaded here), a list per group
+    of inputs certified together.
 
     Pure: reads the data set, writes nothing. The single-process job and every Ray shard run this.
     """
@@ -183,7 +199,7 @@ def certify_indices(request: CertifyRequest, checkpoint: Checkpoint, indices: Se
         dataset = get_dataset(request.dataset, request.split, request.data_root, request.download)
     model = checkpoint.model(pick_device(request.device))
     smooth = request.settings.smoothed(model, checkpoint.card.num_classes, request.sigma)
-    yield from certify_rows(smooth, dataset, list(indices), request.settings, request.mode)
+    yield from certify_rows(smooth, dataset, list(positions), request.settings, request.mode)
 
 
 def run_certification(request: CertifyRequest, progress: bool = True) -> Path:
@@ -192,7 +208,7 @@ def run_certification(request: CertifyRequest, progress: bool = True) -> Path:
     todo = prepared.todo
     try:
         with tqdm(total=len(todo), desc=request.mode, unit="img", disable=not progress, file=sys.stderr) as bar:
-            for rows in certify_indices(request, prepared.checkpoint, todo, prepared.dataset):
+            for rows in certify_positions(request, prepared.checkpoint, todo, prepared.dataset):
                 prepared.writer.add(rows)
                 bar.update(len(rows))
     finally:
@@ -200,40 +216,55 @@ def run_certification(request: CertifyRequest, progress: bool = True) -> Path:
     return request.out
 
 
+def spread(length: int, count: int) -> tuple[int, int]:
+    """(skip, max) that select `count` positions spread evenly over a split of `length` items (all of them
+    for 0, or a count that large)."""
+    if count <= 0 or count >= length:
+        return 1, -1
+    skip = length // count
+    return skip, skip * count
+
+
+def evaluation_metrics(frame: pd.DataFrame, objective: str, prefix: str) -> dict[str, float]:
+    """ACR, clean accuracy, certified accuracy at the usual radii and `objective` of evaluation rows, prefixed.
+
+    No abstention rate: rows whose selection was wrong were never estimated, so it would count too few."""
+    metrics = {k: v for k, v in certification_metrics(frame).items() if k != "abstain_rate"}
+    metrics[objective] = objective_value(frame, objective)
+    return {prefix + name: value for name, value in metrics.items()}
+
+
 @dataclass(frozen=True)
 class ProxyEvaluation:
-    """A sweep's cheap certification: CERTIFY with small n on a fixed, evenly spread subset of the test split.
+    """A sweep's cheap certification of the val split: CERTIFY's ACR (`Smooth.evaluate_batch`: images whose
+    selected class is already wrong get no estimation samples) with small n on `images` val images spread
+    evenly over the split.
 
-    Reports `acr`, `abstain_rate`, `clean_accuracy`, `certified_accuracy_R` and the sweep's objective, every
-    `every` epochs and at the last. The subset and the noise are the same for every trial and epoch, so
-    trials are compared on equal terms.
+    Runs after the epochs in `epochs` (1-based: ASHA's rungs) and after the last, and reports `val_acr`,
+    `val_clean_accuracy`, `val_certified_accuracy_R` and the objective as `val_OBJECTIVE`. The images and the
+    noise are the same for every trial and epoch, so trials are compared on equal terms.
     """
 
     dataset: str
     sigma: float
     settings: CertifySettings
-    subset: int
-    every: int
+    images: int
+    epochs: tuple[int, ...]
     objective: str = "acr"
     data_root: Path | None = None
     download: bool = False
 
     def due(self, epoch: int, epochs: int) -> bool:
-        return (epoch + 1) % self.every == 0 or epoch + 1 == epochs
-
-    def indices(self, length: int) -> list[int]:
-        return sorted({int(i) for i in np.linspace(0, length - 1, min(self.subset, length))})
+        return epoch + 1 in self.epochs or epoch + 1 == epochs
 
     @cached_property
-    def test_set(self) -> Dataset:
+    def val_set(self) -> Dataset:
         """Loaded at the first evaluation, kept for the trial's later ones."""
-        return get_dataset(self.dataset, "test", self.data_root, self.download)
+        return get_dataset(self.dataset, "val", self.data_root, self.download)
 
     def run(self, model: nn.Module) -> tuple[dict[str, float], pd.DataFrame]:
         smooth = self.settings.smoothed(model, dataset_spec(self.dataset).num_classes, self.sigma)
-        test = self.test_set
-        rows = [row for group in certify_rows(smooth, test, self.indices(len(test)), self.settings) for row in group]
-        frame = pd.DataFrame(rows)
-        metrics = certification_metrics(frame)
-        metrics[self.objective] = objective_value(frame, self.objective)
-        return metrics, frame
+        positions = select_positions(len(self.val_set), *spread(len(self.val_set), self.images))
+        frame = pd.DataFrame([row for group in certify_rows(smooth, self.val_set, positions, self.settings,
+                                                            "evaluate") for row in group])
+        return evaluation_metrics(frame, self.objective, "val_"), frame

@@ -60,7 +60,8 @@ def _add_data_options(parser: argparse.ArgumentParser, device: bool = True) -> N
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, mode: str) -> None:
-    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--checkpoint", required=True,
+                        help="a catrs checkpoint file, or a registered model: models:/NAME@ALIAS or models:/NAME/VERSION")
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--sigma", type=float, required=True, help="noise level (must match the checkpoint)")
     if mode == "certify":
@@ -70,7 +71,8 @@ def _add_sampling_options(parser: argparse.ArgumentParser, mode: str) -> None:
     parser.add_argument("--batch", type=int, default=1000, help="noisy samples per forward pass")
     parser.add_argument("--skip", type=int, default=1, help="certify every SKIP-th image")
     parser.add_argument("--max", type=int, default=-1, dest="max_index", help="stop before this index")
-    parser.add_argument("--split", default="test", choices=("train", "test"))
+    parser.add_argument("--split", default="test",
+                        help="test (default), val (the images held out of train), train or train_minus_val")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-image noise streams")
     parser.add_argument("--mixed-precision", action="store_true",
                         help="autocast the model (faster; trades the fp32 soundness argument; recorded)")
@@ -102,6 +104,8 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float)
     train.add_argument("--lr-step", type=int, dest="lr_step")
     train.add_argument("--seed", type=int)
+    train.add_argument("--hold-out-val", action="store_const", const="train_minus_val", dest="train_split",
+                       help="train on train minus the val split, keeping val unseen (as every sweep trial does)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="a method hyper-parameter, e.g. --set lbd=2.0 (repeatable)")
     train.add_argument("--out", type=Path, required=True, help="run directory (checkpoint, metrics)")
@@ -176,14 +180,15 @@ def _train_config(args: argparse.Namespace) -> Any:
     settings: dict[str, Any] = {}
     if args.config:
         settings = read_yaml_mapping(args.config, "config file")
-        if "search" in settings:  # a search space: train its first point
+        if "search" in settings:  # a search space: its first point, trained as the sweep trains its choice
             space = load_search_space(args.config)
-            settings = asdict(space.train_config(space.first_point()))
+            split = "train" if space.selection.refit else "train_minus_val"
+            settings = asdict(space.train_config(space.first_point(), train_split=split))
         known = {f.name for f in fields(TrainConfig)}
         unknown = sorted(set(settings) - known)
         if unknown:
             raise UserError(f"{args.config}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(known))}")
-    for name in ("method", "dataset", "arch", "sigma", "epochs", "batch_size", "lr", "lr_step", "seed"):
+    for name in ("method", "dataset", "arch", "sigma", "epochs", "batch_size", "lr", "lr_step", "seed", "train_split"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
     settings["method_config"] = {**settings.get("method_config", {}), **_parse_sets(args.set)}
@@ -245,7 +250,8 @@ def _run_sampling(args: argparse.Namespace) -> None:
         from catrs.data import corrupted_variant
 
         dataset = corrupted_variant(args.dataset)
-    request = CertifyRequest(checkpoint=args.checkpoint, dataset=dataset, sigma=args.sigma, out=args.out,
+    request = CertifyRequest(checkpoint=_checkpoint_file(args), dataset=dataset, sigma=args.sigma, out=args.out,
+                             checkpoint_source=args.checkpoint,
                              settings=settings, mode=args.command, split=args.split, skip=args.skip,
                              max_index=args.max_index, data_root=args.data_root, download=args.download,
                              output_format=args.format, device=args.device)
@@ -275,6 +281,18 @@ def _run_sampling(args: argparse.Namespace) -> None:
         print(format_report(build_report(out, DEFAULT_RADII)))
     print(f"results: {out}  (summary: catrs report {out})")
     print(ui_hint(tracker.uri))
+
+
+def _checkpoint_file(args: argparse.Namespace) -> Path:
+    """--checkpoint as a file: itself, or the checkpoint of a registered model (`models:/NAME@ALIAS`)."""
+    from catrs.model_registry import checkpoint_of, is_model_uri
+
+    if not is_model_uri(args.checkpoint):
+        return Path(args.checkpoint)
+    from catrs.teacher import default_cache_dir
+    from catrs.tracking import resolve_tracking_uri
+
+    return checkpoint_of(args.checkpoint, resolve_tracking_uri(args.tracking_uri), default_cache_dir())
 
 
 def _run_report(args: argparse.Namespace) -> None:

@@ -4,10 +4,14 @@
 
 A file names the method, data set, architecture and σ; the fixed training settings (`train`) and method
 hyper-parameters (`fixed`); the ranges to search (`search`: loguniform / uniform / int / choice); the points
-to evaluate first (`points_to_evaluate`, the paper's settings); the objective and its cheap certification
-proxy (`objective`); the final certification of the best trial (`final`); the budget (`budget`) and the
-resources of a trial (`resources`). Every mistake is a `UserError` naming the file and the key. The same
-file drives `catrs train --config FILE` through its first point.
+to evaluate first (`points_to_evaluate`, the paper's settings); the objective (`objective`: acr,
+certified_accuracy_R or auc_R) and how a sweep measures it — the cheap `proxy` certification of the val split
+at each of ASHA's rungs and at the last epoch, the `selection` of the winner among the trials trained to
+their end (the top-k re-certified on val; optionally re-trained on the whole training split), and the
+`final` certification of the winner, the only one on the test split; the `budget` and the `resources` of a
+trial. Every trial trains on `train_minus_val`, so nothing that chooses ever sees the test split. Every mistake
+is a `UserError` naming the file and the key, old keys included. The same file drives
+`catrs train --config FILE` through its first point.
 """
 
 from __future__ import annotations
@@ -21,13 +25,23 @@ from typing import Any
 import yaml
 
 import trainables
+from catrs.certify import CertifySettings
 from catrs.data import dataset_names
 from catrs.errors import UserError
 from catrs.models import model_names
 from catrs.train import TrainConfig
 
 TOP_LEVEL = {"name", "method", "dataset", "arch", "sigma", "seed", "train", "fixed", "search", "points_to_evaluate",
-             "objective", "final", "budget", "resources"}
+             "objective", "proxy", "selection", "final", "budget", "resources"}
+# Keys of earlier versions of the format, and what became of them.
+MOVED = {
+    "objective.proxy": "the proxy is the top-level section `proxy` now, and certifies the val split, not test",
+    "objective.metric": "give the metric alone, e.g. `objective: acr`",
+    "proxy.subset": "renamed `images`: how many val images each proxy certifies",
+    "proxy.every": "the proxy runs at ASHA's rungs (`budget.first_rung`) and at the last epoch",
+    "budget.grace_period": "replaced by `first_rung`, counted in epochs: ASHA compares trials at epochs "
+                           "first_rung·reduction_factor^k",
+}
 SEARCHABLE_TRAIN_KEYS = {"lr", "batch_size", "lr_step", "momentum", "weight_decay", "epochs"}
 FIXED_TRAIN_KEYS = SEARCHABLE_TRAIN_KEYS | {"lr_gamma"}
 DOMAIN_KINDS = ("loguniform", "uniform", "int", "choice")
@@ -52,25 +66,48 @@ class Domain:
 
 
 @dataclass(frozen=True)
-class Proxy:
-    """The cheap certification each trial reports: a fixed subset of the test split, small n."""
-
-    n0: int = 50
-    n: int = 500
-    alpha: float = 0.001
-    subset: int = 100
-    every: int = 1
-    batch: int = 1000
-
-
-@dataclass(frozen=True)
-class Final:
-    """The full certification of the best trial's checkpoint."""
+class Protocol:
+    """A sampling protocol of CERTIFY: n0 selection and n estimation samples, failure probability α, and
+    the noisy samples per forward pass."""
 
     n0: int = 100
     n: int = 100_000
     alpha: float = 0.001
     batch: int = 1000
+
+    def settings(self, seed: int, **extra: Any) -> CertifySettings:
+        """The protocol as certification settings, sampling from the sweep's `seed`."""
+        return CertifySettings(n0=self.n0, n=self.n, alpha=self.alpha, batch_size=self.batch, seed=seed, **extra)
+
+
+@dataclass(frozen=True)
+class Proxy(Protocol):
+    """The cheap certification each trial reports at ASHA's rungs and its last epoch: `images` val images
+    spread evenly over the split, small n; images whose selected class is wrong get no estimation samples."""
+
+    n0: int = 50
+    n: int = 500
+    images: int = 500
+
+
+@dataclass(frozen=True)
+class Selection(Protocol):
+    """How the winner is chosen among the trials trained to their end: the `top_k` by their last proxy are
+    certified on `images` val images (0: all) with this protocol (by default the final one), and the best
+    wins. `refit` trains the winning setting again on the whole training split before the test
+    certification. Off by default: then the model certified on test is the very model the selection
+    validated, and no second teacher or training run is spent; the files of the published settings turn it
+    on, so that their final model, like the published ones, has seen the whole training split."""
+
+    top_k: int = 3
+    images: int = 0
+    refit: bool = False
+
+
+@dataclass(frozen=True)
+class Final(Protocol):
+    """The certification of the winner on the test split: every `skip`-th image below `max`, in `shards`."""
+
     skip: int = 1
     max: int = -1
     shards: int = 1
@@ -81,8 +118,16 @@ class Budget:
     num_samples: int = 8
     max_concurrent: int = 1
     scheduler: str = "asha"  # or "none"
-    grace_period: int = 1
+    first_rung: int = 1  # epochs: ASHA compares trials at first_rung · reduction_factor^k, below the last epoch
     reduction_factor: int = 2
+
+    def rungs(self, epochs: int) -> list[int]:
+        """The epochs at which ASHA compares trials (none without a scheduler)."""
+        rungs: list[int] = []
+        if self.scheduler == "asha":
+            while (rung := self.first_rung * self.reduction_factor ** len(rungs)) < epochs:
+                rungs.append(rung)
+        return rungs
 
 
 @dataclass(frozen=True)
@@ -107,16 +152,27 @@ class SearchSpace:
     points_to_evaluate: list[dict[str, Any]]
     objective: str
     proxy: Proxy = field(default_factory=Proxy)
+    selection: Selection = field(default_factory=Selection)
     final: Final = field(default_factory=Final)
     budget: Budget = field(default_factory=Budget)
     resources: Resources = field(default_factory=Resources)
 
-    def train_config(self, point: dict[str, Any]) -> TrainConfig:
-        """The training run of one point of the space (sampled values over the fixed ones)."""
+    @property
+    def metric(self) -> str:
+        """What trials report and the sweep maximises: the objective on the val split (`val_acr`)."""
+        return f"val_{self.objective}"
+
+    @property
+    def epochs(self) -> int:
+        return self.train_config(self.first_point()).epochs
+
+    def train_config(self, point: dict[str, Any], train_split: str = "train_minus_val") -> TrainConfig:
+        """The training run of one point of the space (sampled values over the fixed ones). Trials keep the
+        val split unseen; the winner's refit (`train_split="train"`) trains on all of the training split."""
         train = {**self.train, **{k: v for k, v in point.items() if k in SEARCHABLE_TRAIN_KEYS}}
         hyper = {**self.fixed, **{k: v for k, v in point.items() if k not in SEARCHABLE_TRAIN_KEYS}}
         return TrainConfig(method=self.method, dataset=self.dataset, arch=self.arch, sigma=self.sigma,
-                           seed=self.seed, method_config=hyper, **train).resolved()
+                           seed=self.seed, method_config=hyper, train_split=train_split, **train).resolved()
 
     def first_point(self) -> dict[str, Any]:
         """The first point evaluated: the first of `points_to_evaluate`, else each range's middle or first choice."""
@@ -124,12 +180,13 @@ class SearchSpace:
             return dict(self.points_to_evaluate[0])
         return {key: _middle(domain) for key, domain in self.search.items()}
 
-    def soft_label_config(self, point: dict[str, Any]) -> TrainConfig:
+    def soft_label_config(self, point: dict[str, Any], train_split: str = "train_minus_val") -> TrainConfig:
         """The run whose soft labels `point` trains on: the first point's schedule with `point`'s σ0.
 
         Trials that share a σ0 thus share one teacher, whatever else (learning rate, batch size) they vary.
         """
-        return self.train_config({**self.first_point(), **{k: v for k, v in point.items() if k == TEACHER_KEY}})
+        teacher_point = {**self.first_point(), **{k: v for k, v in point.items() if k == TEACHER_KEY}}
+        return self.train_config(teacher_point, train_split)
 
     def teacher_points(self) -> list[dict[str, Any]]:
         """One point per σ0 a trial may ask for (each needs its own teacher)."""
@@ -230,6 +287,7 @@ def load_search_space(path: str | Path) -> SearchSpace:
     path = Path(path)
     raw = read_yaml_mapping(path, "search space")
     check = _Checker(path)
+    _check_moved(check, raw)
     check.only(raw, TOP_LEVEL, "")
     for required in ("method", "dataset", "sigma", "search", "objective"):
         if required not in raw:
@@ -241,16 +299,26 @@ def load_search_space(path: str | Path) -> SearchSpace:
     fixed = check.mapping(raw.get("fixed"), "fixed")
     _check_method_values(check, method, fixed, "fixed")
     search = _search(check, raw["search"], method, train, fixed)
-    metric, proxy = _objective(check, raw["objective"])
     space = SearchSpace(path=path, name=str(raw.get("name", path.stem)), method=method, dataset=raw["dataset"],
                         arch=raw.get("arch"), sigma=float(raw["sigma"]), seed=raw.get("seed", 0), train=train,
                         fixed=fixed, search=search, points_to_evaluate=_points(check, raw, search),
-                        objective=metric, proxy=proxy, **_run_sections(check, raw))
+                        objective=_objective(check, raw["objective"]), **_run_sections(check, raw))
     try:
-        space.train_config(space.first_point())
+        epochs = space.epochs
     except UserError as error:
         check.fail("train", str(error))
+    if space.budget.scheduler == "asha" and not space.budget.rungs(epochs):
+        check.fail("budget.first_rung", f"{space.budget.first_rung} is not below the last epoch ({epochs}): ASHA "
+                                        f"would never compare trials; lower it, or set scheduler: none")
     return space
+
+
+def _check_moved(check: _Checker, raw: dict[str, Any]) -> None:
+    """Keys of the format's earlier versions are named, with what became of them."""
+    for key, news in MOVED.items():
+        section, name = key.split(".")
+        if isinstance(raw.get(section), dict) and name in raw[section]:
+            check.fail(key, news)
 
 
 def _check_identity(check: _Checker, raw: dict[str, Any]) -> None:
@@ -306,37 +374,43 @@ def _points(check: _Checker, raw: dict[str, Any], search: dict[str, Domain]) -> 
     return points
 
 
-def _objective(check: _Checker, raw: Any) -> tuple[str, Proxy]:
-    """The metric to maximise and the proxy certification that measures it during the trials."""
-    objective = check.mapping(raw, "objective")
-    check.only(objective, {"metric", "proxy"}, "objective")
-    metric = objective.get("metric", "acr")
-    if not isinstance(metric, str) or not OBJECTIVE.match(metric):
-        check.fail("objective.metric", f"expected acr, certified_accuracy_R or auc_R (R a radius), got {metric!r}")
-    proxy = check.section(Proxy, objective.get("proxy"), "objective.proxy")
-    _check_positive(check, proxy, "objective.proxy", ("n0", "n", "subset", "every", "batch"))
-    if not 0 < proxy.alpha < 1:
-        check.fail("objective.proxy.alpha", f"must lie strictly between 0 and 1, got {proxy.alpha}")
-    return metric, proxy
+def _objective(check: _Checker, objective: Any) -> str:
+    """The metric to maximise on the val split."""
+    if not isinstance(objective, str) or not OBJECTIVE.match(objective):
+        check.fail("objective", f"expected acr, certified_accuracy_R or auc_R (R a radius), got {objective!r}")
+    return objective
 
 
 def _run_sections(check: _Checker, raw: dict[str, Any]) -> dict[str, Any]:
-    """`final`, `budget` and `resources`: how the sweep runs and ends."""
-    final = check.section(Final, raw.get("final"), "final")
+    """`proxy`, `selection`, `final`, `budget` and `resources`: how the sweep measures, chooses and runs."""
+    proxy = _protocol(check, Proxy, raw.get("proxy"), "proxy", ("images",))
+    final = _protocol(check, Final, raw.get("final"), "final", ("skip", "shards"))
+    # The selection certifies val with the final protocol unless it says otherwise.
+    inherited = {name: getattr(final, name) for name in ("n0", "n", "alpha", "batch")}
+    selection = _protocol(check, Selection, {**inherited, **check.mapping(raw.get("selection"), "selection")},
+                          "selection", ("top_k",))
+    if selection.images < 0:
+        check.fail("selection.images", f"must be 0 (all) or more, got {selection.images}")
     budget = check.section(Budget, raw.get("budget"), "budget")
     resources = check.section(Resources, raw.get("resources"), "resources")
-    _check_positive(check, final, "final", ("n0", "n", "batch", "skip", "shards"))
-    _check_positive(check, budget, "budget", ("num_samples", "max_concurrent", "grace_period"))
+    _check_positive(check, budget, "budget", ("num_samples", "max_concurrent", "first_rung"))
     _check_positive(check, resources, "resources", ("workers",))
-    if not 0 < final.alpha < 1:
-        check.fail("final.alpha", f"must lie strictly between 0 and 1, got {final.alpha}")
     if budget.scheduler not in ("asha", "none"):
         check.fail("budget.scheduler", f"expected asha or none, got {budget.scheduler!r}")
     if budget.reduction_factor < 2:
         check.fail("budget.reduction_factor", f"must be at least 2, got {budget.reduction_factor}")
     if resources.gpus_per_worker < 0 or resources.cpus_per_worker <= 0:
         check.fail("resources", "gpus_per_worker must be ≥ 0 and cpus_per_worker > 0")
-    return {"final": final, "budget": budget, "resources": resources}
+    return {"proxy": proxy, "selection": selection, "final": final, "budget": budget, "resources": resources}
+
+
+def _protocol(check: _Checker, cls: type, raw: Any, key: str, positive: tuple[str, ...]) -> Any:
+    """A section holding a sampling protocol, read and checked."""
+    section = check.section(cls, raw, key)
+    _check_positive(check, section, key, ("n0", "n", "batch") + positive)
+    if not 0 < section.alpha < 1:
+        check.fail(f"{key}.alpha", f"must lie strictly between 0 and 1, got {section.alpha}")
+    return section
 
 
 def _check_positive(check: _Checker, section: Any, key: str, names: tuple[str, ...]) -> None:

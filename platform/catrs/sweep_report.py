@@ -3,8 +3,8 @@
     catrs report --sweep PARENT_RUN_ID [--radius 0.5]        (`catrs tune` also writes it at the end)
     catrs report --sweep CAT-RS=ID1 --sweep Consistency=ID2 --radius 2.0 --plot frontiers.png
 
-Per trial (its last proxy certification): clean accuracy (certified accuracy at r = 0) against certified
-accuracy at r, with the Pareto-optimal trials marked (no other trial is at least as good on both and better on
+Per trial (its last proxy certification of the val split): clean accuracy (certified accuracy at r = 0)
+against certified accuracy at r, with the Pareto-optimal trials marked (no other trial is at least as good on both and better on
 one); the objective against each searched hyper-parameter; and the hyper-parameters' importances for the
 objective, by Optuna's fANOVA evaluator over the finished trials. Plots go to the parent run
 (`sweep_report/`), the table to the terminal.
@@ -109,8 +109,8 @@ def sweep_report(tracker: Tracker, parent_run_id: str, radius: float = 0.5, labe
     except Exception:
         raise UserError(f"no MLflow run {parent_run_id} at {tracker.uri}") from None
     name = label or parent.data.tags.get("catrs.sweep") or parent.info.run_name or parent_run_id
-    objective = parent.data.tags.get("catrs.objective", "acr")
-    certified = f"certified_accuracy_{radius:g}"
+    objective = "val_" + parent.data.tags.get("catrs.objective", "acr")  # what the trials reported, on val
+    certified = f"val_certified_accuracy_{radius:g}"
     rows = []
     for child in tracker.children(parent_run_id):
         metrics = child.data.metrics
@@ -118,7 +118,7 @@ def sweep_report(tracker: Tracker, parent_run_id: str, radius: float = 0.5, labe
             continue
         rows.append({"trial": child.data.tags.get("catrs.trial_id", child.info.run_id),
                      **{f"param:{k}": v for k, v in child.data.params.items()},
-                     "clean": metrics.get("certified_accuracy_0", metrics.get("clean_accuracy")),
+                     "clean": metrics.get("val_certified_accuracy_0", metrics.get("val_clean_accuracy")),
                      "certified": metrics[certified], objective: metrics[objective]})
     if not rows:
         raise UserError(f"run {parent_run_id} has no trials with {objective} and {certified} "

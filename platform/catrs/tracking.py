@@ -142,6 +142,9 @@ class Tracker:
     def log_artifact(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
         self._deliver({"op": "artifact", "run_id": run_id, "path": str(path), "folder": folder})
 
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        self._deliver({"op": "tags", "run_id": run_id, "tags": {k: str(v) for k, v in tags.items()}})
+
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self._deliver({"op": "end", "run_id": run_id, "status": status})
 
@@ -157,7 +160,7 @@ class Tracker:
                   f"{self._journal()} and nothing else was lost", file=sys.stderr)
 
     def _apply(self, record: dict[str, Any]) -> None:
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric, Param, RunTag
 
         run_id, op = record["run_id"], record["op"]
         if op == "params":
@@ -170,6 +173,8 @@ class Tracker:
                                                    for k, v in record["metrics"].items()])
         elif op == "artifact":
             self.client.log_artifact(run_id, record["path"], record["folder"])
+        elif op == "tags":
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
         else:
             self.client.set_terminated(run_id, record["status"])
 

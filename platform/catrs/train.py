@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import trainables
 from catrs.checkpoint import Checkpoint, ModelCard, load_checkpoint, save_checkpoint
-from catrs.data import dataset_spec, get_dataset
+from catrs.data import TRAINING_SPLITS, dataset_spec, get_dataset
 from catrs.errors import UserError
 from catrs.faults import inject
 from catrs.inference import pick_device
@@ -66,6 +66,12 @@ class TrainConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     method_config: dict[str, Any] = field(default_factory=dict)
+    train_split: str = "train"  # or "train_minus_val": keep the `val` split unseen (every sweep trial does)
+
+    @property
+    def evaluation_split(self) -> str:
+        """Where the run's per-epoch noisy accuracy is measured: `val` when it is held out, else `test`."""
+        return "val" if self.train_split == "train_minus_val" else "test"
 
     def resolved(self) -> TrainConfig:
         """Validated, with the default architecture filled in and the method's config complete."""
@@ -77,6 +83,8 @@ class TrainConfig:
             (self.lr > 0, f"--lr must be positive, got {self.lr}"),
             (self.lr_step >= 1, f"--lr-step must be at least 1, got {self.lr_step}"),
             (self.seed >= 0, f"--seed must be non-negative, got {self.seed}"),
+            (self.train_split in TRAINING_SPLITS,
+             f"train_split must be one of {', '.join(TRAINING_SPLITS)}, got {self.train_split!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -137,7 +145,8 @@ class TrainingRun:
         if state is None:
             raise UserError(f"{where} holds no training state (a final export?); choose another --out")
         recorded, wanted = state["config"], asdict(self.config)
-        differing = [k for k, v in wanted.items() if k != "epochs" and recorded.get(k) != v]
+        defaults = asdict(TrainConfig())  # a setting added since the checkpoint was written has its default there
+        differing = [k for k, v in wanted.items() if k != "epochs" and recorded.get(k, defaults[k]) != v]
         if differing:
             details = ", ".join(f"{k}: {recorded.get(k)!r} vs {wanted[k]!r}" for k in differing)
             raise UserError(f"{where} holds a run with other settings ({details}); use another --out to start anew")
@@ -304,8 +313,8 @@ def fit(config: TrainConfig, session: Session, device: torch.device, *, data_roo
     Reports every epoch, or with an `evaluation` only at its epochs (with its metrics added), so that a
     scheduler comparing trials sees the same metrics at every report.
     """
-    train_set = get_dataset(config.dataset, "train", data_root, download)
-    test_set = get_dataset(config.dataset, "test", data_root, download)
+    train_set = get_dataset(config.dataset, config.train_split, data_root, download)
+    evaluation_set = get_dataset(config.dataset, config.evaluation_split, data_root, download)
     run = TrainingRun.create(config, device)
     if (checkpoint := session.latest()) is not None:
         run.restore(checkpoint, "the run's latest checkpoint")
@@ -320,8 +329,8 @@ def fit(config: TrainConfig, session: Session, device: torch.device, *, data_roo
         due = evaluation is None or evaluation.due(epoch, config.epochs)
         rows = None
         if session.rank == 0:  # only rank 0's report is kept: the others skip the evaluations
-            metrics["test_noisy_accuracy"] = noisy_accuracy(run.model, test_set, config.sigma, device,
-                                                            seed=config.seed)
+            metrics[f"{config.evaluation_split}_noisy_accuracy"] = noisy_accuracy(
+                run.model, evaluation_set, config.sigma, device, seed=config.seed)
             if evaluation is not None and due:
                 extra, rows = evaluation.run(run.model)
                 metrics.update(extra)
@@ -342,6 +351,8 @@ def soft_label_spec(config: TrainConfig) -> SoftLabelSpec:
     teacher = getattr(hyper, "teacher_checkpoint", "")
     schedule = {k: getattr(config, k) for k in ("epochs", "batch_size", "lr", "lr_step", "lr_gamma", "momentum",
                                                 "weight_decay")}
+    if config.train_split != "train":  # the teacher keeps `val` unseen too; other runs keep their cache keys
+        schedule["train_split"] = config.train_split
     return SoftLabelSpec(dataset=config.dataset, arch=config.arch or dataset_spec(config.dataset).default_arch,
                          sigma0=hyper.sigma0, num_noises=hyper.teacher_noises, seed=config.seed,
                          teacher_training={} if teacher else schedule,

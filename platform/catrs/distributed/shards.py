@@ -2,9 +2,9 @@
 
     catrs certify --checkpoint CKPT --dataset cifar10 --sigma 0.5 --out cert.parquet --shards 16
 
-The selected indices are split into K contiguous shards, fixed by the selection and K alone. Each shard is a
-task (a GPU each when the cluster has GPUs, a CPU otherwise) that runs the single-process certification core
-(`catrs.certify.certify_indices`) and returns its rows; the driver writes each finished shard to its own
+The selected positions are split into K contiguous shards, fixed by the selection and K alone. Each shard is
+a task (a GPU each when the cluster has GPUs, a CPU otherwise) that runs the single-process certification core
+(`catrs.certify.certify_positions`) and returns its rows; the driver writes each finished shard to its own
 Parquet file in `OUT.shards/` at once, so a killed run loses only the shards in flight, and a re-run skips
 every shard already on disk. Once all are done they are merged into OUT — the same table as an unsplit run,
 row for row, because each image's noise is keyed by its index — and the shard files are removed. Tasks that
@@ -22,7 +22,7 @@ import ray
 import torch
 from tqdm import tqdm
 
-from catrs.certify import CertifyRequest, certify_indices, prepare_certification
+from catrs.certify import CertifyRequest, certify_positions, prepare_certification
 from catrs.distributed.runtime import cluster_has_gpus, connect
 from catrs.errors import JobFailed, UserError
 from catrs.faults import inject
@@ -54,11 +54,11 @@ def _resources() -> dict[str, Any]:
 
 
 @ray.remote(max_retries=MAX_RETRIES, retry_exceptions=RETRIED)
-def _certify_shard(request: CertifyRequest, checkpoint, shard: int, indices: list[int], counter
+def _certify_shard(request: CertifyRequest, checkpoint, shard: int, positions: list[int], counter
                    ) -> list[dict[str, Any]]:
     inject("certify.shard", shard)
     rows: list[dict[str, Any]] = []
-    for group in certify_indices(request, checkpoint, indices):
+    for group in certify_positions(request, checkpoint, positions):
         rows.extend(group)
         counter.add.remote(len(group))
     return rows
@@ -122,8 +122,7 @@ def certify_sharded(request: CertifyRequest, shards: int, progress: bool = True)
     extra = tuple(c for c in prepared.writer.columns if c in CORRUPTION_COLUMNS)
     writers = {i: _shard_writer(shard_dir / f"shard-{i:05d}-of-{len(plan):05d}.parquet", prepared.provenance, extra)
                for i in range(len(plan))}
-    finished = prepared.writer.done
-    missing = {i: [j for j in part if j not in finished and j not in writers[i].done] for i, part in enumerate(plan)}
+    missing = {i: prepared.unfinished(part, prepared.writer.done, writers[i].done) for i, part in enumerate(plan)}
     missing = {i: part for i, part in missing.items() if part}
 
     checkpoint = ray.put(prepared.checkpoint)

@@ -1,18 +1,26 @@
 """Sweeps: `catrs tune search_spaces/NAME.yaml` — Ray Tune + Optuna (TPE) + ASHA, for the best certified radius.
 
-Per trial: the training loop (`catrs.train.fit`; with Ray Train when the file asks for several workers),
-reporting at the proxy's epochs the cheap certification of `ProxyEvaluation` (ACR, certified accuracy, the
-objective), so that ASHA can stop trials that fall behind at equal budgets. CAT-RS's soft labels are
-computed before the first trial, one teacher per σ0 the space allows, and every trial reads them from the
-cache. After the last trial, the best trial's checkpoint is certified with the file's final protocol
-(sharded) and a summary table is printed. Everything is logged from this driver to MLflow: a parent run for
-the sweep, a child per trial (params, metrics per report, and — picked up from the trial's checkpoint in
-the run storage — the proxy results, their curve and the resolved config).
+Per trial: the training loop (`catrs.train.fit`; with Ray Train when the file asks for several workers) on
+`train_minus_val`, reporting at ASHA's rungs and at the last epoch the cheap certification of the val split
+(`ProxyEvaluation`: `val_acr`, certified accuracy, the objective as `val_OBJECTIVE`), so that ASHA can stop
+trials that fall behind at equal budgets. CAT-RS's soft labels are computed before the first trial, one
+teacher per σ0 the space allows (trained on `train_minus_val` too), and handed to the trials through Ray's
+object store. After the last trial the winner is chosen on val (`catrs.distributed.selection`: the top-k
+trials trained to their end, certified on val with the selection protocol), and only then is the test split
+read: the winner (re-trained on the whole training split if the file asks) is certified on it with the final
+protocol, and registered in MLflow's Model Registry as the sweep's `champion`. The driver and every trial
+seal the test split until then (`catrs.data.sealed`), so nothing that chooses can read it.
 
-Early-stopped trials and Optuna: Tune tells the searcher a stopped trial's last result as its final one.
-catrs keeps that on purpose: ASHA stopped the trial because its proxy at that rung ranked in the bottom of
-its peers at the same budget, and a partial (lower) objective is exactly the signal that steers TPE away from
-that region. The alternative, hiding stopped trials from TPE, would throw away most of what a sweep learns.
+Everything is logged from this driver to MLflow: a parent run for the sweep, a child per trial (params,
+metrics per report, and — picked up from the trial's checkpoint in the run storage — the proxy rows, their
+curve and the resolved config); `final_val_…` on the shortlisted children, `test_…` on the parent and the
+winning child.
+
+Early-stopped trials and Optuna: a trial that ASHA stopped is told to Optuna as PRUNED, with its proxy at
+each rung as intermediate values, never as a complete trial: its partial figure is not what its setting
+would reach once trained out. Optuna's TPE ranks pruned trials below every complete one and, among
+themselves, by the last rung they reached — the signal that steers it away from the region, without
+comparing a rung-1 figure with trained-out ones.
 
 `--resume` continues a killed sweep (unfinished trials from their last checkpoint, then the rest of the
 samples), re-using its MLflow parent and child runs instead of creating new ones.
@@ -34,23 +42,26 @@ import pandas as pd
 import ray
 import ray.train
 import ray.tune
+import torch
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from catrs.certify import CertifyRequest, CertifySettings, ProxyEvaluation, run_certification
+from catrs.certify import ProxyEvaluation
 from catrs.checkpoint import Checkpoint
-from catrs.data import corrupted_variant
+from catrs.data import corrupted_variant, get_dataset, sealed
+from catrs.distributed import selection
 from catrs.distributed.runtime import connect
-from catrs.distributed.shards import certify_sharded, sharded_votes
+from catrs.distributed.shards import sharded_votes
 from catrs.distributed.train import from_ray_checkpoint, scaling, worker_loop, worker_settings
 from catrs.errors import JobFailed, UserError
 from catrs.inference import pick_device
 from catrs.metrics import DEFAULT_RADII
+from catrs.model_registry import register_checkpoint
 from catrs.report import build_report, format_report
 from catrs.results import read_results
-from catrs.search_space import Domain, Final, Proxy, SearchSpace
+from catrs.search_space import Domain, SearchSpace
 from catrs.sweep_report import SweepReport, format_sweep_report, log_sweep_report, sweep_report
 from catrs.tracking import Tracker, flatten, plot_certified_accuracy, run_tags
 from catrs.train import (CHECKPOINT_NAME, EVALUATION_NAME, METRICS_NAME, SingleWorkerSession, TrainingRun, fit,
@@ -71,21 +82,15 @@ def tune_domain(domain: Domain) -> Any:
     return ray.tune.choice(list(domain.values))
 
 
-def certify_settings(protocol: Proxy | Final, seed: int, **extra: Any) -> CertifySettings:
-    """The sampling protocol of a space's proxy or final certification."""
-    return CertifySettings(n0=protocol.n0, n=protocol.n, alpha=protocol.alpha, batch_size=protocol.batch, seed=seed,
-                           **extra)
+SEALED = ("test",)  # what no trial, and the driver until its choice, may read
 
 
 def proxy_of(space: SearchSpace, data_root: Path | None, download: bool) -> ProxyEvaluation:
+    """The trials' certification of val, at ASHA's rungs and the last epoch."""
     proxy = space.proxy
-    return ProxyEvaluation(space.dataset, space.sigma, certify_settings(proxy, space.seed), proxy.subset,
-                           proxy.every, space.objective, data_root, download)
-
-
-def reports_per_trial(space: SearchSpace, epochs: int) -> int:
-    proxy = proxy_of(space, None, False)
-    return sum(proxy.due(epoch, epochs) for epoch in range(epochs))
+    return ProxyEvaluation(space.dataset, space.sigma, proxy.settings(space.seed, inference="channels_last"),
+                           proxy.images, tuple(space.budget.rungs(space.epochs)), space.objective, data_root,
+                           download)
 
 
 class TuneSession(SingleWorkerSession):
@@ -114,11 +119,13 @@ def sweep_trial(params: dict[str, Any], space: SearchSpace, soft_label_tables: d
     evaluation = proxy_of(space, data_root, download)
     resources = space.resources
     if resources.workers == 1:
-        fit(config, TuneSession(), pick_device(None), data_root=data_root, download=download,
-            soft_labels=None if table is None else ray.get(table), evaluation=evaluation)
+        with sealed(*SEALED):
+            fit(config, TuneSession(), pick_device(None), data_root=data_root, download=download,
+                soft_labels=None if table is None else ray.get(table), evaluation=evaluation)
         return
     trial_id = ray.tune.get_context().get_trial_id()
-    TorchTrainer(worker_loop, train_loop_config=worker_settings(config, table, data_root, download, evaluation),
+    settings = worker_settings(config, table, data_root, download, evaluation, sealed=SEALED)
+    TorchTrainer(worker_loop, train_loop_config=settings,
                  scaling_config=scaling(resources.workers, resources.gpus_per_worker, resources.cpus_per_worker),
                  run_config=ray.train.RunConfig(name=f"train-{trial_id}", storage_path=storage_path,
                                                 callbacks=[TuneReportCallback()],
@@ -218,25 +225,41 @@ class MlflowSweepCallback(ray.tune.Callback):
                 self.tracker.log_artifact(run_id, folder / "checkpoint" / METRICS_NAME)
 
 
+class PrunedAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna a trial ASHA stopped before its last epoch as PRUNED (see the module
+    docstring), keeping its rung figures as intermediate values; trials trained out are COMPLETE."""
+
+    def __init__(self, epochs: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.epochs = epochs
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        stopped = result is not None and not error and result.get("epoch", self.epochs) < self.epochs
+        super().on_trial_complete(trial_id, None if stopped else result, error)
+
+
 @dataclass
 class SweepOutcome:
     path: Path
     parent_run_id: str
-    trials: pd.DataFrame
+    trials: pd.DataFrame  # a row per trial: searched values, epochs, status, last proxy, selection, test figures
     best_config: dict[str, Any]
-    final_results: Path
+    best_trial: str
+    best_checkpoint: Path
+    final_results: Path  # the winner's certification on test
     trade_off: SweepReport | None = None
+    model_version: str | None = None
 
 
-def _parent_run(tracker: Tracker, space: SearchSpace, sweep_dir: Path, resume: bool) -> str:
+def _parent_run(tracker: Tracker, space: SearchSpace, sweep_dir: Path, resume: bool, num_samples: int) -> str:
     marker = sweep_dir / PARENT_FILE
     if resume and marker.exists():
         return marker.read_text().strip()
     run_id = tracker.start(space.name, run_tags("sweep", space.method, space.dataset, space.sigma,
                                                 sweep=space.name, objective=space.objective))
     tracker.log_params(run_id, {"search_space": str(space.path), "objective": space.objective,
-                                "num_samples": space.budget.num_samples, **flatten(space.train, "train."),
-                                **flatten(space.fixed, "fixed.")})
+                                "num_samples": num_samples, **flatten(space.train, "train."),
+                                **flatten(space.fixed, "fixed."), **flatten(asdict(space.selection), "selection.")})
     tracker.log_artifact(run_id, space.path)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(run_id)
@@ -244,17 +267,16 @@ def _parent_run(tracker: Tracker, space: SearchSpace, sweep_dir: Path, resume: b
 
 
 def _tuner(space: SearchSpace, storage: str, trainable, num_samples: int, callback) -> ray.tune.Tuner:
-    epochs = space.train_config(space.first_point()).epochs
-    budget = space.budget
+    epochs, budget = space.epochs, space.budget
     sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=max(1, min(10, num_samples // 2)))
-    search = OptunaSearch(sampler=sampler, points_to_evaluate=space.points_to_evaluate or None)
-    scheduler = (ASHAScheduler(max_t=max(1, reports_per_trial(space, epochs)), grace_period=budget.grace_period,
+    search = PrunedAwareOptunaSearch(epochs, sampler=sampler, points_to_evaluate=space.points_to_evaluate or None)
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=budget.first_rung,
                                reduction_factor=budget.reduction_factor)
                  if budget.scheduler == "asha" else FIFOScheduler())
     return ray.tune.Tuner(
         trainable,
         param_space={key: tune_domain(domain) for key, domain in space.search.items()},
-        tune_config=ray.tune.TuneConfig(metric=space.objective, mode="max", search_alg=search, scheduler=scheduler,
+        tune_config=ray.tune.TuneConfig(metric=space.metric, mode="max", search_alg=search, scheduler=scheduler,
                                         num_samples=num_samples, max_concurrent_trials=budget.max_concurrent),
         run_config=ray.tune.RunConfig(name=space.name, storage_path=storage, callbacks=[callback],
                                       failure_config=ray.tune.FailureConfig(max_failures=1), verbose=0))
@@ -272,26 +294,46 @@ def _trainable(space: SearchSpace, soft_label_tables: dict[str, Any], data_root:
                                  download=download, storage_path=storage_path), request)
 
 
+def _trial_id(result: ray.tune.Result) -> str:
+    return (result.metrics or {}).get("trial_id", Path(result.path).name)
+
+
+def _status(result: ray.tune.Result, epochs: int) -> str:
+    if result.error:
+        return "error"
+    reached = (result.metrics or {}).get("epoch", 0)
+    return "done" if reached >= epochs else f"stopped at epoch {reached}"
+
+
 def trials_table(results: ray.tune.ResultGrid, space: SearchSpace) -> pd.DataFrame:
-    rows = []
+    """A row per trial: its searched values, how far it trained, and its last proxy figure."""
+    rows = [{"trial": _trial_id(result), **{k: result.config.get(k) for k in space.search},
+             "epochs": (result.metrics or {}).get("epoch"), "status": _status(result, space.epochs),
+             space.metric: (result.metrics or {}).get(space.metric, math.nan)} for result in results]
+    return pd.DataFrame(rows).sort_values(space.metric, ascending=False, na_position="last")
+
+
+def candidates(results: ray.tune.ResultGrid, space: SearchSpace) -> list[selection.Candidate]:
+    """The trials trained to their last epoch, with a checkpoint and a proxy figure."""
+    found = []
     for result in results:
-        metrics = result.metrics or {}
-        rows.append({"trial": metrics.get("trial_id", Path(result.path).name),
-                     **{k: result.config.get(k) for k in space.search},
-                     "epochs": metrics.get("epoch"), space.objective: metrics.get(space.objective, math.nan),
-                     "status": "error" if result.error else "done"})
-    return pd.DataFrame(rows).sort_values(space.objective, ascending=False, na_position="last")
+        checkpoint = trial_checkpoint(result)
+        if _status(result, space.epochs) == "done" and checkpoint is not None:
+            found.append(selection.Candidate(_trial_id(result), {k: result.config[k] for k in space.search},
+                                             float(result.metrics.get(space.metric, math.nan)), checkpoint))
+    return found
 
 
 def run_sweep(space: SearchSpace, *, num_samples: int | None = None, tracking_uri: str | None = None,
               resume: bool = False, storage_path: str | None = None, local_dir: Path = Path("runs") / "sweeps",
               cache_dir: Path | None = None, data_root: Path | None = None, download: bool = False,
               progress: bool = True) -> SweepOutcome:
-    """Runs (or with `resume`, finishes) the sweep of `space`; certifies its best trial; logs all to MLflow.
+    """Runs (or with `resume`, finishes) the sweep of `space`; chooses on val, certifies the choice on test,
+    registers it; logs all to MLflow.
 
     Tune's experiment (trial checkpoints) lives in `storage_path` (a directory or a cloud URI; default
-    `local_dir`); the sweep's own files (MLflow parent id, best checkpoint, final results) in
-    `local_dir/NAME` on the driver.
+    `local_dir`); the sweep's own files (MLflow parent id, the candidates' validation rows, the winner's
+    checkpoint and test results) in `local_dir/NAME` on the driver.
     """
     num_samples = space.budget.num_samples if num_samples is None else num_samples
     if num_samples < 1:
@@ -305,48 +347,92 @@ def run_sweep(space: SearchSpace, *, num_samples: int | None = None, tracking_ur
         raise UserError(f"sweep {space.name!r} already exists in {sweep_dir.parent}: pass --resume to finish it, or "
                         f"change its name: in {space.path}")
     tracker = Tracker(tracking_uri, spool=sweep_dir / "mlflow-pending")  # unreachable: fails before any work
-    parent = _parent_run(tracker, space, sweep_dir, resume)
+    parent = _parent_run(tracker, space, sweep_dir, resume, num_samples)
     connect()
-    tables = {}
-    for point in space.teacher_points():  # one teacher per σ0, before the trials that share it
-        config = space.soft_label_config(point)
-        table = soft_labels_for(config, cache_dir, data_root=data_root, download=download, progress=progress,
-                                vote=sharded_votes)
-        if table is not None:
-            tables[soft_label_spec(config).key()] = ray.put(table)
-
-    trainable = _trainable(space, tables, data_root, download, f"{experiment}-train")
     callback = MlflowSweepCallback(tracker.uri, parent, space, sweep_dir / "mlflow-pending")
-    if resume:
-        tuner = ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = _tuner(space, storage, trainable, num_samples, callback)
-    results = tuner.fit()
-    table = trials_table(results, space)
-    try:
-        best = results.get_best_result(metric=space.objective, mode="max", filter_nan_and_inf=True)
-    except RuntimeError:
-        tracker.end(parent, "FAILED")
-        raise JobFailed(f"no trial of {space.name} reported {space.objective}; see the trial logs in {sweep_dir}") from None
-
-    final = _certify_best(space, best, sweep_dir, data_root, download, progress)
-    final_metrics = tracker.log_results(parent, read_results(final), final, prefix="final_")
-    tracker.log_metrics(parent, {"best_" + space.objective: best.metrics.get(space.objective, math.nan)})
-    tracker.log_params(parent, {f"best.{k}": v for k, v in best.config.items()})
-    best_child = callback.tracker.find({"catrs.trial_id": best.metrics.get("trial_id", ""),
-                                        "mlflow.parentRunId": parent}) if best.metrics.get("trial_id") else None
-    if best_child:
-        tracker.log_metrics(best_child, {"final_" + k: v for k, v in final_metrics.items()})
+    with sealed(*SEALED):
+        results = _run_trials(space, experiment, storage, num_samples, callback, resume, cache_dir, data_root,
+                              download, progress)
+        table = trials_table(results, space)
+        shortlisted = selection.shortlist(candidates(results, space), space.selection.top_k)
+        if not shortlisted:
+            tracker.end(parent, "FAILED")
+            raise JobFailed(f"no trial of {space.name} was trained to its last epoch; see the trial logs in "
+                            f"{experiment}")
+        for candidate in shortlisted:
+            selection.validate(candidate, space, sweep_dir, data_root, download, progress)
+            _log_to_child(callback, parent, candidate.trial_id, candidate.val_metrics)
+        winner = selection.choose(shortlisted, space.objective)
+    # The choice is made: from here on the test split may be read, once.
+    best = _winner_checkpoint(space, winner, sweep_dir, cache_dir, data_root, download)
+    final = selection.certify_on_test(space, best, sweep_dir / "final.parquet", data_root, download, progress)
+    test_metrics = tracker.log_results(parent, read_results(final), final, prefix=selection.TEST_PREFIX)
+    _log_to_child(callback, parent, winner.trial_id, {selection.TEST_PREFIX + k: v for k, v in test_metrics.items()})
+    tracker.log_metrics(parent, winner.val_metrics)
+    tracker.log_params(parent, {f"best.{k}": v for k, v in winner.point.items()})
+    tracker.set_tags(parent, {"best_trial": winner.trial_id, "best_checkpoint": str(best)})
+    table = _with_selection(table, shortlisted, winner, space, test_metrics)
     with tempfile.TemporaryDirectory() as folder:
         summary = Path(folder) / "trials.csv"
         table.to_csv(summary, index=False)
         tracker.log_artifact(parent, summary)
+    val = get_dataset(space.dataset, "val", data_root, download)
+    example = torch.stack([val[0][1], val[1][1]])  # two images: a batch of one would fix the exported batch size
+    version = register_checkpoint(tracker, parent, space.name, best, example)
     _close_orphans(tracker, parent, {str(t) for t in table["trial"]})
     report = _trade_off_report(tracker, parent, space)
     tracker.end(parent, "FINISHED")
     tracker.close()
     callback.tracker.close()
-    return SweepOutcome(sweep_dir, parent, table, dict(best.config), final, report)
+    return SweepOutcome(sweep_dir, parent, table, dict(winner.point), winner.trial_id, best, final, report, version)
+
+
+def _run_trials(space: SearchSpace, experiment: str, storage: str, num_samples: int, callback, resume: bool,
+                cache_dir: Path | None, data_root: Path | None, download: bool, progress: bool
+                ) -> ray.tune.ResultGrid:
+    """Every trial of the sweep, after the soft labels they share (one teacher per σ0)."""
+    tables = {}
+    for point in space.teacher_points():
+        config = space.soft_label_config(point)
+        table = soft_labels_for(config, cache_dir, data_root=data_root, download=download, progress=progress,
+                                vote=sharded_votes)
+        if table is not None:
+            tables[soft_label_spec(config).key()] = ray.put(table)
+    trainable = _trainable(space, tables, data_root, download, f"{experiment}-train")
+    if resume:
+        tuner = ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = _tuner(space, storage, trainable, num_samples, callback)
+    return tuner.fit()
+
+
+def _log_to_child(callback: MlflowSweepCallback, parent: str, trial_id: str, metrics: dict[str, float]) -> None:
+    child = callback.tracker.find({"catrs.trial_id": trial_id, "mlflow.parentRunId": parent})
+    if child:
+        callback.tracker.log_metrics(child, metrics)
+
+
+def _winner_checkpoint(space: SearchSpace, winner: selection.Candidate, sweep_dir: Path, cache_dir: Path | None,
+                       data_root: Path | None, download: bool) -> Path:
+    """The checkpoint the sweep certifies on test: the winning trial's, or its setting re-trained on all of the
+    training split (`selection.refit`); kept in `SWEEP/best/`."""
+    best_dir = sweep_dir / BEST_DIR
+    if space.selection.refit:
+        return selection.refit(space, winner.point, best_dir, cache_dir, data_root, download)
+    winner.checkpoint.to_directory(str(best_dir))
+    return best_dir / CHECKPOINT_NAME
+
+
+def _with_selection(table: pd.DataFrame, shortlisted: list[selection.Candidate], winner: selection.Candidate,
+                    space: SearchSpace, test_metrics: dict[str, float]) -> pd.DataFrame:
+    """The trials table with the shortlist's validation figure, the winner marked and its test figure."""
+    val_column = selection.VAL_PREFIX + space.objective
+    figures = {c.trial_id: c.val(space.objective) for c in shortlisted}
+    table = table.assign(**{val_column: table["trial"].map(figures),
+                            "chosen": (table["trial"] == winner.trial_id).map({True: "*", False: ""})})
+    table[selection.TEST_PREFIX + space.objective] = table["trial"].map(
+        {winner.trial_id: test_metrics.get(space.objective, math.nan)})
+    return table.sort_values([val_column, space.metric], ascending=False, na_position="last")
 
 
 def _trade_off_report(tracker: Tracker, parent: str, space: SearchSpace) -> SweepReport | None:
@@ -372,29 +458,17 @@ def _close_orphans(tracker: Tracker, parent: str, trial_ids: set[str]) -> None:
             tracker.end(child.info.run_id, status)
 
 
-def _certify_best(space: SearchSpace, best: Any, sweep_dir: Path, data_root: Path | None, download: bool,
-                  progress: bool) -> Path:
-    """The best trial's checkpoint, copied beside the sweep, certified with the file's final protocol."""
-    checkpoint = trial_checkpoint(best)
-    if checkpoint is None:
-        raise JobFailed(f"the best trial of {space.name} left no checkpoint in {best.path}")
-    best_dir = sweep_dir / BEST_DIR
-    checkpoint.to_directory(str(best_dir))
-    final = space.final
-    settings = certify_settings(final, space.seed, inference="channels_last")
-    request = CertifyRequest(checkpoint=best_dir / CHECKPOINT_NAME, dataset=space.dataset, sigma=space.sigma,
-                             out=sweep_dir / "final.parquet", settings=settings, skip=final.skip,
-                             max_index=final.max, data_root=data_root, download=download)
-    if final.shards > 1:
-        return certify_sharded(request, final.shards, progress=progress)
-    return run_certification(request, progress=progress)
-
-
 def format_outcome(outcome: SweepOutcome, space: SearchSpace, tracking_uri: str | None = None,
                    data_root: Path | None = None) -> str:
-    lines = [f"sweep {space.name}: {len(outcome.trials)} trials, objective {space.objective} (proxy)",
-             outcome.trials.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
-             f"\nbest: {outcome.best_config}",
+    """The summary a sweep prints: every trial with its last proxy on val, the shortlist's validation figure,
+    the winner (*) and its figure on test, the winner's test report, the trade-off report, the next commands."""
+    refit = " (re-trained on the whole training split)" if space.selection.refit else ""
+    model = f", registered as {space.name}@champion (version {outcome.model_version})" if outcome.model_version else ""
+    lines = [f"sweep {space.name}: {len(outcome.trials)} trials; chosen on val by {selection.VAL_PREFIX}"
+             f"{space.objective} among the top {space.selection.top_k} by the proxy ({space.metric}); test read "
+             f"once, for the choice",
+             outcome.trials.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep=""),
+             f"\nchosen: trial {outcome.best_trial} {outcome.best_config}{refit}{model}",
              format_report(build_report(outcome.final_results, DEFAULT_RADII), linf=False)]
     if outcome.trade_off is not None:
         lines.append(format_sweep_report(outcome.trade_off))
@@ -420,7 +494,7 @@ def next_commands(outcome: SweepOutcome, space: SearchSpace, tracking_uri: str |
     skip = 10 if space.dataset == "digits" else 100
     shards = f" --shards {final.shards}" if final.shards > 1 else ""
     root = f" --data-root {shlex.quote(str(data_root))}" if data_root else ""
-    lines.insert(2, f"  Table 3:      catrs certify --checkpoint {outcome.path / BEST_DIR / CHECKPOINT_NAME} "
+    lines.insert(2, f"  Table 3:      catrs certify --checkpoint {outcome.best_checkpoint} "
                     f"--dataset {space.dataset} --sigma {space.sigma} --corruptions --skip {skip} --n0 {final.n0} "
                     f"--n {final.n} --alpha {final.alpha} --batch {final.batch}{shards}{root}{store} "
                     f"--out {outcome.path / 'corruptions.parquet'}")

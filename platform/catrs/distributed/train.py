@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from catrs.checkpoint import Checkpoint, load_checkpoint
+from catrs.data import sealed
 from catrs.distributed.runtime import connect
 from catrs.distributed.shards import sharded_votes
 from catrs.errors import JobFailed, UserError
@@ -81,20 +82,21 @@ class RayTrainSession:
 
 
 def worker_settings(config: TrainConfig, soft_labels: ray.ObjectRef | None, data_root: Path | None, download: bool,
-                    evaluation: Evaluation | None = None) -> dict[str, Any]:
+                    evaluation: Evaluation | None = None, sealed: tuple[str, ...] = ()) -> dict[str, Any]:
     """`worker_loop`'s argument: the run, and its soft labels as a reference into the object store (each worker
-    fetches them there, so no node needs a shared file system)."""
+    fetches them there, so no node needs a shared file system); `sealed`: splits the workers must not read."""
     return {"config": asdict(config), "soft_labels": soft_labels,
             "data_root": None if data_root is None else str(data_root), "download": download,
-            "evaluation": evaluation}
+            "evaluation": evaluation, "sealed": sealed}
 
 
 def worker_loop(settings: dict[str, Any]) -> None:
     """What each Ray Train worker runs: `fit` with a `RayTrainSession`."""
     config = TrainConfig(**settings["config"])
     table = ray.get(settings["soft_labels"]) if settings["soft_labels"] is not None else None
-    fit(config, RayTrainSession(), ray.train.torch.get_device(), data_root=settings["data_root"],
-        download=settings["download"], soft_labels=table, evaluation=settings["evaluation"])
+    with sealed(*settings["sealed"]):
+        fit(config, RayTrainSession(), ray.train.torch.get_device(), data_root=settings["data_root"],
+            download=settings["download"], soft_labels=table, evaluation=settings["evaluation"])
 
 
 def scaling(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> ray.train.ScalingConfig:

@@ -1,0 +1,121 @@
+"""The end of a sweep: the choice on the val split, then its one look at the test split.
+
+Candidates are the trials trained to their last epoch; trials that ASHA stopped are not, since their
+checkpoints are partly trained models, not what their settings produce. The `selection.top_k` candidates
+with the best last proxy are certified on val with the selection protocol (by default the file's final one,
+in `evaluate` mode: CERTIFY's exact ACR, with no estimation samples spent on images whose selected class is
+wrong), and the best of them wins: the proxy only shortlists, the validation protocol decides. The winning
+setting is then, if `selection.refit`, trained again on the whole training split, and — the test split
+unsealed only now — certified on test with the final protocol.
+
+    catrs tune search_spaces/demo_digits.yaml      (the sweep driver calls these after its trials)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+
+from catrs.certify import CertifyRequest, evaluation_metrics, run_certification, spread
+from catrs.data import get_dataset
+from catrs.distributed.shards import certify_sharded
+from catrs.distributed.train import train_distributed
+from catrs.errors import JobFailed
+from catrs.results import read_results
+from catrs.search_space import SearchSpace
+from catrs.train import CHECKPOINT_NAME, TrainConfig, train
+
+VAL_PREFIX = "final_val_"  # the selection's figures on val, apart from the proxy's `val_…` per epoch
+TEST_PREFIX = "test_"
+
+
+@dataclass
+class Candidate:
+    """A trial trained to its last epoch, and what the selection measured of it."""
+
+    trial_id: str
+    point: dict[str, Any]  # its searched values
+    proxy: float  # the objective of its last proxy (`val_OBJECTIVE`)
+    checkpoint: Any  # the Ray checkpoint of its last epoch
+    val_metrics: dict[str, float] = field(default_factory=dict)  # `final_val_…`, once certified
+
+    def val(self, objective: str) -> float:
+        return self.val_metrics.get(VAL_PREFIX + objective, math.nan)
+
+
+def shortlist(candidates: list[Candidate], top_k: int) -> list[Candidate]:
+    """The `top_k` candidates by their last proxy (ties keep the trials' order)."""
+    ranked = sorted(candidates, key=lambda c: -c.proxy if math.isfinite(c.proxy) else math.inf)
+    return ranked[:top_k]
+
+
+def choose(shortlisted: list[Candidate], objective: str) -> Candidate:
+    """The candidate with the best validation figure; among equals, the better proxy."""
+    return max(shortlisted, key=lambda c: (c.val(objective), c.proxy))
+
+
+def certify(request: CertifyRequest, shards: int, progress: bool) -> Path:
+    """The request in `shards` Ray tasks, or in this process for one."""
+    if shards > 1:
+        return certify_sharded(request, shards, progress=progress)
+    return run_certification(request, progress=progress)
+
+
+def validate(candidate: Candidate, space: SearchSpace, folder: Path, data_root: Path | None, download: bool,
+             progress: bool) -> None:
+    """Certifies the candidate on val with the selection protocol; its figures go to `candidate.val_metrics`."""
+    local = folder / "trials" / candidate.trial_id
+    candidate.checkpoint.to_directory(str(local))
+    selection = space.selection
+    skip, max_index = spread(len(get_dataset(space.dataset, "val", data_root, download)), selection.images)
+    request = CertifyRequest(checkpoint=local / CHECKPOINT_NAME, dataset=space.dataset, sigma=space.sigma,
+                             out=folder / "selection" / f"{candidate.trial_id}.parquet",
+                             settings=selection.settings(space.seed, inference="channels_last"), mode="evaluate",
+                             split="val", skip=skip, max_index=max_index, data_root=data_root, download=download)
+    request.out.parent.mkdir(parents=True, exist_ok=True)
+    frame = read_results(certify(request, space.final.shards, progress))
+    candidate.val_metrics = evaluation_metrics(frame, space.objective, VAL_PREFIX)
+
+
+@ray.remote(max_retries=1)
+def _train_task(config: TrainConfig, out: Path, cache_dir: Path | None, data_root: Path | None,
+                download: bool) -> Path:
+    return train(config, out, cache_dir=cache_dir, data_root=data_root, download=download, progress=False)
+
+
+def refit(space: SearchSpace, point: dict[str, Any], out: Path, cache_dir: Path | None, data_root: Path | None,
+          download: bool) -> Path:
+    """The winning setting trained again on the whole training split, where the trials trained; its checkpoint."""
+    config = space.train_config(point, train_split="train")
+    resources = space.resources
+    if resources.workers > 1:
+        return train_distributed(config, out, workers=resources.workers, gpus_per_worker=resources.gpus_per_worker,
+                                 cpus_per_worker=resources.cpus_per_worker, cache_dir=cache_dir,
+                                 data_root=data_root, download=download)
+    task = _train_task.options(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker)
+    try:
+        return ray.get(task.remote(config, out, cache_dir, data_root, download))
+    except ray.exceptions.RayError as error:
+        raise JobFailed(f"re-training the winner of {space.name} on the whole training split failed: "
+                        f"{str(error).splitlines()[0][:300]}") from None
+
+
+def certify_on_test(space: SearchSpace, checkpoint: Path, out: Path, data_root: Path | None, download: bool,
+                    progress: bool) -> Path:
+    """The winner on the test split with the file's final protocol: the sweep's one look at it."""
+    final = space.final
+    request = CertifyRequest(checkpoint=checkpoint, dataset=space.dataset, sigma=space.sigma, out=out,
+                             settings=final.settings(space.seed, inference="channels_last"), skip=final.skip,
+                             max_index=final.max, data_root=data_root, download=download)
+    return certify(request, final.shards, progress)
+
+
+def selection_table(candidates: list[Candidate], objective: str) -> pd.DataFrame:
+    """trial, proxy and validation figure of the shortlisted candidates."""
+    return pd.DataFrame([{"trial": c.trial_id, "proxy": c.proxy, VAL_PREFIX + objective: c.val(objective)}
+                         for c in candidates])
