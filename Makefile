@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean postgresql
 
 $(STAMP): pyproject.toml constraints/test.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,15 @@ $(STAMP): pyproject.toml constraints/test.txt
 demo: $(STAMP)
 	$(BIN)/catrs demo
 
-test: $(STAMP)
+test: $(STAMP) postgresql
 	$(BIN)/python -m pytest -q
+
+# The tracking-server tests run a real PostgreSQL on loopback (tests/helpers.py starts and stops it): Debian's
+# package, installed here if the machine lacks it (as root, or through sudo). No service is started.
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { \
+	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; }
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/certify_throughput.py

@@ -1,16 +1,20 @@
-"""Images per second of sharded certification (Ray tasks) against single-process certification.
+"""Images per second of certification as a queue of chunks on Ray workers, against a single process.
 
-    .venv/bin/python benchmarks/certify_scaling.py [--images 360] [--n 2000]
+    .venv/bin/python benchmarks/certify_scaling.py [--images 360] [--n 2000] [--chunk-size C]
 
 A digits_cnn (random weights: speed does not depend on them) certifies the embedded digits test split.
-On a CPU machine: single-process certification limited to one thread, then `--shards K` with 1 and 2 Ray
-tasks (one CPU, so one thread, each); on a GPU machine: one GPU, then all of them. Same images, same noise,
-so the outputs are identical (checked); the ratio is the speed-up of sharding. Ray's start-up is excluded;
-each task's own start (worker process, model transfer, data loading) is included, as a user would pay it.
+On a CPU machine: single-process certification limited to one thread, then `--workers 1` and `--workers 2`
+(one CPU, so one thread, each), then `--workers 2` with one worker slowed 3× by fault injection (a
+straggler: `catrs.faults.straggle`), whose makespan is compared with the ideal one — all images at the
+combined speed of one full-speed and one third-speed worker, as measured by `--workers 1`. On a GPU machine
+the same with one GPU per worker (1, then all of them). Same images, same noise, so every output is the
+same table (checked). Ray's start-up is excluded; each worker's own start (process, model transfer, data
+loading) is included, as a user would pay it.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -19,11 +23,14 @@ import pandas as pd
 import ray
 import torch
 
-from catrs.certify import CertifyRequest, CertifySettings, run_certification
+from catrs.certify import CertifyRequest, CertifySettings, inputs_per_pass, run_certification
 from catrs.checkpoint import ModelCard, save_checkpoint
-from catrs.distributed.shards import certify_sharded
+from catrs.distributed.chunks import certify_distributed, plan_chunks
 from catrs.results import read_results
 from harness import device_and_models, parse_arguments  # benchmarks/harness.py
+
+SLOWDOWN = 3.0
+SINGLE = "single process (1 thread)"
 
 
 def digits_checkpoint(folder: Path) -> Path:
@@ -33,33 +40,57 @@ def digits_checkpoint(folder: Path) -> Path:
 
 
 def main() -> None:
-    args = parse_arguments(__doc__, {"--images": dict(type=int, default=360), "--n": dict(type=int, default=2000)})
+    args = parse_arguments(__doc__, {"--images": dict(type=int, default=360), "--n": dict(type=int, default=2000),
+                                     "--chunk-size": dict(type=int, default=None)})
     device, _ = device_and_models(args)
-    gpus = torch.cuda.device_count()
-    ray.init(num_cpus=2 if device.type == "cpu" else None, log_to_driver=False)
+    counts = [1, 2] if device.type == "cpu" else sorted({1, torch.cuda.device_count()})
+    faults = Path(tempfile.mkdtemp(prefix="catrs-faults-"))
+    os.environ["CATRS_FAULTS_DIR"] = str(faults)  # before Ray starts, so its workers see it
+    ray.init(num_cpus=max(counts) if device.type == "cpu" else None, log_to_driver=False)
     settings = CertifySettings(n0=100, n=args.n, batch_size=1000, inference="eager")
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         checkpoint = digits_checkpoint(folder)
+
+        def request(out: Path, images: int = args.images) -> CertifyRequest:
+            return CertifyRequest(checkpoint, "digits", 0.5, out, settings, max_index=images)
+
         torch.set_num_threads(1)
-        runs = {"single process (1 thread)": lambda out: run_certification(
-            CertifyRequest(checkpoint, "digits", 0.5, out, settings, max_index=args.images), progress=False)}
-        for workers in ([1, 2] if device.type == "cpu" else sorted({1, gpus})):
-            runs[f"--shards {workers}"] = lambda out, k=workers: certify_sharded(
-                CertifyRequest(checkpoint, "digits", 0.5, out, settings, max_index=args.images), k, progress=False)
-        rates, frames = {}, {}
+        run_certification(request(folder / "warm-up.parquet", 20), progress=False)  # this process's one-time costs
+        runs = {SINGLE: lambda out: run_certification(request(out), progress=False)}
+        for workers in counts:
+            runs[f"--workers {workers}"] = lambda out, k=workers: certify_distributed(
+                request(out), k, args.chunk_size, progress=False)
+        straggler = f"--workers {max(counts)}, one {SLOWDOWN:g}× slower"
+
+        def slowed(out: Path) -> None:
+            (faults / "armed").write_text(f"slow certify.chunk {SLOWDOWN}\n")
+            certify_distributed(request(out), max(counts), args.chunk_size, progress=False)
+
+        runs[straggler] = slowed
+        seconds, frames = {}, {}
         for label, run in runs.items():
-            out = folder / f"{len(rates)}.parquet"
+            out = folder / f"{len(seconds)}.parquet"
             began = time.perf_counter()
             run(out)
-            rates[label] = args.images / (time.perf_counter() - began)
+            seconds[label] = time.perf_counter() - began
             frames[label] = read_results(out)[["idx", "predict", "radius"]]
-    base = rates["single process (1 thread)"]
-    print(f"\ndigits_cnn, {args.images} images, n0=100, n={args.n}, batch 1000")
-    print(f"  {'':28}{'images/s':>10}{'÷ single':>10}")
-    for label, rate in rates.items():
-        pd.testing.assert_frame_equal(frames[label], frames["single process (1 thread)"])
-        print(f"  {label:28}{rate:>10.2f}{rate / base:>10.2f}")
+    workers = max(counts)  # the straggler run's
+    speeds = workers - 1 + 1 / SLOWDOWN  # the workers' speeds summed, in units of one full-speed worker's
+    ideal = {"busy": seconds[f"--workers {workers}"] * workers / speeds, "alone": seconds["--workers 1"] / speeds}
+    chunk = len(plan_chunks(list(range(args.images)), workers, inputs_per_pass(settings, "certify"),
+                            args.chunk_size)[0])
+    print(f"\ndigits_cnn, {args.images} images, n0=100, n={args.n}, batch 1000, chunks of {chunk} images "
+          f"with {workers} workers")
+    print(f"  {'':36}{'images/s':>10}{'÷ single':>10}")
+    for label, took in seconds.items():
+        pd.testing.assert_frame_equal(frames[label], frames[SINGLE])
+        rate = args.images / took
+        print(f"  {label:36}{rate:>10.2f}{rate / (args.images / seconds[SINGLE]):>10.2f}")
+    print(f"  straggler makespan {seconds[straggler]:.1f} s; the ideal (all images at the speed of {workers - 1} full "
+          f"and one 1/{SLOWDOWN:g}-speed worker), with a worker as fast as beside another / alone: "
+          f"{ideal['busy']:.1f} / {ideal['alone']:.1f} s; makespan ÷ ideal: "
+          f"{seconds[straggler] / ideal['busy']:.2f} / {seconds[straggler] / ideal['alone']:.2f}")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ SMALL = {  # generated data, two epochs, three trials: the benchmark's whole pat
     "objective": "acr",
     "proxy": {"n0": 8, "n": 32, "images": 32, "batch": 512},
     "selection": {"top_k": 2, "images": 64},
-    "final": {"n0": 8, "n": 64, "batch": 512, "shards": 1},
+    "final": {"n0": 8, "n": 64, "batch": 512, "workers": 1},
     "budget": {"num_samples": 3, "max_concurrent": 2, "scheduler": "asha", "first_rung": 1},
 }
 
@@ -103,7 +103,7 @@ def test_acr(space: SearchSpace, checkpoint: Path, out: Path, n: int) -> float:
     settings = replace(space.final.settings(space.seed, inference="channels_last"), n=n)
     request = CertifyRequest(checkpoint=checkpoint, dataset=space.dataset, sigma=space.sigma, out=out,
                              settings=settings, skip=space.final.skip, max_index=space.final.max)
-    return average_certified_radius(read_results(certify(request, space.final.shards, progress=False)))
+    return average_certified_radius(read_results(certify(request, space.final.workers, progress=False)))
 
 
 def one_seed(space: SearchSpace, folder: Path, test_n: int) -> dict:

@@ -44,6 +44,26 @@ class Faults:
     def fired(self) -> list[str]:
         return sorted(p.name for p in self.folder.glob("fired-*"))
 
+    def hold(self, point: str, detail: object) -> None:
+        """The next process reaching `point` with `detail` waits there until `release()`."""
+        with open(self.folder / "armed", "a") as stream:
+            stream.write(f"hold {point} {detail}\n")
+
+    def held_on(self, point: str, detail: object, seconds: float = 180) -> str:
+        """Waits until a process is held at `point`; returns the name of its node ($CATRS_FAULTS_NODE)."""
+        import time
+
+        marker = self.folder / f"held-{point}-{str(detail).replace(':', '-')}"
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if marker.exists() and marker.read_text():
+                return marker.read_text()
+            time.sleep(0.1)
+        raise TimeoutError(f"no process reached {point} {detail} in {seconds:.0f} s")
+
+    def release(self) -> None:
+        (self.folder / "release").touch()
+
 
 @pytest.fixture
 def faults(_isolated_stores):
@@ -53,13 +73,77 @@ def faults(_isolated_stores):
         path.unlink()
 
 
+class ObjectStore:
+    """moto's standalone S3 server on loopback, with one bucket; `uri` names a place in it."""
+
+    BUCKET = "catrs-test"
+
+    def __init__(self, endpoint: str) -> None:
+        import boto3
+
+        self.endpoint = endpoint
+        self.client = boto3.client("s3", endpoint_url=endpoint)
+        self.client.create_bucket(Bucket=self.BUCKET)
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.BUCKET}/{key}"
+
+    def keys(self, prefix: str) -> list[str]:
+        """The objects under `prefix` (without pyarrow's empty directory markers)."""
+        listing = self.client.list_objects_v2(Bucket=self.BUCKET, Prefix=prefix).get("Contents", [])
+        return sorted(item["Key"] for item in listing if not item["Key"].endswith("/"))
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(_isolated_stores):
-    """The one local Ray instance of the test session (2 CPUs, dashboard on: see notes on leaked groups)."""
+def object_store(tmp_path_factory):
+    """An S3-compatible server for the session. Its endpoint and dummy credentials go into the environment
+    before Ray starts (`ray_cluster` depends on this), so every worker reaches the same store."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    settings = {"AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint,
+                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    yield ObjectStore(endpoint)
+    server.terminate()
+    server.wait()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def start_local_ray():
+    """The session's local Ray instance: 2 CPUs, dashboard on (see the notes on leaked placement groups)."""
     import ray
 
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
     ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(_isolated_stores, object_store):
+    """The one local Ray instance of the test session (a module with a cluster of its own restarts it)."""
+    ray = start_local_ray()
     yield ray
     ray.shutdown()
 

@@ -1,4 +1,5 @@
-"""`cluster.yaml` validates against the schema that ships with Ray, and keeps MLflow off the network."""
+"""`cluster.yaml` validates against the schema that ships with Ray, keeps MLflow off the network and its records
+in durable stores, and agrees with the README's walkthrough."""
 
 from __future__ import annotations
 
@@ -46,3 +47,45 @@ def test_no_credentials_anywhere_in_the_repository():
         if path.suffix in {".py", ".yaml", ".yml", ".md", ".toml", ".txt", ""} and path.is_file():
             text = path.read_text(errors="ignore")
             assert not any(p.search(text) for p in patterns), f"{name} looks like it holds a credential"
+
+
+def _readme_walkthrough() -> str:
+    readme = (CLUSTER.parent / "README.md").read_text()
+    section = readme[readme.index("### On a cloud GPU cluster"):]
+    return section[section.index("```bash") + len("```bash"):section.index("```", section.index("```bash") + 3)]
+
+
+def test_the_readme_cluster_walkthrough_matches_cluster_yaml():
+    import re
+
+    from catrs.search_space import load_search_space
+
+    config = yaml.safe_load(CLUSTER.read_text())
+    steps = [line.split("#")[0].strip() for line in _readme_walkthrough().splitlines()]
+    steps = [step for step in steps if step]
+    order = [next(i for i, s in enumerate(steps) if s.startswith(prefix)) for prefix in
+             ("aws ssm put-parameter", "ray up cluster.yaml", "ray attach cluster.yaml", "catrs tune", "ray down")]
+    assert order == sorted(order), "the walkthrough's steps are out of order"
+    assert any(s.startswith("ray up cluster.yaml") for s in steps[order[-1]:]), "no second cluster after ray down"
+
+    head = " ".join(config["head_start_ray_commands"])
+    port = re.search(r"mlflow server .*--port (\d+)", head).group(1)
+    assert {re.search(r"-p (\d+)", s).group(1) for s in steps if s.startswith("ray attach")} == {port}
+
+    tune = next(s for s in steps if s.startswith("catrs tune"))
+    bucket = re.search(r"--storage-path s3://([^/\s]+)/", tune).group(1)
+    assert f"--artifacts-destination s3://{bucket}/" in head  # MLflow's artifacts in the run storage's bucket
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        assert f"CATRS_CACHE=s3://{bucket}/" in " ".join(commands)  # every node's cache in the object store
+
+    # The durable store: PostgreSQL from SSM (never the file), in the cluster's region; no SQLite on the head.
+    parameter = re.search(r"--name (\S+)", next(s for s in steps if s.startswith("aws ssm"))).group(1)
+    assert f'Name="{parameter}"' in head and f'region_name="{config["provider"]["region"]}"' in head
+    assert "sqlite" not in CLUSTER.read_text().lower() and "--backend-store-uri" not in head
+    assert all("USER:PASSWORD@HOST" in uri for uri in re.findall(r"postgresql://\S+", CLUSTER.read_text()))
+
+    mounted = tune.split()[2].replace(next(iter(config["file_mounts"])), ".")  # /home/ray/catrs → the repository
+    assert load_search_space(CLUSTER.parent / mounted).dataset == "cifar10"
+    assert "[cluster]" in " ".join(config["setup_commands"])  # psycopg and boto3 for PostgreSQL and S3
+    ray_pin = re.search(r'ray\[default\]==([\d.]+)\.\*', _readme_walkthrough()).group(1)
+    assert ray.__version__.startswith(ray_pin)

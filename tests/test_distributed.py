@@ -1,4 +1,5 @@
-"""Ray Train DDP training, sharded certification and sharded soft-label votes, on the session's Ray instance."""
+"""Ray Train DDP training, certification and soft-label votes as a queue of chunks, on the session's Ray
+instance."""
 
 from __future__ import annotations
 
@@ -34,39 +35,68 @@ def test_ddp_training_with_two_cpu_workers_reports_the_same_schema_and_a_loadabl
     assert a.card == b.card
 
 
-def test_sharded_certification_equals_unsharded_row_for_row_and_resumes(ray_cluster, digits_checkpoint, tmp_path):
-    from catrs.distributed.shards import certify_sharded
+def test_chunked_certification_equals_a_single_process_run_row_for_row_and_resumes(ray_cluster, digits_checkpoint,
+                                                                                     tmp_path):
+    from catrs.distributed.chunks import certify_distributed
 
     whole = run_certification(CertifyRequest(digits_checkpoint, "digits", 0.5, tmp_path / "whole.parquet",
                                              SETTINGS, max_index=30), progress=False)
-    request = CertifyRequest(digits_checkpoint, "digits", 0.5, tmp_path / "sharded.parquet", SETTINGS, max_index=30)
-    certify_sharded(request, 3, progress=False)
+    request = CertifyRequest(digits_checkpoint, "digits", 0.5, tmp_path / "chunked.parquet", SETTINGS, max_index=30)
+    certify_distributed(request, 2, chunk_size=4, progress=False)
     expected = read_results(whole)[RESEARCH]
     pd.testing.assert_frame_equal(read_results(request.out)[RESEARCH], expected)
-    assert not (tmp_path / "sharded.parquet.shards").exists()  # merged and cleaned up
+    assert not (tmp_path / "chunked.parquet.chunks").exists()  # merged and cleaned up
 
-    # An interrupted run: one shard finished on disk, one torn mid-write, nothing merged yet. The re-run
-    # keeps the finished shard, recomputes the torn one and the rest.
+    # An interrupted run: one chunk finished, one torn mid-write, nothing merged yet. The re-run keeps the
+    # finished chunk's rows, does the torn one's images again, and the rest — in chunks of another size.
     partial = CertifyRequest(digits_checkpoint, "digits", 0.5, tmp_path / "resumed.parquet", SETTINGS, max_index=30)
-    shard_dir = tmp_path / "resumed.parquet.shards"
-    shard_dir.mkdir()
-    finished = shard_dir / "shard-00000-of-00003.parquet"  # indices 0-9: the first of three shards of 30
+    chunks = tmp_path / "resumed.parquet.chunks"
+    chunks.mkdir()
+    finished = chunks / "chunk-000000000-000000009.parquet"
     pd.read_parquet(request.out).iloc[:10].assign(radius=99.0).to_parquet(finished, index=False)
-    torn = shard_dir / "shard-00001-of-00003.parquet"
+    torn = chunks / "chunk-000000010-000000019.parquet"
     pd.read_parquet(request.out).iloc[10:20].to_parquet(torn, index=False)
     torn.write_bytes(torn.read_bytes()[:300])
-    certify_sharded(partial, 3, progress=False)
+    certify_distributed(partial, 2, chunk_size=3, progress=False)
     resumed = read_results(partial.out)
-    assert (resumed["radius"].iloc[:10] == 99.0).all()  # taken from the finished shard, not recomputed
+    assert (resumed["radius"].iloc[:10] == 99.0).all()  # taken from the finished chunk, not recomputed
     pd.testing.assert_frame_equal(resumed[RESEARCH].iloc[10:].reset_index(drop=True),
                                   expected.iloc[10:].reset_index(drop=True))
 
 
-def test_sharded_votes_equal_single_process_votes(ray_cluster, digits_checkpoint):
-    from catrs.distributed.shards import sharded_votes
+def test_certification_into_an_object_store_writes_chunks_there_and_merges_them(ray_cluster, object_store,
+                                                                                digits_checkpoint, tmp_path):
+    from catrs.distributed.chunks import certify_distributed
+
+    whole = run_certification(CertifyRequest(digits_checkpoint, "digits", 0.5, tmp_path / "whole.parquet",
+                                             SETTINGS, max_index=20), progress=False)
+    out = object_store.uri("certify/cert.parquet")
+    certify_distributed(CertifyRequest(digits_checkpoint, "digits", 0.5, out, SETTINGS, max_index=20), 2,
+                        chunk_size=5, progress=False)
+    assert object_store.keys("certify/") == ["certify/cert.parquet"]  # the chunks are merged and gone
+    pd.testing.assert_frame_equal(read_results(out)[RESEARCH], read_results(whole)[RESEARCH])
+    # The single-process path writes there too, and resumes from what the object holds.
+    single = object_store.uri("certify/single.parquet")
+    run_certification(CertifyRequest(digits_checkpoint, "digits", 0.5, single, SETTINGS, max_index=10), progress=False)
+    run_certification(CertifyRequest(digits_checkpoint, "digits", 0.5, single, SETTINGS, max_index=20), progress=False)
+    pd.testing.assert_frame_equal(read_results(single)[RESEARCH], read_results(whole)[RESEARCH])
+
+
+def test_the_planner_cuts_several_chunks_per_worker_and_never_less_than_one_pass():
+    from catrs.distributed.chunks import CHUNKS_PER_WORKER, plan_chunks
+
+    items = list(range(1000))
+    chunks = plan_chunks(items, workers=4, smallest=10)
+    assert sum(chunks, []) == items and len(chunks) == 4 * CHUNKS_PER_WORKER
+    assert [len(c) for c in plan_chunks(items[:50], workers=4, smallest=10)] == [10] * 5
+    assert [len(c) for c in plan_chunks(items[:7], workers=4, size=3)] == [3, 3, 1]
+
+
+def test_distributed_votes_equal_single_process_votes(ray_cluster, digits_checkpoint):
+    from catrs.distributed.chunks import distributed_votes
 
     job = VoteJob(load_checkpoint(digits_checkpoint), "digits", 0.25, 50, seed=1, indices=tuple(range(25)))
-    assert torch.equal(sharded_votes(job, shards=3, progress=False), count_votes(job))
+    assert torch.equal(distributed_votes(job, workers=2, progress=False), count_votes(job))
     assert len(get_dataset("digits", "train")) == 1437
 
 
@@ -84,16 +114,36 @@ def test_a_worker_killed_mid_run_restarts_from_the_checkpoint_and_ends_like_an_u
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
 
 
-def test_a_shard_task_that_dies_is_retried_and_the_merge_is_unchanged(ray_cluster, faults, digits_checkpoint,
-                                                                      tmp_path):
-    from catrs.distributed.shards import certify_sharded
+def test_a_chunk_whose_worker_dies_is_retried_and_the_merge_is_unchanged(ray_cluster, faults, digits_checkpoint,
+                                                                         tmp_path):
+    from catrs.distributed.chunks import certify_distributed
 
     clean = CertifyRequest(digits_checkpoint, "digits", 0.5, tmp_path / "clean.parquet", SETTINGS, max_index=24)
-    certify_sharded(clean, 3, progress=False)
-    faults.arm("certify.shard", 1)
+    certify_distributed(clean, 2, chunk_size=6, progress=False)
+    faults.arm("certify.chunk", 6)  # the worker process running the chunk that starts at position 6 dies
     faulty = CertifyRequest(digits_checkpoint, "digits", 0.5, tmp_path / "faulty.parquet", SETTINGS, max_index=24)
-    certify_sharded(faulty, 3, progress=False)
-    assert faults.fired() == ["fired-certify.shard-1"]
+    certify_distributed(faulty, 2, chunk_size=6, progress=False)
+    assert faults.fired() == ["fired-certify.chunk-6"]
     merged = read_results(faulty.out)
     assert merged["idx"].tolist() == list(range(24))
     pd.testing.assert_frame_equal(merged[RESEARCH], read_results(clean.out)[RESEARCH])
+
+
+def test_the_cli_certifies_into_an_object_store_and_logs_the_table_to_mlflow(ray_cluster, object_store, run_cli,
+                                                                            digits_checkpoint, tmp_path,
+                                                                            monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    out = object_store.uri("cli/cert.parquet")
+    code, stdout, err = run_cli("certify", "--checkpoint", digits_checkpoint, "--dataset", "digits", "--sigma", "0.5",
+                                "--n0", "20", "--n", "200", "--max", "16", "--inference", "eager", "--workers", "2",
+                                "--out", out)
+    assert code == 0, err
+    assert f"results: {out}" in stdout and object_store.keys("cli/") == ["cli/cert.parquet"]
+    client = MlflowClient()
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                               "attributes.run_name = 'cert.parquet'", order_by=["attributes.start_time DESC"],
+                               max_results=1)
+    logged = client.download_artifacts(run.info.run_id, "results/cert.parquet", str(tmp_path))
+    pd.testing.assert_frame_equal(read_results(logged), read_results(out))

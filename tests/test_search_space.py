@@ -134,6 +134,7 @@ OLD_KEYS = [
     ("proxy", {"n": 64, "subset": 16}, "proxy.subset: renamed `images`"),
     ("proxy", {"n": 64, "every": 2}, "proxy.every: the proxy runs at ASHA's rungs"),
     ("budget", {"scheduler": "asha", "grace_period": 2}, "budget.grace_period: replaced by `first_rung`"),
+    ("final", {"n": 100, "shards": 2}, "final.shards: renamed `workers`"),
 ]
 
 

@@ -1,5 +1,5 @@
 """A small CAT-RS sweep end to end: Tune + Optuna + ASHA, the proxy on val, the choice on val, the one test
-certification (sharded), the registered champion, and the MLflow store it leaves (checked with MlflowClient)."""
+certification (a queue of chunks), the registered champion, and the MLflow store it leaves (checked with MlflowClient)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ SPACE = {
     "objective": "acr",
     "proxy": {"n0": 16, "n": 64, "images": 16, "batch": 512},
     "selection": {"top_k": 2, "images": 32},
-    "final": {"n0": 16, "n": 100, "batch": 500, "max": 40, "shards": 2},
+    "final": {"n0": 16, "n": 100, "batch": 500, "max": 40, "workers": 2},
     "budget": {"num_samples": 3, "max_concurrent": 2, "scheduler": "asha", "first_rung": 1},
     "resources": {"workers": 1, "cpus_per_worker": 1},
 }

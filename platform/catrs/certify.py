@@ -3,10 +3,10 @@
     catrs certify --checkpoint runs/digits/checkpoint.pt --dataset digits --sigma 0.5 --out cert.parquet
 
 `certify_rows` is the pure core (model + images in, rows out) that a single process runs here and that the
-Ray shards run per range of positions; `run_certification` adds the checkpoint checks, the result file with
-its provenance and resume, and the progress bar. Images are chosen by position in the split (`--skip`,
-`--max`) and rows keyed by dataset index (`catrs.data`): the two agree except on `val`, whose rows name the
-training images they are.
+Ray workers run per chunk of positions (`catrs.distributed.chunks`); `run_certification` adds the checkpoint
+checks, the result file (a path or an object-store URI) with its provenance and resume, and the progress
+bar. Images are chosen by position in the split (`--skip`, `--max`) and rows keyed by dataset index
+(`catrs.data`): the two agree except on `val`, whose rows name the training images they are.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from catrs.inference import INFERENCE_MODES, pick_device
 from catrs.metrics import certification_metrics, objective_value
 from catrs.results import CORRUPTION_COLUMNS, ResultWriter
 from catrs.smoothing import Smooth
+from catrs.storage import Stored
 
 MODES = ("certify", "predict")
 # Bound on the predictions one batch of inputs keeps on the device (int64 each) before they are counted.
@@ -130,7 +131,7 @@ class CertifyRequest:
     checkpoint: Path
     dataset: str
     sigma: float
-    out: Path
+    out: Path | str  # a local path or an object-store URI (`catrs.storage`)
     settings: CertifySettings = CertifySettings()
     mode: str = "certify"
     split: str = "test"
@@ -193,7 +194,7 @@ def certify_positions(request: CertifyRequest, checkpoint: Checkpoint, positions
     """Rows for the items at `positions` of the request's split (`dataset`, or loaded here), a list per group
     of inputs certified together.
 
-    Pure: reads the data set, writes nothing. The single-process job and every Ray shard run this.
+    Pure: reads the data set, writes nothing.
     """
     if dataset is None:
         dataset = get_dataset(request.dataset, request.split, request.data_root, request.download)
@@ -202,7 +203,7 @@ def certify_positions(request: CertifyRequest, checkpoint: Checkpoint, positions
     yield from certify_rows(smooth, dataset, list(positions), request.settings, request.mode)
 
 
-def run_certification(request: CertifyRequest, progress: bool = True) -> Path:
+def run_certification(request: CertifyRequest, progress: bool = True) -> Stored:
     """Certifies (or predicts) the requested indices into `request.out`, resuming what it already holds."""
     prepared = prepare_certification(request)
     todo = prepared.todo
@@ -213,7 +214,7 @@ def run_certification(request: CertifyRequest, progress: bool = True) -> Path:
                 bar.update(len(rows))
     finally:
         prepared.writer.flush()  # what is certified is valid even if the run stops early: keep it for the resume
-    return request.out
+    return prepared.writer.path
 
 
 def spread(length: int, count: int) -> tuple[int, int]:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import pickle
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from torch import nn
 import catrs
 from catrs.errors import UserError
 from catrs.models import Normalization, create_model
+from catrs.storage import stored
 
 FORMAT = "catrs-checkpoint"
 FORMAT_VERSION = 1
@@ -100,19 +99,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def write_atomically(path: str | Path, payload: dict[str, Any]) -> Path:
     """`torch.save`s `payload` so that a crash leaves either the old file or the new one, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    stored(path).write(lambda stream: torch.save(payload, stream))
+    return Path(path)
 
 
 def save_checkpoint(

@@ -42,14 +42,20 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _output(text: str) -> Path | str:
+    """A local path, or an object-store URI kept as text (a Path would fold its `//`)."""
+    return text if "://" in text else Path(text)
+
+
 def _add_tracking_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
 
 
 def _add_cache_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="where soft labels and their teachers are cached (default: $CATRS_CACHE or ~/.cache/catrs)")
+    parser.add_argument("--cache-dir", type=_output, default=None,
+                        help="where soft labels and their teachers are cached: a directory or an object-store URI "
+                             "(default: $CATRS_CACHE or ~/.cache/catrs)")
 
 
 def _add_data_options(parser: argparse.ArgumentParser, device: bool = True) -> None:
@@ -77,14 +83,18 @@ def _add_sampling_options(parser: argparse.ArgumentParser, mode: str) -> None:
     parser.add_argument("--mixed-precision", action="store_true",
                         help="autocast the model (faster; trades the fp32 soundness argument; recorded)")
     parser.add_argument("--inference", default="compile", help="eager | channels_last | compile (default)")
-    parser.add_argument("--out", type=Path, required=True, help="result file (.parquet, or .tsv)")
+    parser.add_argument("--out", type=_output, required=True,
+                        help="result file (.parquet, or .tsv): a path or an object-store URI (s3://bucket/…)")
     parser.add_argument("--format", choices=("parquet", "tsv"), default=None, help="default: from --out's suffix")
     if mode == "certify":
         parser.add_argument("--corruptions", action="store_true",
                             help="certify the data set's corrupted copy (cifar10 → cifar10_c; with --skip 100 as "
                                  "the paper) and report per corruption")
-    parser.add_argument("--shards", type=int, default=0,
-                        help="split the images into K Ray tasks (a GPU each where there are GPUs); 0: one process")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="certify on K Ray workers pulling small chunks of images (a GPU each where the cluster "
+                             "has GPUs); 0: in this process")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="images per chunk with --workers (default: the planner's, several chunks per worker)")
     _add_tracking_option(parser)
     _add_data_options(parser)
 
@@ -255,16 +265,22 @@ def _run_sampling(args: argparse.Namespace) -> None:
                              settings=settings, mode=args.command, split=args.split, skip=args.skip,
                              max_index=args.max_index, data_root=args.data_root, download=args.download,
                              output_format=args.format, device=args.device)
-    if args.shards < 0:
-        raise UserError(f"--shards must be a non-negative integer, got {args.shards}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be a non-negative integer, got {args.workers}")
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise UserError(f"--chunk-size must be a positive integer, got {args.chunk_size}")
     prepared = prepare_certification(request)  # every refusal happens here, before MLflow or Ray start
-    tracker = Tracker(args.tracking_uri, spool=args.out.with_name(args.out.name + ".mlflow-pending"))
+    name = prepared.writer.path.name
+    # The journal of records MLflow could not take yet lives on this machine: beside a local output, else here.
+    spool = (Path(args.out).with_name(name + ".mlflow-pending") if prepared.writer.path.local
+             else Path(name + ".mlflow-pending"))
+    tracker = Tracker(args.tracking_uri, spool=spool)
     tags = run_tags(args.command, prepared.checkpoint.card.method, dataset, args.sigma)
-    with tracked_run(tracker, args.out.name, tags, prepared.provenance) as run_id:
-        if args.shards:
-            from catrs.distributed.shards import certify_sharded
+    with tracked_run(tracker, name, tags, prepared.provenance) as run_id:
+        if args.workers:
+            from catrs.distributed.chunks import certify_distributed
 
-            out = certify_sharded(request, args.shards)
+            out = certify_distributed(request, args.workers, args.chunk_size)
         else:
             out = run_certification(request)
         frame = read_results(out)
@@ -289,10 +305,10 @@ def _checkpoint_file(args: argparse.Namespace) -> Path:
 
     if not is_model_uri(args.checkpoint):
         return Path(args.checkpoint)
-    from catrs.teacher import default_cache_dir
+    from catrs.teacher import local_cache_dir
     from catrs.tracking import resolve_tracking_uri
 
-    return checkpoint_of(args.checkpoint, resolve_tracking_uri(args.tracking_uri), default_cache_dir())
+    return checkpoint_of(args.checkpoint, resolve_tracking_uri(args.tracking_uri), local_cache_dir())
 
 
 def _run_report(args: argparse.Namespace) -> None:

@@ -4,18 +4,17 @@ One row per test image, keyed by dataset index: `idx label predict radius correc
 Cohen et al.'s code, which every randomized-smoothing paper's TSV uses) plus, in Parquet, the provenance of
 every row (mode, dataset, split, n0, n, α, σ, seed, batch, mixed precision, checkpoint and its SHA-256).
 
-Files are rewritten atomically (temporary name, then rename), so an interrupted run leaves a file that
-`ResultWriter` can resume from: it skips the finished indices, and refuses a file whose provenance differs
-from the request. TSV keeps its provenance in a `FILE.provenance.json` beside it.
+A result file is a local path or an object-store URI (`catrs.storage`). It is rewritten whole and atomically,
+so an interrupted run leaves a file that `ResultWriter` can resume from: it skips the finished indices, and
+refuses a file whose provenance differs from the request. TSV keeps its provenance in a
+`FILE.provenance.json` beside it.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 import time
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from catrs.errors import UserError
+from catrs.storage import Stored, stored
 
 CERTIFY_COLUMNS = ["idx", "label", "predict", "radius", "correct", "time"]
 PREDICT_COLUMNS = ["idx", "label", "predict", "correct", "time"]
@@ -42,18 +42,13 @@ _PARQUET_MAGIC = b"PAR1"
 FLUSH_SECONDS = 5.0
 
 
-def detect_format(path: Path, requested: str | None = None) -> str:
+def detect_format(path: str | Path | Stored, requested: str | None = None) -> str:
     """`requested` if given, else from the suffix: .tsv/.txt/.tab is TSV, anything else Parquet."""
     if requested:
         if requested not in FORMATS:
             raise UserError(f"unknown result format {requested!r}; choose one of: {', '.join(FORMATS)}")
         return requested
-    return "tsv" if path.suffix.lower() in {".tsv", ".txt", ".tab"} else "parquet"
-
-
-def _is_parquet(path: Path) -> bool:
-    with open(path, "rb") as stream:
-        return stream.read(4) == _PARQUET_MAGIC
+    return "tsv" if Path(stored(path).name).suffix.lower() in {".tsv", ".txt", ".tab"} else "parquet"
 
 
 def _parse_time(column: pd.Series) -> pd.Series:
@@ -63,13 +58,16 @@ def _parse_time(column: pd.Series) -> pd.Series:
     return pd.to_timedelta(column.astype(str)).dt.total_seconds()
 
 
-def read_results(path: str | Path) -> pd.DataFrame:
-    """A result file, Parquet or research TSV (told apart by content), with `time` in seconds."""
-    path = Path(path)
-    if not path.is_file():
+def read_results(path: str | Path | Stored) -> pd.DataFrame:
+    """A result file (local or in an object store), Parquet or research TSV (told apart by content), with
+    `time` in seconds."""
+    path = stored(path)
+    if not path.exists():
         raise UserError(f"result file not found: {path}")
+    data = path.read()
     try:
-        frame = pq.read_table(path).to_pandas() if _is_parquet(path) else pd.read_csv(path, sep="\t")
+        frame = (pq.read_table(io.BytesIO(data)).to_pandas() if data[:4] == _PARQUET_MAGIC
+                 else pd.read_csv(io.BytesIO(data), sep="\t"))
     except Exception as error:  # pyarrow/pandas raise many types for torn or foreign bytes
         raise UserError(f"could not read result file {path} ({type(error).__name__}): truncated or not a "
                         f"Parquet/TSV result file") from None
@@ -87,19 +85,6 @@ def _format_time(seconds: float) -> str:
     return str(timedelta(seconds=float(seconds)))
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        with open(temporary, "rb") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 class ResultWriter:
     """Accumulates result rows for one output file; resumes from what the file already holds.
 
@@ -107,18 +92,19 @@ class ResultWriter:
     must equal those of the rows already in the file, or the writer refuses to touch it.
     """
 
-    def __init__(self, path: str | Path, provenance: dict[str, Any], fmt: str | None = None,
+    def __init__(self, path: str | Path | Stored, provenance: dict[str, Any], fmt: str | None = None,
                  extra_columns: tuple[str, ...] = ()) -> None:
-        self.path = Path(path)
+        self.path = stored(path)
         self.format = detect_format(self.path, fmt)
         self.provenance = provenance
         self.columns = COLUMNS[provenance["mode"]] + list(extra_columns)
-        self._sidecar = self.path.with_name(self.path.name + ".provenance.json")
+        self._sidecar = self.path.sibling(self.path.name + ".provenance.json")
         self._rows: list[dict[str, Any]] = []
         self._unwritten = 0
         self._last_flush = time.monotonic()
-        if self.path.parent and not self.path.parent.exists():
-            raise UserError(f"output directory does not exist: {self.path.parent}")
+        folder = Path(self.path.uri).parent
+        if self.path.local and not folder.is_dir():
+            raise UserError(f"output directory does not exist: {folder}")
         if self.path.exists():
             self._rows = self._load_existing()
 
@@ -129,7 +115,7 @@ class ResultWriter:
     def _load_existing(self) -> list[dict[str, Any]]:
         frame = read_results(self.path)
         if self.format == "parquet":
-            if not _is_parquet(self.path):
+            if self.path.read()[:4] != _PARQUET_MAGIC:
                 raise UserError(f"{self.path} exists and is not a Parquet file; choose another --out")
             recorded = self._provenance_of_frame(frame)
         else:
@@ -145,11 +131,11 @@ class ResultWriter:
         return frame[IDENTITY_KEYS].drop_duplicates().to_dict("records")
 
     def _provenance_of_sidecar(self) -> list[dict[str, Any]]:
-        if not self._sidecar.is_file():
+        if not self._sidecar.exists():
             raise UserError(f"{self.path} exists but has no {self._sidecar.name} (not written by catrs); "
                             f"choose another --out")
         try:
-            return [json.loads(self._sidecar.read_text())]
+            return [json.loads(self._sidecar.read())]
         except ValueError:
             raise UserError(f"{self._sidecar} is damaged; move {self.path} away and re-run") from None
 
@@ -177,12 +163,12 @@ class ResultWriter:
         if self.format == "parquet":
             for key, value in self.provenance.items():
                 frame[key] = value
-            _atomic_write(self.path, lambda tmp: pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp))
+            self.path.write(lambda stream: pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), stream))
         else:
             identity = {key: self.provenance[key] for key in IDENTITY_KEYS}
-            _atomic_write(self._sidecar, lambda tmp: tmp.write_text(json.dumps(identity, indent=1)))
+            self._sidecar.write_bytes(json.dumps(identity, indent=1).encode())
             frame["time"] = frame["time"].map(_format_time)
-            _atomic_write(self.path, lambda tmp: frame.to_csv(tmp, sep="\t", index=False))
+            self.path.write_bytes(frame.to_csv(sep="\t", index=False).encode())
         self._unwritten = 0
         self._last_flush = time.monotonic()
 

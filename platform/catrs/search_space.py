@@ -39,6 +39,7 @@ MOVED = {
     "objective.metric": "give the metric alone, e.g. `objective: acr`",
     "proxy.subset": "renamed `images`: how many val images each proxy certifies",
     "proxy.every": "the proxy runs at ASHA's rungs (`budget.first_rung`) and at the last epoch",
+    "final.shards": "renamed `workers`: how many Ray workers certify chunks of the test split at once",
     "budget.grace_period": "replaced by `first_rung`, counted in epochs: ASHA compares trials at epochs "
                            "first_rung·reduction_factor^k",
 }
@@ -106,11 +107,12 @@ class Selection(Protocol):
 
 @dataclass(frozen=True)
 class Final(Protocol):
-    """The certification of the winner on the test split: every `skip`-th image below `max`, in `shards`."""
+    """The certification of the winner on the test split: every `skip`-th image below `max`, by `workers` Ray
+    workers pulling chunks of images (1: in the driver's process)."""
 
     skip: int = 1
     max: int = -1
-    shards: int = 1
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -384,7 +386,7 @@ def _objective(check: _Checker, objective: Any) -> str:
 def _run_sections(check: _Checker, raw: dict[str, Any]) -> dict[str, Any]:
     """`proxy`, `selection`, `final`, `budget` and `resources`: how the sweep measures, chooses and runs."""
     proxy = _protocol(check, Proxy, raw.get("proxy"), "proxy", ("images",))
-    final = _protocol(check, Final, raw.get("final"), "final", ("skip", "shards"))
+    final = _protocol(check, Final, raw.get("final"), "final", ("skip", "workers"))
     # The selection certifies val with the final protocol unless it says otherwise.
     inherited = {name: getattr(final, name) for name in ("n0", "n", "alpha", "batch")}
     selection = _protocol(check, Selection, {**inherited, **check.mapping(raw.get("selection"), "selection")},

@@ -5,24 +5,29 @@
 for every training index i, where the teacher is trained with Gaussian augmentation at σ0 (or given as a
 checkpoint). That is a certification-sized job (N = 10,000 votes per training image), so the result is
 cached under a key of everything that determines it — data set, architecture, σ0, the teacher's training
-settings (or its checkpoint's SHA-256), N and the seed — and a file lock keeps concurrent sweep trials from
-computing the same key twice. The votes reuse the certification core (`Smooth.sample_counts`, noise stream
+settings (or its checkpoint's SHA-256), N and the seed — in a directory or an object store (`--cache-dir`,
+`$CATRS_CACHE`), where a new cluster finds it again. A `Producer` says how a missing entry is made: here, in
+this process under a file lock; on a cluster (`catrs.distributed.cache`), the teacher as a Ray Train job on
+the workers, the votes as a queue of chunks, and one owner per key cluster-wide. The votes reuse the certification core (`Smooth.sample_counts`, noise stream
 VOTES keyed by training index).
 
 Training images get the same preprocessing as in the released code: the training split with its training
 transforms, one augmented view per image; catrs draws each image's view from a seed of (seed, index), so ŷ
-is reproducible and the same however the votes are sharded (`count_votes` is the single-process way,
-`catrs.distributed` shards the same job over Ray tasks).
+is reproducible and the same however the votes are split (`count_votes` is the single-process way,
+`catrs.distributed.chunks` runs the same job as a queue of chunks on Ray workers).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from contextlib import AbstractContextManager as ContextManager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +37,23 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from catrs.checkpoint import Checkpoint, file_sha256, load_checkpoint, write_atomically
+from catrs.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from catrs.errors import UserError
 from catrs.smoothing import NoiseStream, Smooth, derived_seed
+from catrs.storage import Stored, stored
 
 FORMAT = "catrs-soft-labels"
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("CATRS_CACHE", Path.home() / ".cache" / "catrs"))
+def default_cache_dir() -> str:
+    """`$CATRS_CACHE` (a directory or an object-store URI), else ~/.cache/catrs."""
+    return os.environ.get("CATRS_CACHE") or str(Path.home() / ".cache" / "catrs")
+
+
+def local_cache_dir() -> Path:
+    """Where files this machine must hold locally are kept: the cache when it is a directory, else ~/.cache/catrs."""
+    cache = stored(default_cache_dir())
+    return Path(cache.uri) if cache.local else Path.home() / ".cache" / "catrs"
 
 
 @dataclass(frozen=True)
@@ -91,7 +104,7 @@ def _num_outputs(model: nn.Module, dataset: Dataset) -> int:
 
 @dataclass(frozen=True)
 class VoteJob:
-    """Votes of a teacher over (some of) a training split: what `count_votes` and its sharded twin compute."""
+    """Votes of a teacher over (some of) a training split: what `count_votes` and its distributed twin compute."""
 
     checkpoint: Checkpoint
     dataset: str
@@ -102,9 +115,6 @@ class VoteJob:
     data_root: Path | None = None
     download: bool = False
     device: str | None = None
-
-    def shard(self, indices: tuple[int, ...]) -> VoteJob:
-        return replace(self, indices=indices)
 
 
 def count_votes(job: VoteJob, progress: bool = False) -> torch.Tensor:
@@ -119,43 +129,82 @@ def count_votes(job: VoteJob, progress: bool = False) -> torch.Tensor:
 
 
 VoteFunction = Callable[[VoteJob], torch.Tensor]
+# (teacher's config, its place in the cache, device, data root, download, progress) → a local checkpoint file
+TeacherTrainer = Callable[..., Path]
 
 
-def soft_labels(spec: SoftLabelSpec, cache_dir: Path, *, teacher_checkpoint: Path | None = None,
+def train_teacher_here(config: Any, folder: Stored, device: str | None, data_root: Path | None, download: bool,
+                       progress: bool) -> Path:
+    """Trains the teacher in this process, in its cache folder when that is on a local disk, else in this
+    machine's (`local_cache_dir`), its checkpoint then copied to the cache; a killed run resumes in either."""
+    from catrs.train import CHECKPOINT_NAME, train
+
+    local = Path(folder.uri) if folder.local else local_cache_dir() / "teachers" / folder.name
+    checkpoint = train(config, local, device=device, data_root=data_root, download=download, progress=progress)
+    if not folder.local:
+        folder.child(CHECKPOINT_NAME).upload(checkpoint)
+    return checkpoint
+
+
+def file_lock(entry: Stored) -> ContextManager:
+    """One computation per key among the processes of this machine (a lock file beside a local entry); an
+    object-store entry needs the cluster's owner (`catrs.distributed.cache`), without which two machines may
+    compute it twice — wasted work, never a wrong entry, since each writes it whole."""
+    if not entry.local:
+        return contextlib.nullcontext()
+    Path(entry.uri).parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(entry.uri + ".lock")
+
+
+@dataclass(frozen=True)
+class Producer:
+    """How a missing cache entry is made: where the teacher trains, where its votes are counted, and who owns
+    a key while it is computed. The default is this process; `catrs.distributed.cache` has the cluster's."""
+
+    train_teacher: TeacherTrainer = train_teacher_here
+    vote: VoteFunction = count_votes
+    exclusive: Callable[[Stored], ContextManager] = file_lock
+
+
+def soft_labels(spec: SoftLabelSpec, cache: str | Path | Stored, *, teacher_checkpoint: Path | None = None,
                 device: str | None = None, data_root: Path | None = None, download: bool = False,
-                progress: bool = True, vote: VoteFunction = count_votes) -> torch.Tensor:
-    """ŷ (len(train split), C), float32, rows in dataset-index order: from the cache, or computed and cached."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"soft-labels-{spec.key()}.pt"
-    with FileLock(str(path) + ".lock"):
-        if path.exists():
-            return _load(path, spec)
-        table = _compute(spec, cache_dir, teacher_checkpoint, device, data_root, download, progress, vote)
-        write_atomically(path, {"format": FORMAT, "spec": asdict(spec), "soft_labels": table})
+                progress: bool = True, producer: Producer = Producer()) -> torch.Tensor:
+    """ŷ (len(train split), C), float32, rows in dataset-index order: from the cache (a directory or an
+    object-store URI), or computed by `producer` and cached. The entry is written whole once computed, so a
+    crash mid-way leaves no entry that looks complete."""
+    entry = stored(cache).child(f"soft-labels-{spec.key()}.pt")
+    if entry.exists():
+        return _load(entry, spec)
+    with producer.exclusive(entry):
+        if entry.exists():  # computed by the owner we waited for
+            return _load(entry, spec)
+        table = _compute(spec, stored(cache), teacher_checkpoint, device, data_root, download, progress, producer)
+        entry.write(lambda stream: torch.save({"format": FORMAT, "spec": asdict(spec), "soft_labels": table},
+                                              stream))
     return table
 
 
-def _compute(spec: SoftLabelSpec, cache_dir: Path, teacher_checkpoint: Path | None, device: str | None,
-             data_root: Path | None, download: bool, progress: bool, vote: VoteFunction) -> torch.Tensor:
-    from catrs.train import TrainConfig, train
+def _compute(spec: SoftLabelSpec, cache: Stored, teacher_checkpoint: Path | None, device: str | None,
+             data_root: Path | None, download: bool, progress: bool, producer: Producer) -> torch.Tensor:
+    from catrs.train import TrainConfig
 
     if teacher_checkpoint is None:
         config = TrainConfig(method="gaussian", dataset=spec.dataset, arch=spec.arch, sigma=spec.sigma0,
                              seed=spec.seed, **spec.teacher_training)
-        teacher_checkpoint = train(config, cache_dir / f"teacher-{spec.key()}", device=device,
-                                   data_root=data_root, download=download, progress=progress)
+        teacher_checkpoint = producer.train_teacher(config, cache.child(f"teacher-{spec.key()}"), device, data_root,
+                                                    download, progress)
     checkpoint = load_checkpoint(teacher_checkpoint)
     if checkpoint.card.dataset != spec.dataset:
         raise UserError(f"teacher {teacher_checkpoint} was trained on {checkpoint.card.dataset!r}, "
                         f"not {spec.dataset!r}")
-    counts = vote(VoteJob(checkpoint, spec.dataset, spec.sigma0, spec.num_noises, spec.seed, None, data_root,
-                          download, device))
+    counts = producer.vote(VoteJob(checkpoint, spec.dataset, spec.sigma0, spec.num_noises, spec.seed, None,
+                                   data_root, download, device))
     return counts.float() / spec.num_noises
 
 
-def _load(path: Path, spec: SoftLabelSpec) -> torch.Tensor:
+def _load(path: Stored, spec: SoftLabelSpec) -> torch.Tensor:
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(io.BytesIO(path.read()), map_location="cpu", weights_only=True)
     except Exception:
         raise UserError(f"soft-label cache {path} is unreadable; delete it to recompute") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("spec") != asdict(spec):

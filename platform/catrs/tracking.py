@@ -32,6 +32,7 @@ import pandas as pd
 
 from catrs.errors import UserError
 from catrs.metrics import DEFAULT_RADII, certification_metrics, certified_accuracy_curve, corruption_table
+from catrs.storage import Stored, stored
 
 DEFAULT_EXPERIMENT = "catrs"
 
@@ -139,8 +140,14 @@ class Tracker:
             self._deliver({"op": "metrics", "run_id": run_id, "metrics": values, "step": step or 0,
                            "timestamp": int(time.time() * 1000)})
 
-    def log_artifact(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
-        self._deliver({"op": "artifact", "run_id": run_id, "path": str(path), "folder": folder})
+    def log_artifact(self, run_id: str, path: str | Path | Stored, folder: str | None = None) -> None:
+        """Logs a file: a local one, or one in run storage (fetched first: MLflow uploads local files)."""
+        source = stored(path)
+        if source.local:
+            self._deliver({"op": "artifact", "run_id": run_id, "path": source.uri, "folder": folder})
+            return
+        with tempfile.TemporaryDirectory() as local:
+            self.log_artifact(run_id, source.download(Path(local) / source.name), folder)
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         self._deliver({"op": "tags", "run_id": run_id, "tags": {k: str(v) for k, v in tags.items()}})
@@ -218,7 +225,7 @@ class Tracker:
         journal.parent.mkdir(parents=True, exist_ok=True)
         journal.write_text("".join(json.dumps(record) + "\n" for record in self._pending))
 
-    def log_results(self, run_id: str, frame: pd.DataFrame, result_file: str | Path | None,
+    def log_results(self, run_id: str, frame: pd.DataFrame, result_file: str | Path | Stored | None,
                     radii: Sequence[float] = DEFAULT_RADII, prefix: str = "") -> dict[str, float]:
         """ACR, abstain rate and certified accuracy at radii as metrics; the file and a curve plot as artifacts."""
         metrics = certification_metrics(frame, radii)

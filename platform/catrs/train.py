@@ -41,7 +41,7 @@ from catrs.faults import inject
 from catrs.inference import pick_device
 from catrs.models import model_names
 from catrs.smoothing import derived_seed
-from catrs.teacher import SoftLabelSpec, VoteFunction, count_votes, default_cache_dir, soft_labels, teacher_sha
+from catrs.teacher import Producer, SoftLabelSpec, default_cache_dir, soft_labels, teacher_sha
 from trainables.base import Batch, Method, StepContext
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -359,20 +359,21 @@ def soft_label_spec(config: TrainConfig) -> SoftLabelSpec:
                          teacher_checkpoint_sha256=teacher_sha(teacher) if teacher else "")
 
 
-def soft_labels_for(config: TrainConfig, cache_dir: Path | None = None, *, device: str | None = None,
+def soft_labels_for(config: TrainConfig, cache_dir: str | Path | None = None, *, device: str | None = None,
                     data_root: Path | None = None, download: bool = False, progress: bool = True,
-                    vote: VoteFunction = count_votes) -> torch.Tensor | None:
-    """The soft labels a (resolved) run needs, from the cache or computed into it; None if it needs none."""
+                    producer: Producer = Producer()) -> torch.Tensor | None:
+    """The soft labels a (resolved) run needs, from the cache or computed into it by `producer`; None if it
+    needs none."""
     if not training_method(config.method).needs_soft_labels(method_config(config)):
         return None
     teacher = getattr(method_config(config), "teacher_checkpoint", "")
     return soft_labels(soft_label_spec(config), cache_dir or default_cache_dir(),
                        teacher_checkpoint=Path(teacher) if teacher else None, device=device, data_root=data_root,
-                       download=download, progress=progress, vote=vote)
+                       download=download, progress=progress, producer=producer)
 
 
 def train(config: TrainConfig, out: str | Path, *, device: str | None = None, data_root: Path | None = None,
-          download: bool = False, progress: bool = True, cache_dir: Path | None = None,
+          download: bool = False, progress: bool = True, cache_dir: str | Path | None = None,
           on_epoch: Callable[[dict[str, float]], None] | None = None) -> Path:
     """Trains (or resumes) the run in `out` in this process; returns the path of its checkpoint.
 

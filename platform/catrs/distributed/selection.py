@@ -14,6 +14,7 @@ unsealed only now — certified on test with the final protocol.
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,13 @@ import ray
 
 from catrs.certify import CertifyRequest, evaluation_metrics, run_certification, spread
 from catrs.data import get_dataset
-from catrs.distributed.shards import certify_sharded
+from catrs.distributed.chunks import certify_distributed
 from catrs.distributed.train import train_distributed
 from catrs.errors import JobFailed
 from catrs.results import read_results
 from catrs.search_space import SearchSpace
+from catrs.storage import Stored, stored
+from catrs.teacher import default_cache_dir
 from catrs.train import CHECKPOINT_NAME, TrainConfig, train
 
 VAL_PREFIX = "final_val_"  # the selection's figures on val, apart from the proxy's `val_…` per epoch
@@ -59,11 +62,11 @@ def choose(shortlisted: list[Candidate], objective: str) -> Candidate:
     return max(shortlisted, key=lambda c: (c.val(objective), c.proxy))
 
 
-def certify(request: CertifyRequest, shards: int, progress: bool) -> Path:
-    """The request in `shards` Ray tasks, or in this process for one."""
-    if shards > 1:
-        return certify_sharded(request, shards, progress=progress)
-    return run_certification(request, progress=progress)
+def certify(request: CertifyRequest, workers: int, progress: bool) -> Stored:
+    """The request on `workers` Ray workers pulling chunks, or in this process for one."""
+    if workers > 1:
+        return certify_distributed(request, workers, progress=progress)
+    return stored(run_certification(request, progress=progress))
 
 
 def validate(candidate: Candidate, space: SearchSpace, folder: Path, data_root: Path | None, download: bool,
@@ -78,18 +81,21 @@ def validate(candidate: Candidate, space: SearchSpace, folder: Path, data_root: 
                              settings=selection.settings(space.seed, inference="channels_last"), mode="evaluate",
                              split="val", skip=skip, max_index=max_index, data_root=data_root, download=download)
     request.out.parent.mkdir(parents=True, exist_ok=True)
-    frame = read_results(certify(request, space.final.shards, progress))
+    frame = read_results(certify(request, space.final.workers, progress))
     candidate.val_metrics = evaluation_metrics(frame, space.objective, VAL_PREFIX)
 
 
 @ray.remote(max_retries=1)
-def _train_task(config: TrainConfig, out: Path, cache_dir: Path | None, data_root: Path | None,
-                download: bool) -> Path:
-    return train(config, out, cache_dir=cache_dir, data_root=data_root, download=download, progress=False)
+def _train_task(config: TrainConfig, cache_dir: str | Path | None, data_root: Path | None, download: bool) -> bytes:
+    """Trains on whichever node Ray picks, in a scratch folder there; the checkpoint comes back as bytes, since
+    that folder is not one the driver can read."""
+    with tempfile.TemporaryDirectory() as scratch:
+        return train(config, Path(scratch), cache_dir=cache_dir, data_root=data_root, download=download,
+                     progress=False).read_bytes()
 
 
-def refit(space: SearchSpace, point: dict[str, Any], out: Path, cache_dir: Path | None, data_root: Path | None,
-          download: bool) -> Path:
+def refit(space: SearchSpace, point: dict[str, Any], out: Path, cache_dir: str | Path | None,
+          data_root: Path | None, download: bool) -> Path:
     """The winning setting trained again on the whole training split, where the trials trained; its checkpoint."""
     config = space.train_config(point, train_split="train")
     resources = space.resources
@@ -98,11 +104,13 @@ def refit(space: SearchSpace, point: dict[str, Any], out: Path, cache_dir: Path 
                                  cpus_per_worker=resources.cpus_per_worker, cache_dir=cache_dir,
                                  data_root=data_root, download=download)
     task = _train_task.options(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker)
-    try:
-        return ray.get(task.remote(config, out, cache_dir, data_root, download))
+    try:  # the driver's cache, not the worker node's default: it is where this sweep's teachers are
+        checkpoint = ray.get(task.remote(config, cache_dir or default_cache_dir(), data_root, download))
     except ray.exceptions.RayError as error:
         raise JobFailed(f"re-training the winner of {space.name} on the whole training split failed: "
                         f"{str(error).splitlines()[0][:300]}") from None
+    stored(out / CHECKPOINT_NAME).write_bytes(checkpoint)
+    return out / CHECKPOINT_NAME
 
 
 def certify_on_test(space: SearchSpace, checkpoint: Path, out: Path, data_root: Path | None, download: bool,
@@ -112,7 +120,7 @@ def certify_on_test(space: SearchSpace, checkpoint: Path, out: Path, data_root: 
     request = CertifyRequest(checkpoint=checkpoint, dataset=space.dataset, sigma=space.sigma, out=out,
                              settings=final.settings(space.seed, inference="channels_last"), skip=final.skip,
                              max_index=final.max, data_root=data_root, download=download)
-    return certify(request, final.shards, progress)
+    return certify(request, final.workers, progress)
 
 
 def selection_table(candidates: list[Candidate], objective: str) -> pd.DataFrame:

@@ -52,8 +52,8 @@ from catrs.certify import ProxyEvaluation
 from catrs.checkpoint import Checkpoint
 from catrs.data import corrupted_variant, get_dataset, sealed
 from catrs.distributed import selection
+from catrs.distributed.cache import cluster_producer
 from catrs.distributed.runtime import connect
-from catrs.distributed.shards import sharded_votes
 from catrs.distributed.train import from_ray_checkpoint, scaling, worker_loop, worker_settings
 from catrs.errors import JobFailed, UserError
 from catrs.inference import pick_device
@@ -326,7 +326,7 @@ def candidates(results: ray.tune.ResultGrid, space: SearchSpace) -> list[selecti
 
 def run_sweep(space: SearchSpace, *, num_samples: int | None = None, tracking_uri: str | None = None,
               resume: bool = False, storage_path: str | None = None, local_dir: Path = Path("runs") / "sweeps",
-              cache_dir: Path | None = None, data_root: Path | None = None, download: bool = False,
+              cache_dir: str | Path | None = None, data_root: Path | None = None, download: bool = False,
               progress: bool = True) -> SweepOutcome:
     """Runs (or with `resume`, finishes) the sweep of `space`; chooses on val, certifies the choice on test,
     registers it; logs all to MLflow.
@@ -388,14 +388,14 @@ def run_sweep(space: SearchSpace, *, num_samples: int | None = None, tracking_ur
 
 
 def _run_trials(space: SearchSpace, experiment: str, storage: str, num_samples: int, callback, resume: bool,
-                cache_dir: Path | None, data_root: Path | None, download: bool, progress: bool
+                cache_dir: str | Path | None, data_root: Path | None, download: bool, progress: bool
                 ) -> ray.tune.ResultGrid:
     """Every trial of the sweep, after the soft labels they share (one teacher per σ0)."""
     tables = {}
     for point in space.teacher_points():
         config = space.soft_label_config(point)
         table = soft_labels_for(config, cache_dir, data_root=data_root, download=download, progress=progress,
-                                vote=sharded_votes)
+                                producer=cluster_producer())
         if table is not None:
             tables[soft_label_spec(config).key()] = ray.put(table)
     trainable = _trainable(space, tables, data_root, download, f"{experiment}-train")
@@ -412,8 +412,8 @@ def _log_to_child(callback: MlflowSweepCallback, parent: str, trial_id: str, met
         callback.tracker.log_metrics(child, metrics)
 
 
-def _winner_checkpoint(space: SearchSpace, winner: selection.Candidate, sweep_dir: Path, cache_dir: Path | None,
-                       data_root: Path | None, download: bool) -> Path:
+def _winner_checkpoint(space: SearchSpace, winner: selection.Candidate, sweep_dir: Path,
+                       cache_dir: str | Path | None, data_root: Path | None, download: bool) -> Path:
     """The checkpoint the sweep certifies on test: the winning trial's, or its setting re-trained on all of the
     training split (`selection.refit`); kept in `SWEEP/best/`."""
     best_dir = sweep_dir / BEST_DIR
@@ -492,10 +492,10 @@ def next_commands(outcome: SweepOutcome, space: SearchSpace, tracking_uri: str |
         return "\n".join(lines)
     # The paper certifies 100 images per (corruption, severity) of CIFAR-10-C's 10,000; digits has 360.
     skip = 10 if space.dataset == "digits" else 100
-    shards = f" --shards {final.shards}" if final.shards > 1 else ""
+    workers = f" --workers {final.workers}" if final.workers > 1 else ""
     root = f" --data-root {shlex.quote(str(data_root))}" if data_root else ""
     lines.insert(2, f"  Table 3:      catrs certify --checkpoint {outcome.best_checkpoint} "
                     f"--dataset {space.dataset} --sigma {space.sigma} --corruptions --skip {skip} --n0 {final.n0} "
-                    f"--n {final.n} --alpha {final.alpha} --batch {final.batch}{shards}{root}{store} "
+                    f"--n {final.n} --alpha {final.alpha} --batch {final.batch}{workers}{root}{store} "
                     f"--out {outcome.path / 'corruptions.parquet'}")
     return "\n".join(lines)

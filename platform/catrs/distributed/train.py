@@ -5,8 +5,8 @@ on GPUs). The global batch keeps its meaning: each worker takes batch/K of it fr
 and each of its chunks is one synchronised optimizer step, so the released per-noise chunking is intact.
 Checkpoints go to the run's storage (`--storage-path`, a local directory or a cloud URI; default the run
 directory's parent, so the run's own directory is its storage); a worker failure restarts the group from the
-latest checkpoint (`FailureConfig`), and the same command resumes a stopped run. Soft labels are computed
-on the driver (sharded votes) and handed to the workers through the object store.
+latest checkpoint (`FailureConfig`), and the same command resumes a stopped run. Soft labels are made
+by the cluster (`cache.cluster_producer`) and handed to the workers through the object store.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from catrs.checkpoint import Checkpoint, load_checkpoint
 from catrs.data import sealed
 from catrs.distributed.runtime import connect
-from catrs.distributed.shards import sharded_votes
+from catrs.distributed.cache import cluster_producer
 from catrs.errors import JobFailed, UserError
 from catrs.train import (CHECKPOINT_NAME, Evaluation, TrainConfig, TrainingRun, fit, shuffled_loader,
                          soft_labels_for)
@@ -106,7 +106,7 @@ def scaling(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> ray
 
 def train_distributed(config: TrainConfig, out: Path, *, workers: int, gpus_per_worker: float = 0.0,
                       cpus_per_worker: float = 1.0, storage_path: str | None = None,
-                      max_failures: int = MAX_FAILURES, cache_dir: Path | None = None,
+                      max_failures: int = MAX_FAILURES, cache_dir: str | Path | None = None,
                       data_root: Path | None = None, download: bool = False) -> Path:
     """Trains (or resumes) `config` on `workers` Ray Train workers; copies the final checkpoint into `out`."""
     if workers < 1:
@@ -116,7 +116,7 @@ def train_distributed(config: TrainConfig, out: Path, *, workers: int, gpus_per_
     config = config.resolved()
     out = Path(out).resolve()
     connect()
-    table = soft_labels_for(config, cache_dir, data_root=data_root, download=download, vote=sharded_votes)
+    table = soft_labels_for(config, cache_dir, data_root=data_root, download=download, producer=cluster_producer())
     settings = worker_settings(config, None if table is None else ray.put(table), data_root, download)
     trainer = TorchTrainer(
         worker_loop, train_loop_config=settings, scaling_config=scaling(workers, gpus_per_worker, cpus_per_worker),

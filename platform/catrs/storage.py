@@ -1,0 +1,167 @@
+"""Run storage: a local directory or an object-store URI (`s3://bucket/prefix`, `gs://…`), one interface.
+
+    out = stored("s3://bucket/catrs/cert.parquet")      # or a plain path
+    out.write(lambda stream: stream.write(data))          # whole or not at all
+    data = out.read()
+
+pyarrow's file systems do the I/O, so the endpoint and credentials come from the usual environment
+(`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, an instance profile, …) and an S3-compatible server works as S3 does.
+
+Writes never leave a torn object for a reader: the bytes go to a hidden temporary name beside the target,
+then are renamed (a local disk, after fsync) or copied server-side (an object store, where the copy appears
+whole) onto it; a crash mid-write leaves the old object or none, and at worst a hidden temporary one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import pyarrow.fs as pafs
+
+from catrs.errors import UserError
+
+
+def is_uri(target: str | Path) -> bool:
+    return "://" in str(target)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A file or folder in run storage, named by `uri` (a URI, or a local path as given)."""
+
+    uri: str
+
+    @property
+    def local(self) -> bool:
+        return not is_uri(self.uri)
+
+    @property
+    def name(self) -> str:
+        return self.uri.rstrip("/").rsplit("/", 1)[-1]
+
+    def child(self, name: str) -> Stored:
+        return Stored(f"{self.uri.rstrip('/')}/{name}")
+
+    def sibling(self, name: str) -> Stored:
+        return Stored(f"{self.uri.rstrip('/').rsplit('/', 1)[0]}/{name}" if "/" in self.uri else name)
+
+    def _resolve(self) -> tuple[pafs.FileSystem, str]:
+        if self.local:
+            return pafs.LocalFileSystem(), str(Path(self.uri).resolve())
+        try:
+            return pafs.FileSystem.from_uri(self.uri)
+        except Exception as error:  # pyarrow raises ArrowInvalid/OSError for unknown schemes and bad URIs
+            raise UserError(f"cannot open storage {self.uri}: {str(error).splitlines()[0]}") from None
+
+    def _info(self) -> pafs.FileInfo:
+        fs, path = self._resolve()
+        return fs.get_file_info(path)
+
+    def exists(self) -> bool:
+        return self._info().type == pafs.FileType.File
+
+    def is_dir(self) -> bool:
+        """A local directory, or (object stores have no directories) any prefix: writing below it works."""
+        return self._info().type == pafs.FileType.Directory or not self.local
+
+    def read(self) -> bytes:
+        fs, path = self._resolve()
+        try:
+            with fs.open_input_stream(path) as stream:
+                return stream.read()
+        except FileNotFoundError:
+            raise UserError(f"not found in storage: {self.uri}") from None
+
+    def write(self, fill: Callable[[IO[bytes]], object]) -> Stored:
+        """Writes the object with `fill(stream)`: readers see the old content or all of the new, never part.
+
+        The bytes go to a hidden temporary name beside the target first, then are moved onto it: a rename on
+        a local disk (after fsync), a server-side copy in an object store (whose result appears whole). An
+        upload stream cannot be abandoned — closing it, even on an error, completes the object — so it must
+        never be the target itself."""
+        fs, path = self._resolve()
+        parent, _, name = path.rpartition("/")
+        temporary = f"{parent}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            if self.local:
+                Path(parent).mkdir(parents=True, exist_ok=True)
+                with open(temporary, "wb") as stream:
+                    fill(stream)
+                    stream.flush()
+                    os.fsync(stream.fileno())
+            else:
+                with fs.open_output_stream(temporary) as stream:
+                    fill(stream)
+            fs.move(temporary, path)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                fs.delete_file(temporary)
+            raise
+        return self
+
+    def write_bytes(self, data: bytes) -> Stored:
+        return self.write(lambda stream: stream.write(data))
+
+    def files(self) -> list[Stored]:
+        """The files directly in this folder, by name (none if it does not exist)."""
+        fs, path = self._resolve()
+        selector = pafs.FileSelector(path, recursive=False, allow_not_found=True)
+        found = [info.base_name for info in fs.get_file_info(selector) if info.type == pafs.FileType.File]
+        return [self.child(name) for name in sorted(found) if not name.startswith(".")]
+
+    def delete(self) -> None:
+        fs, path = self._resolve()
+        try:
+            fs.delete_file(path)
+        except FileNotFoundError:
+            pass
+
+    def make_folder(self) -> Stored:
+        """Creates this folder on a local disk; object stores need none."""
+        if self.local:
+            Path(self.uri).mkdir(parents=True, exist_ok=True)
+        return self
+
+    def delete_folder(self) -> None:
+        """Removes this folder if it holds nothing (local), or its marker (object stores)."""
+        fs, path = self._resolve()
+        try:
+            if self.local:
+                Path(path).rmdir()
+            else:
+                fs.delete_dir(path)
+        except (FileNotFoundError, OSError):
+            pass
+
+    def upload(self, source: Path) -> Stored:
+        """Copies the local file `source` here, atomically."""
+        with open(source, "rb") as stream:
+            return self.write(lambda out: _copy(stream, out))
+
+    def download(self, target: Path) -> Path:
+        """Copies this file to the local `target` (atomically), and returns it."""
+        fs, path = self._resolve()
+        try:
+            with fs.open_input_stream(path) as source:
+                Stored(str(target)).write(lambda out: _copy(source, out))
+        except FileNotFoundError:
+            raise UserError(f"not found in storage: {self.uri}") from None
+        return target
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+def _copy(source: IO[bytes], target: IO[bytes], block: int = 1 << 22) -> None:
+    while chunk := source.read(block):
+        target.write(chunk)
+
+
+def stored(target: str | Path | Stored) -> Stored:
+    return target if isinstance(target, Stored) else Stored(str(target))

@@ -1,0 +1,85 @@
+"""Soft labels made by the cluster and cached in run storage: an object-store cache, one owner per key, and
+no complete-looking entry after a crash."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import replace
+
+import pytest
+import torch
+
+from catrs.storage import stored
+from catrs.teacher import Producer, SoftLabelSpec, soft_labels, train_teacher_here
+
+pytestmark = pytest.mark.slow
+SPEC = SoftLabelSpec(dataset="digits", arch="digits_cnn", sigma0=0.25, num_noises=8, seed=0,
+                     teacher_training={"epochs": 1, "batch_size": 128, "lr": 0.05})
+
+
+def refuse_to_train(*args, **kwargs):
+    raise AssertionError("the entry was cached: nothing should be trained")
+
+
+def test_an_object_store_cache_holds_the_teacher_and_the_table_and_a_second_request_reads_them(
+        ray_cluster, object_store):
+    from catrs.distributed.cache import cluster_producer
+
+    cache = object_store.uri("cache-a")
+    table = soft_labels(SPEC, cache, progress=False, producer=cluster_producer())
+    assert table.shape == (1437, 10) and torch.allclose(table.sum(1), torch.ones(1437))
+    keys = object_store.keys("cache-a/")
+    assert f"cache-a/soft-labels-{SPEC.key()}.pt" in keys
+    # The teacher trained as a Ray Train job whose checkpoints live in the cache, where a restart finds them.
+    assert any(k.startswith(f"cache-a/teachers/teacher-{SPEC.key()}/checkpoint_") for k in keys)
+    again = soft_labels(SPEC, cache, progress=False, producer=replace(cluster_producer(),
+                                                                      train_teacher=refuse_to_train))
+    assert torch.equal(again, table)
+
+
+def test_concurrent_requests_for_one_key_compute_it_once(ray_cluster, tmp_path):
+    from catrs.distributed.cache import cluster_exclusive
+
+    trained = []
+
+    def counting_teacher(*args):
+        trained.append(threading.get_ident())
+        return train_teacher_here(*args)
+
+    # Local storage, but the cluster's owner, not a file lock: the threads could be processes on two machines.
+    producer = Producer(train_teacher=counting_teacher, exclusive=cluster_exclusive)
+    spec = replace(SPEC, seed=1)
+    tables = [None, None, None]
+
+    def request(slot: int) -> None:
+        tables[slot] = soft_labels(spec, tmp_path / "cache", progress=False, producer=producer)
+
+    threads = [threading.Thread(target=request, args=(slot,)) for slot in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(trained) == 1
+    assert torch.equal(tables[0], tables[1]) and torch.equal(tables[0], tables[2])
+
+
+def test_an_owner_that_dies_mid_computation_leaves_no_entry_and_its_lease_lapses(ray_cluster, object_store):
+    import ray
+
+    from catrs.distributed.cache import cluster_exclusive, cluster_producer
+
+    cache = object_store.uri("cache-b")
+    entry = stored(cache).child(f"soft-labels-{SPEC.key()}.pt")
+
+    @ray.remote(max_retries=0)
+    def die_while_owning() -> None:
+        with cluster_exclusive(entry, lease_seconds=3.0):
+            stored(cache).child("started").write_bytes(b"")
+            os._exit(1)  # as a killed node would: no release, no renewal
+
+    with pytest.raises(ray.exceptions.RayError):
+        ray.get(die_while_owning.remote())
+    assert not entry.exists() and stored(cache).child("started").exists()
+    table = soft_labels(SPEC, cache, progress=False, producer=cluster_producer())  # waits for the lapse, then owns
+    assert entry.exists() and table.shape == (1437, 10)
