@@ -48,7 +48,10 @@ def test_training_survives_the_store_going_away_and_logs_everything_when_it_retu
     run = client.search_runs([client.get_experiment_by_name("catrs").experiment_id])[0]
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"checkpoint", "metrics.jsonl"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"metrics.jsonl"}
+    [model] = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run.info.run_id}'")
+    assert "checkpoint.pt" in {a.path.rsplit("/", 1)[-1] for a in client.list_logged_model_artifacts(
+        model.model_id, "extra_files")}  # the trained model, with its catrs checkpoint
     assert not (tmp_path / "run" / "mlflow-pending").exists()  # the journal was sent and removed
 
 

@@ -1,5 +1,6 @@
 """A small CAT-RS sweep end to end: Tune + Optuna + ASHA, the proxy on val, the choice on val, the one test
-certification (a queue of chunks), the registered champion, and the MLflow store it leaves (checked with MlflowClient)."""
+certification (a queue of chunks), the registered champion, and the MLflow store it leaves (checked with
+MlflowClient, and through the REST API of a real `mlflow server`)."""
 
 from __future__ import annotations
 
@@ -86,8 +87,8 @@ def test_a_small_sweep_runs_to_completion_and_is_on_record_in_mlflow(ray_cluster
 
     # The choice is the registered champion, and certifies to the same rows as its checkpoint.
     version = client.get_model_version_by_alias(sweep_dir.name, "champion")
-    assert version.run_id == parent.info.run_id and parent.data.tags["best_checkpoint"] == str(
-        sweep_dir / "best" / "checkpoint.pt")
+    assert version.run_id == chosen.info.run_id and parent.data.tags["best_checkpoint"] == str(
+        sweep_dir / "best" / "checkpoint.pt")  # the model is logged on the run it came from
     assert (version.tags["sigma"], version.tags["dataset"], version.tags["method"]) == ("0.25", "synthetic", "catrs")
     assert float(version.tags["hyper.lbd"]) == float(chosen.data.params["lbd"])
     rows = {}
@@ -108,11 +109,45 @@ def test_a_small_sweep_runs_to_completion_and_is_on_record_in_mlflow(ray_cluster
     code, text, err = run_cli("report", "--sweep", parent.info.run_id, "--radius", "0.25")
     assert code == 0, err
     assert "Pareto-optimal" in text
-    importances = {k: v for k, v in client.get_run(parent.info.run_id).data.metrics.items() if k.startswith("importance/")}
+    importances = {k: float(v) for k, v in client.get_run(parent.info.run_id).data.params.items()
+                   if k.startswith("importance.")}
     objectives = {c.data.metrics["val_acr"] for c in children}
     if len(objectives) > 1:  # with three tiny trials the proxy ACR can tie: then there is nothing to attribute
-        assert set(importances) == {"importance/lbd", "importance/sigma0"} and "importance for val_acr:" in text
-        assert sum(importances.values()) == pytest.approx(1.0, abs=1e-6)
+        assert set(importances) == {"importance.lbd", "importance.sigma0"} and "importance for val_acr:" in text
+        assert sum(importances.values()) == pytest.approx(1.0, abs=2e-3)  # logged to 3 decimals
+
+    _the_ui_tells_the_story(client, parent, children, chosen)
+    _the_ui_server_answers_with_the_same_story(parent.info.experiment_id, sweep_dir.name, chosen.info.run_id,
+                                               tmp_path)
+
+
+def _the_ui_tells_the_story(client, parent, children, chosen):
+    """What a user sees in the MLflow UI (issue 13): the runs view, the winner marked, every setting and epoch,
+    the data sets and the model."""
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the runs
+    assert "catrs" in experiment.tags["mlflow.note.content"]
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.run_name.endswith(f"test acr {parent.data.metrics['test_acr']:.3f}")
+    note = parent.data.tags["mlflow.note.content"]
+    assert f"runs/{chosen.info.run_id})" in note and "| trial |" in note and "**Winner:" in note
+    assert {"epochs", "batch_size", "method_config.num_steps", "proxy.n", "final.n", "budget.num_samples",
+            "search_space"} <= set(parent.data.params) and parent.data.params["budget.num_samples"] == "3"
+    assert "lbd" not in parent.data.params  # searched: on the children
+    assert parent.data.tags["catrs.version"] and parent.data.tags["catrs.searched"] == "lbd:loguniform,sigma0:choice"
+    chosen = client.get_run(chosen.info.run_id)
+    assert chosen.data.tags["catrs.winner"] == "true" and chosen.info.run_name.startswith("★ lbd=")
+    assert chosen.data.params["method_config.lbd"] == chosen.data.params["lbd"]  # the winner has every setting
+    inputs = {(d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+              for d in chosen.inputs.dataset_inputs}
+    assert inputs == {("synthetic/train_minus_val", "training"), ("synthetic/val", "validation"),
+                      ("synthetic/test", "evaluation")}
+    for child in children:
+        stopped = child.data.tags.get("catrs.stopped_at_epoch")
+        epochs = int(stopped) if stopped else 2
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "lr")] == list(range(1, epochs + 1))
+        if stopped:
+            assert client.get_run(child.info.run_id).info.run_name.endswith(f"stopped at epoch {stopped}")
 
 
 def test_a_killed_sweep_driver_resumes_to_the_planned_trials_without_duplicate_runs(ray_cluster, run_cli, tmp_path,
@@ -154,3 +189,34 @@ def test_a_killed_sweep_driver_resumes_to_the_planned_trials_without_duplicate_r
     assert "sweep killed: 4 trials" in out
     assert len(client.search_runs(experiments(), "tags.`catrs.kind` = 'sweep' and tags.`catrs.sweep` = 'killed'")) == 1
     assert read_results(tmp_path / "runs" / "sweeps" / "killed" / "final.parquet")["idx"].tolist() == list(range(40))
+
+
+def _the_ui_server_answers_with_the_same_story(experiment_id: str, model: str, chosen: str, tmp_path) -> None:
+    """The REST API the UI reads, of a real `mlflow server` on loopback over the store the sweep wrote."""
+    import json
+    import urllib.request
+
+    from tests.helpers import MlflowServer
+
+    server = MlflowServer(resolve_tracking_uri(), str(tmp_path / "served-artifacts"))
+    server.start()
+    try:
+        def call(path: str, body: dict | None = None) -> dict:
+            request = urllib.request.Request(server.uri + "/api/2.0/mlflow/" + path, method="POST" if body else "GET",
+                                             data=json.dumps(body).encode() if body else None,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+
+        experiment = call(f"experiments/get?experiment_id={experiment_id}")["experiment"]
+        tags = {t["key"]: t["value"] for t in experiment["tags"]}
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        [winner] = call("runs/search", {"experiment_ids": [experiment_id],
+                                        "filter": "tags.`catrs.winner` = 'true'"})["runs"]
+        assert winner["info"]["run_id"] == chosen and winner["info"]["run_name"].startswith("★ ")
+        assert {"synthetic/test", "synthetic/val", "synthetic/train_minus_val"} == {
+            d["dataset"]["name"] for d in winner["inputs"]["dataset_inputs"]}
+        alias = call(f"registered-models/alias?name={model}&alias=champion")["model_version"]
+        assert alias["run_id"] == chosen
+    finally:
+        server.stop()

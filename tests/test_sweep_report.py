@@ -102,7 +102,8 @@ def test_sweeps_compare_their_frontiers_with_the_higher_one_marked(run_cli, two_
     assert records["CAT-RS"]["area"] == pytest.approx(0.40) and records["lambda-consistency"]["area"] == pytest.approx(0.27)
     by_lambda = {trial["lbd"]: trial for trial in records["CAT-RS"]["trials"]}
     assert by_lambda[8.0] == {"trial": "catr3", "lbd": 8.0, "clean": 0.7, "certified": 0.3,
-                              "val_acr": pytest.approx(0.21), "pareto": False}
+                              "val_acr": pytest.approx(0.21), "pareto": False, "stopped_at_epoch": "",
+                              "final_val": None}  # trained out, not shortlisted
 
 
 @pytest.mark.parametrize("extra, message", [

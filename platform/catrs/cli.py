@@ -214,11 +214,30 @@ def _run_train(args: argparse.Namespace) -> None:
     tracker = Tracker(args.tracking_uri, spool=args.out / "mlflow-pending")  # unusable: fails before any work
     tags = run_tags("train", config.method, config.dataset, config.sigma)
     with tracked_run(tracker, args.out.name, tags, asdict(config)) as run_id:
+        tracker.log_dataset(run_id, config.dataset, config.train_split, "training", args.data_root)
         checkpoint = _train_locally_or_on_ray(args, config, tracker, run_id)
-        tracker.log_artifact(run_id, checkpoint, "checkpoint")
         tracker.log_artifact(run_id, checkpoint.parent / "metrics.jsonl")
+        _log_model(tracker, run_id, checkpoint, config.dataset, args.data_root)
     print(f"checkpoint: {checkpoint}")
-    print(ui_hint(tracker.uri))
+    print(ui_hint(tracker.uri, tracker.experiment_id, run_id))
+
+
+def _log_model(tracker: Any, run_id: str, checkpoint: Path, dataset: str, data_root: Path | None) -> None:
+    """The trained model on its run, as an MLflow PyTorch model with an input example (the checkpoint file is
+    in it); a store that cannot take it costs only the model record, with a message."""
+    import torch
+
+    from catrs.data import get_dataset
+    from catrs.model_registry import log_checkpoint_model
+
+    train_set = get_dataset(dataset, "train", data_root)
+    example = torch.stack([train_set[0][1], train_set[1][1]])  # two: a batch of one would fix the batch size
+    try:
+        log_checkpoint_model(tracker, run_id, checkpoint, example)
+    except Exception as error:  # MLflow raises many kinds for a store that cannot take models
+        print(f"catrs: MLflow did not take the model ({type(error).__name__}); the checkpoint is {checkpoint}",
+              file=sys.stderr)
+        tracker.log_artifact(run_id, checkpoint, "checkpoint")
 
 
 def _train_locally_or_on_ray(args: argparse.Namespace, config: Any, tracker: Any, run_id: str) -> Path:
@@ -277,6 +296,7 @@ def _run_sampling(args: argparse.Namespace) -> None:
     tracker = Tracker(args.tracking_uri, spool=spool)
     tags = run_tags(args.command, prepared.checkpoint.card.method, dataset, args.sigma)
     with tracked_run(tracker, name, tags, prepared.provenance) as run_id:
+        tracker.log_dataset(run_id, dataset, args.split, "evaluation", args.data_root)
         if args.workers:
             from catrs.distributed.chunks import certify_distributed
 
@@ -296,7 +316,7 @@ def _run_sampling(args: argparse.Namespace) -> None:
 
         print(format_report(build_report(out, DEFAULT_RADII)))
     print(f"results: {out}  (summary: catrs report {out})")
-    print(ui_hint(tracker.uri))
+    print(ui_hint(tracker.uri, tracker.experiment_id, run_id))
 
 
 def _checkpoint_file(args: argparse.Namespace) -> Path:
@@ -424,7 +444,7 @@ def _sweep(args: argparse.Namespace, space: Any, resume: bool) -> None:
                         download=args.download)
     print(format_outcome(outcome, space, args.tracking_uri, args.data_root))
     print(f"sweep: {outcome.path}  (MLflow parent run {outcome.parent_run_id})")
-    print(ui_hint(resolve_tracking_uri(args.tracking_uri)))
+    print(ui_hint(resolve_tracking_uri(args.tracking_uri), outcome.experiment_id, outcome.parent_run_id))
 
 
 def _run_tune(args: argparse.Namespace) -> None:

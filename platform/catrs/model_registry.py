@@ -19,6 +19,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -59,21 +60,27 @@ def _active_run(uri: str, run_id: str) -> Iterator[None]:
         mlflow.set_tracking_uri(previous)
 
 
+def log_checkpoint_model(tracker: Tracker, run_id: str, checkpoint: Path, example: torch.Tensor,
+                         registered_name: str | None = None) -> Any:
+    """Logs `checkpoint` on `run_id` as an MLflow PyTorch model (signature and input example from `example`,
+    the checkpoint as an extra file), registered as `registered_name` if given; MLflow's model info."""
+    import mlflow
+
+    with _active_run(tracker.uri, run_id):
+        return mlflow.pytorch.log_model(load_checkpoint(checkpoint).model(), name="model",
+                                        input_example=example.numpy(), extra_files=[str(checkpoint)],
+                                        registered_model_name=registered_name,
+                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
+
 def register_checkpoint(tracker: Tracker, run_id: str, name: str, checkpoint: Path, example: torch.Tensor,
                         alias: str = ALIAS) -> str | None:
     """Logs `checkpoint` on `run_id` as an MLflow PyTorch model, registers it as `name`, points `alias` at the
     new version and tags it with the model card; returns the version. A store that cannot take it only
     costs the registration: the checkpoint itself stays where it is, and a message says so."""
-    import mlflow
-
-    loaded = load_checkpoint(checkpoint)
     try:
-        with _active_run(tracker.uri, run_id):
-            info = mlflow.pytorch.log_model(loaded.model(), name="model", input_example=example.numpy(),
-                                            extra_files=[str(checkpoint)], registered_model_name=name,
-                                            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-        version = str(info.registered_model_version)
-        for key, value in card_tags(loaded.card).items():
+        version = str(log_checkpoint_model(tracker, run_id, checkpoint, example, name).registered_model_version)
+        for key, value in card_tags(load_checkpoint(checkpoint).card).items():
             tracker.client.set_model_version_tag(name, version, key, value)
         tracker.client.set_registered_model_alias(name, alias, version)
         return version

@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import FuncFormatter
 
 from catrs.errors import UserError
 from catrs.report import split_label
@@ -37,8 +38,9 @@ class SweepReport:
     parent_run_id: str
     objective: str
     radius: float
-    trials: pd.DataFrame  # one row per trial: its params, clean, certified@r, objective, pareto
+    trials: pd.DataFrame  # one row per trial: its params, clean, certified@r, objective, final val, pareto
     importances: dict[str, float]
+    kinds: dict[str, str] = field(default_factory=dict)  # searched key → its domain kind (empty: unknown)
 
     @property
     def params(self) -> list[str]:
@@ -111,13 +113,17 @@ def sweep_report(tracker: Tracker, parent_run_id: str, radius: float = 0.5, labe
     name = label or parent.data.tags.get("catrs.sweep") or parent.info.run_name or parent_run_id
     objective = "val_" + parent.data.tags.get("catrs.objective", "acr")  # what the trials reported, on val
     certified = f"val_certified_accuracy_{radius:g}"
+    kinds = searched_kinds(parent.data.tags)
     rows = []
     for child in tracker.children(parent_run_id):
         metrics = child.data.metrics
         if objective not in metrics or certified not in metrics:
             continue
+        params = {k: v for k, v in child.data.params.items() if not kinds or k in kinds}
         rows.append({"trial": child.data.tags.get("catrs.trial_id", child.info.run_id),
-                     **{f"param:{k}": v for k, v in child.data.params.items()},
+                     "stopped_at_epoch": child.data.tags.get("catrs.stopped_at_epoch", ""),
+                     "final_val": metrics.get("final_" + objective, np.nan),
+                     **{f"param:{k}": v for k, v in params.items()},
                      "clean": metrics.get("val_certified_accuracy_0", metrics.get("val_clean_accuracy")),
                      "certified": metrics[certified], objective: metrics[objective]})
     if not rows:
@@ -130,7 +136,14 @@ def sweep_report(tracker: Tracker, parent_run_id: str, radius: float = 0.5, labe
             trials[column] = numeric
     trials["pareto"] = pareto_optimal(trials["clean"].to_numpy(), trials["certified"].to_numpy())
     params = [c for c in trials.columns if c.startswith("param:")]
-    return SweepReport(name, parent_run_id, objective, radius, trials, importances(trials, params, objective))
+    return SweepReport(name, parent_run_id, objective, radius, trials, importances(trials, params, objective), kinds)
+
+
+def searched_kinds(tags: dict[str, str]) -> dict[str, str]:
+    """The searched keys and their domain kinds (loguniform, uniform, int, choice) a sweep's parent names;
+    empty for sweeps of earlier versions, whose every param was searched."""
+    listed = [item.partition(":") for item in tags.get("catrs.searched", "").split(",") if item]
+    return {key: kind or "uniform" for key, _, kind in listed}
 
 
 def sweep_reports(tracker: Tracker, sweeps: Sequence[str], radius: float) -> list[SweepReport]:
@@ -144,31 +157,62 @@ def sweep_reports(tracker: Tracker, sweeps: Sequence[str], radius: float) -> lis
 
 
 def plot_frontiers(reports: Sequence[SweepReport], path: Path) -> Path:
-    """Every trial of each sweep (faint) and each sweep's Pareto front (a line), in one colour per sweep."""
+    """Every trial of each sweep (faint) and each sweep's Pareto front (a line through two or more), in one
+    colour per sweep."""
     with png_figure(path, figsize=(5, 4)) as axes:
         for colour, report in enumerate(reports):
             axes.scatter(report.trials["clean"], report.trials["certified"], color=f"C{colour}", alpha=0.35)
-            axes.plot(report.front["clean"], report.front["certified"], "o-", color=f"C{colour}", label=report.name)
-        axes.set_title("lines: Pareto-optimal trials; faint points: all trials", fontsize="small")
+            style = "o-" if len(report.front) > 1 else "o"
+            axes.plot(report.front["clean"], report.front["certified"], style, color=f"C{colour}",
+                      label=f"{report.name}: Pareto-optimal")
+        axes.set_title("trials' last proxy on val (faint: all trials)", fontsize="medium")
         axes.set_xlabel("clean accuracy (certified at r = 0)")
         axes.set_ylabel(f"certified accuracy at r = {reports[0].radius:g}")
         axes.grid(alpha=0.3)
-        axes.legend()
+        axes.legend(fontsize="small")
     return path
 
 
 def plot_objective_by_param(report: SweepReport, path: Path) -> Path:
+    """The objective against each searched value: the proxy of trials trained to their end (dots), of trials
+    stopped early (hollow: a figure of fewer epochs), and the shortlist's re-certification on val (stars).
+    Log-uniform values on a log axis, choices on a categorical one."""
     params = report.params or ["trial"]
-    with png_figure(path, ncols=len(params), figsize=(3.2 * len(params), 3), squeeze=False) as axes:
+    trials = report.trials
+    stopped = trials.get("stopped_at_epoch", pd.Series("", index=trials.index)).astype(str) != ""
+    with png_figure(path, ncols=len(params), figsize=(3.4 * len(params), 3.2), squeeze=False) as axes:
         for axis, param in zip(axes[0], params):
-            values = _numeric(report.trials[param]) if param != "trial" else None
-            x = values if values is not None else report.trials[param].astype(str)
-            axis.scatter(x, report.trials[report.objective])
-            if values is not None and values.min() > 0 and values.max() / values.min() > 20:
+            kind = report.kinds.get(param.removeprefix("param:"), "choice" if param == "trial" else "uniform")
+            x = trials[param].astype(str) if kind == "choice" else trials[param]
+            if kind == "choice":  # categories in a stable order, evenly spaced
+                order = sorted(x.unique(), key=lambda v: (_numeric(pd.Series([v])) is None, v))
+                x = x.map({value: i for i, value in enumerate(order)})
+                axis.set_xticks(range(len(order)), order)
+            axis.scatter(x[~stopped], trials.loc[~stopped, report.objective], label="proxy, trained out")
+            if stopped.any():
+                axis.scatter(x[stopped], trials.loc[stopped, report.objective], facecolors="none", edgecolors="grey",
+                             label="proxy, stopped early")
+            if "final_val" in trials and trials["final_val"].notna().any():
+                axis.scatter(x, trials["final_val"], marker="*", s=90, color="C3", label="shortlist, final protocol")
+            if kind == "loguniform":
                 axis.set_xscale("log")
+                for ticks in (axis.xaxis.set_major_formatter, axis.xaxis.set_minor_formatter):
+                    ticks(FuncFormatter(lambda value, _: f"{value:g}"))  # 0.5, 1, 2; not 2×10⁰
             axis.set_xlabel(param.removeprefix("param:"))
-            axis.set_ylabel(report.objective)
+            axis.set_ylabel(report.objective.replace("_acr", " ACR"))
             axis.grid(alpha=0.3)
+        axes[0][0].legend(fontsize="x-small")
+    return path
+
+
+def plot_importances(report: SweepReport, path: Path) -> Path:
+    """The searched keys' importances for the objective (fANOVA), one bar each, in one chart."""
+    ranked = sorted(report.importances.items(), key=lambda item: item[1])
+    with png_figure(path, figsize=(4.5, 0.5 + 0.45 * len(ranked))) as axes:
+        axes.barh([name for name, _ in ranked], [score for _, score in ranked], color="C0")
+        axes.set_xlim(0, 1)
+        axes.set_xlabel(f"importance for {report.objective} (fANOVA; sums to 1)")
+        axes.grid(alpha=0.3, axis="x")
     return path
 
 
@@ -186,17 +230,24 @@ def log_sweep_report(tracker: Tracker, report: SweepReport) -> None:
         tracker.log_artifact(report.parent_run_id, plot_frontiers([report], folder / "frontier.png"), "sweep_report")
         tracker.log_artifact(report.parent_run_id, plot_objective_by_param(report, folder / "objective_by_param.png"),
                              "sweep_report")
+        if report.importances:
+            tracker.log_artifact(report.parent_run_id, plot_importances(report, folder / "importances.png"),
+                                 "sweep_report")
         report.trials.to_csv(folder / "trials.csv", index=False)
         tracker.log_artifact(report.parent_run_id, folder / "trials.csv", "sweep_report")
-    tracker.log_metrics(report.parent_run_id, {f"importance/{k}": v for k, v in report.importances.items()})
+    # One chart, not one per key: MLflow draws a chart for every metric, so they are params.
+    tracker.log_params(report.parent_run_id, {f"importance.{k}": f"{v:.3f}" for k, v in report.importances.items()})
 
 
 def format_sweep_report(report: SweepReport) -> str:
-    shown = report.trials.rename(columns=lambda c: c.removeprefix("param:"))
+    shown = report.trials.rename(columns=lambda c: c.removeprefix("param:")).rename(
+        columns={"final_val": "final_" + report.objective, "stopped_at_epoch": "stopped at epoch"})
     shown["pareto"] = shown["pareto"].map({True: "*", False: ""})
+    shown = shown.drop(columns=[c for c in ("stopped at epoch", "final_" + report.objective)
+                                if c in shown and not shown[c].replace("", np.nan).notna().any()])
     lines = [f"sweep {report.name} ({report.parent_run_id}): {len(shown)} trials; clean vs certified accuracy at "
              f"r = {report.radius:g} (* Pareto-optimal)",
-             shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")]
+             shown.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="")]
     if report.importances:
         lines.append("importance for " + report.objective + ": " +
                      ", ".join(f"{k} {v:.2f}" for k, v in sorted(report.importances.items(), key=lambda kv: -kv[1])))

@@ -15,6 +15,7 @@ store answers again; whatever is still queued when the command ends stays there,
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -35,6 +36,14 @@ from catrs.metrics import DEFAULT_RADII, certification_metrics, certified_accura
 from catrs.storage import Stored, stored
 
 DEFAULT_EXPERIMENT = "catrs"
+# The UI opens an experiment of this kind on its runs (MLflow 3's default is a GenAI overview of traces).
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": "Runs of **catrs**: certifiably robust classifiers by randomized smoothing. "
+                           "A sweep is a parent run (its description holds the trials table and links its winner) "
+                           "with a child run per trial; `catrs train` and `catrs certify` log a run each. "
+                           "Filter with the tags `catrs.kind`, `catrs.method`, `catrs.dataset`, `catrs.sigma`.",
+}
 
 
 def resolve_tracking_uri(explicit: str | None = None) -> str:
@@ -46,13 +55,39 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
     return uri
 
 
-def ui_hint(uri: str) -> str:
-    """The one line that tells a user how to look at what was logged."""
+def ui_hint(uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """The one line that tells a user how to look at what was logged: the page of the run (or experiment) in
+    the UI's model-training view (MLflow 3 opens on its GenAI view unless the link asks otherwise)."""
+    page = ""
+    if experiment_id is not None:
+        page = f"/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "") + \
+               "?workflowType=machine_learning"
     if uri.startswith("sqlite:"):
-        return f"MLflow: mlflow ui --backend-store-uri {uri} --host 127.0.0.1  (then open http://127.0.0.1:5000)"
+        return (f"MLflow: mlflow ui --backend-store-uri {uri} --host 127.0.0.1  "
+                f"(then open http://127.0.0.1:5000{page})")
     if uri.startswith(("http://", "https://")):
-        return f"MLflow: open {uri}"
+        return f"MLflow: open {uri.rstrip('/')}{page}"
     return f"MLflow: mlflow ui --backend-store-uri {uri}"
+
+
+@functools.lru_cache(maxsize=1)
+def source_tags() -> dict[str, str]:
+    """What ran: catrs's version, its git commit when it runs from a checkout, the command and the user."""
+    import getpass
+    import subprocess
+
+    import catrs
+
+    tags = {"catrs.version": catrs.__version__, "mlflow.source.type": "LOCAL",
+            "mlflow.source.name": "catrs " + " ".join(sys.argv[1:2])}
+    with contextlib.suppress(Exception):
+        tags["mlflow.user"] = getpass.getuser()
+    with contextlib.suppress(Exception):
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(catrs.__file__).parent, capture_output=True,
+                                text=True, timeout=5)
+        if commit.returncode == 0:
+            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    return tags
 
 
 def run_tags(kind: str, method: str | None, dataset: str | None, sigma: float | None, **extra: str) -> dict[str, str]:
@@ -104,7 +139,11 @@ class Tracker:
         try:
             found = self.client.get_experiment_by_name(experiment)
             self.experiment_id = found.experiment_id if found else self.client.create_experiment(
-                experiment, artifact_location=self._artifact_location(experiment))
+                experiment, artifact_location=self._artifact_location(experiment), tags=EXPERIMENT_TAGS)
+            if found:  # an experiment of an earlier catrs: open it on its runs too
+                for key, value in EXPERIMENT_TAGS.items():
+                    if key not in found.tags:
+                        self.client.set_experiment_tag(self.experiment_id, key, value)
         except Exception as error:  # MLflow raises many kinds for an unreachable or broken store
             raise UserError(f"cannot use the MLflow tracking store {self.uri}: {str(error).splitlines()[0][:200]}") from None
 
@@ -115,9 +154,21 @@ class Tracker:
         return None
 
     def start(self, name: str, tags: dict[str, str], parent: str | None = None) -> str:
-        if parent:
-            tags = {**tags, "mlflow.parentRunId": parent}
+        tags = {**source_tags(), **tags, **({"mlflow.parentRunId": parent} if parent else {})}
         return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+
+    def rename(self, run_id: str, name: str) -> None:
+        self.set_tags(run_id, {"mlflow.runName": name})
+
+    def log_dataset(self, run_id: str, dataset: str, split: str, context: str, root: Path | None = None) -> None:
+        """The data set split a run trained or was evaluated on, as an MLflow dataset input (name, digest,
+        size; `context` says how it was used: training, validation, test)."""
+        from catrs.data import split_digest
+
+        digest, size = split_digest(dataset, split, root)
+        self._deliver({"op": "input", "run_id": run_id, "name": f"{dataset}/{split}", "digest": digest,
+                       "source": json.dumps({"dataset": dataset, "split": split}),
+                       "profile": json.dumps({"num_rows": size}), "context": context})
 
     def find(self, tags: dict[str, str]) -> str | None:
         """The newest run with all these tags, if any (to resume a run rather than duplicate it)."""
@@ -167,7 +218,7 @@ class Tracker:
                   f"{self._journal()} and nothing else was lost", file=sys.stderr)
 
     def _apply(self, record: dict[str, Any]) -> None:
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 
         run_id, op = record["run_id"], record["op"]
         if op == "params":
@@ -182,6 +233,10 @@ class Tracker:
             self.client.log_artifact(run_id, record["path"], record["folder"])
         elif op == "tags":
             self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
+        elif op == "input":
+            dataset = Dataset(record["name"], record["digest"], "catrs", record["source"], profile=record["profile"])
+            self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context",
+                                                                            record["context"])])])
         else:
             self.client.set_terminated(run_id, record["status"])
 
@@ -237,7 +292,7 @@ class Tracker:
         self.log_metrics(run_id, {prefix + k: v for k, v in metrics.items()})
         with tempfile.TemporaryDirectory() as folder:
             plot = Path(folder) / f"{prefix}certified_accuracy.png"
-            plot_certified_accuracy({"": frame}, plot)
+            plot_certified_accuracy({"": frame}, plot, prefix.rstrip("_") + ":" if prefix else "")
             self.log_artifact(run_id, plot, "plots")
             if "corruption" in frame.columns:
                 bars = Path(folder) / f"{prefix}accuracy_by_corruption.png"
@@ -249,12 +304,30 @@ class Tracker:
 
 
 @contextlib.contextmanager
+def system_metrics(tracker: Tracker, run_id: str, seconds: float = 10.0) -> Iterator[None]:
+    """MLflow's system metrics (CPU, memory; GPU where NVIDIA's library is installed) of this machine, logged to
+    the run every `seconds` while the block runs; a store that cannot take them costs only them."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=seconds, tracking_uri=tracker.uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            monitor.finish()
+
+
+@contextlib.contextmanager
 def tracked_run(tracker: Tracker, name: str, tags: dict[str, str], params: Mapping[str, Any]) -> Iterator[str]:
-    """A run for one command: FINISHED when the block ends, FAILED if it raises; queued records flushed."""
+    """A run for one command, with its system metrics: FINISHED when the block ends, FAILED if it raises;
+    queued records flushed."""
     run_id = tracker.start(name, tags)
     tracker.log_params(run_id, params)
     try:
-        yield run_id
+        with system_metrics(tracker, run_id):
+            yield run_id
     except BaseException:
         tracker.end(run_id, "FAILED")
         raise
@@ -298,10 +371,16 @@ def plot_corruption_accuracy(accuracy: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def plot_certified_accuracy(frames: Mapping[str, pd.DataFrame], path: Path) -> Path:
-    """Certified accuracy against ℓ2 radius, one curve per labelled frame, as a PNG."""
+def plot_certified_accuracy(frames: Mapping[str, pd.DataFrame], path: Path, title: str = "") -> Path:
+    """Certified accuracy against ℓ2 radius, one curve per labelled frame, as a PNG; a single curve is titled
+    with its ACR."""
+    from catrs.metrics import average_certified_radius
+
     top = max(float(f["radius"].max()) for f in frames.values() if len(f)) if frames else 1.0
+    if len(frames) == 1:
+        title = f"{title} ACR {average_certified_radius(next(iter(frames.values()))):.3f}".strip()
     with png_figure(path, figsize=(5, 3.5)) as axes:
+        axes.set_title(title, fontsize="medium")
         for label, frame in frames.items():
             radii, accuracy = certified_accuracy_curve(frame, max_radius=max(top, 0.25) * 1.05)
             axes.plot(radii, accuracy, label=label or None)

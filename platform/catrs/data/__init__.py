@@ -16,6 +16,7 @@ is made.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 from functools import partial
@@ -157,3 +158,13 @@ def _check_shape(dataset: Indexed, spec: DatasetSpec, root: Path) -> None:
     if shape != spec.input_shape:
         raise UserError(f"{spec.name} under {root} has images of shape {shape}, expected {spec.input_shape}: "
                         f"wrong files in the data directory?")
+
+
+@functools.lru_cache(maxsize=32)
+def split_digest(name: str, split: str, root: str | Path | None = None, download: bool = False) -> tuple[str, int]:
+    """A short digest of which images a split holds (the data set, the split and every index) and its size:
+    what MLflow records as the dataset a run used. Indices, not pixels, so a large set is not read."""
+    import hashlib
+
+    dataset = get_dataset(name, split, root, download)
+    return hashlib.sha256(f"{name}/{split}".encode() + dataset.keys.tobytes()).hexdigest()[:16], len(dataset)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 
@@ -12,6 +13,9 @@ def connect(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    # Token authentication stays on (Ray's default for a local instance); its warning that it is on asks the
+    # user for nothing, so it is not shown.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # Worker output stays in Ray's logs; catrs prints its own progress on the driver.
     ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level="WARNING")
 

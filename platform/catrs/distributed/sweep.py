@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import sys
 import tempfile
@@ -47,6 +48,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
+from tqdm import tqdm
 
 from catrs.certify import ProxyEvaluation
 from catrs.checkpoint import Checkpoint
@@ -63,7 +65,8 @@ from catrs.report import build_report, format_report
 from catrs.results import read_results
 from catrs.search_space import Domain, SearchSpace
 from catrs.sweep_report import SweepReport, format_sweep_report, log_sweep_report, sweep_report
-from catrs.tracking import Tracker, flatten, plot_certified_accuracy, run_tags
+from catrs.sweep_story import parent_name, shared_params, stopped_name, sweep_note, trial_name, winner_name
+from catrs.tracking import Tracker, plot_certified_accuracy, run_tags, system_metrics
 from catrs.train import (CHECKPOINT_NAME, EVALUATION_NAME, METRICS_NAME, SingleWorkerSession, TrainingRun, fit,
                          method_config, soft_label_spec, soft_labels_for, training_method)
 
@@ -159,9 +162,10 @@ class MlflowSweepCallback(ray.tune.Callback):
         self.tracking_uri, self.parent_run_id, self.space, self.spool = tracking_uri, parent_run_id, space, spool
         self._tracker: Tracker | None = None
         self._runs: dict[str, str] = {}
+        self._reported: dict[str, set[int]] = {}  # the epochs each trial reported to Tune, so logged already
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tracker": None, "_runs": {}}
+        return {**self.__dict__, "_tracker": None, "_runs": {}, "_reported": {}}
 
     @property
     def tracker(self) -> Tracker:
@@ -170,12 +174,19 @@ class MlflowSweepCallback(ray.tune.Callback):
         return self._tracker
 
     def run_for(self, trial) -> str:
+        """The trial's child run (found again after a resume), named by its searched values, with them as
+        params and the data it trains and is evaluated on as dataset inputs."""
         if trial.trial_id not in self._runs:
             tags = {"catrs.trial_id": trial.trial_id, "mlflow.parentRunId": self.parent_run_id}
-            run_id = self.tracker.find(tags) or self.tracker.start(
-                trial.trial_id, run_tags("trial", self.space.method, self.space.dataset, self.space.sigma,
-                                         trial_id=trial.trial_id, sweep=self.space.name), self.parent_run_id)
-            self.tracker.log_params(run_id, trial.config)
+            run_id = self.tracker.find(tags)
+            if run_id is None:
+                space = self.space
+                tags = run_tags("trial", space.method, space.dataset, space.sigma, trial_id=trial.trial_id,
+                                sweep=space.name)
+                run_id = self.tracker.start(trial_name(trial.config), tags, self.parent_run_id)
+                self.tracker.log_params(run_id, trial.config)  # what differs; the parent has what all share
+                self.tracker.log_dataset(run_id, self.space.dataset, "train_minus_val", "training")
+                self.tracker.log_dataset(run_id, self.space.dataset, "val", "validation")
             self._runs[trial.trial_id] = run_id
         return self._runs[trial.trial_id]
 
@@ -184,12 +195,18 @@ class MlflowSweepCallback(ray.tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         metrics = {k: v for k, v in result.items() if k not in TUNE_BOOKKEEPING and not k.startswith("config")}
-        self._guarded(lambda: self.tracker.log_metrics(self.run_for(trial), metrics, step=int(result.get("epoch", 0))))
+        epoch = int(result.get("epoch", 0))
+        self._reported.setdefault(trial.trial_id, set()).add(epoch)
+        self._guarded(lambda: self.tracker.log_metrics(self.run_for(trial), metrics, step=epoch))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         def finish() -> None:
             run_id = self.run_for(trial)
             self._log_trial_files(run_id, trial)
+            reached = int((trial.last_result or {}).get("epoch", self.space.epochs))
+            if reached < self.space.epochs:  # ASHA stopped it: say so where the runs are listed
+                self.tracker.set_tags(run_id, {"catrs.stopped_at_epoch": str(reached)})
+                self.tracker.rename(run_id, stopped_name(trial.config, reached))
             self.tracker.end(run_id, "FINISHED")
 
         self._guarded(finish)
@@ -219,10 +236,56 @@ class MlflowSweepCallback(ray.tune.Callback):
             if evaluation.exists():
                 frame = pd.read_parquet(evaluation)
                 self.tracker.log_artifact(run_id, evaluation, "proxy")
-                plot_certified_accuracy({"proxy": frame}, folder / "proxy_certified_accuracy.png")
+                plot_certified_accuracy({"": frame}, folder / "proxy_certified_accuracy.png",
+                                        "proxy on val (small n, estimates skipped where the class is wrong):")
                 self.tracker.log_artifact(run_id, folder / "proxy_certified_accuracy.png", "plots")
             if (folder / "checkpoint" / METRICS_NAME).exists():
                 self.tracker.log_artifact(run_id, folder / "checkpoint" / METRICS_NAME)
+                self._log_every_epoch(run_id, trial.trial_id, folder / "checkpoint" / METRICS_NAME)
+
+    def _log_every_epoch(self, run_id: str, trial_id: str, history: Path) -> None:
+        """The training metrics of the epochs the trial did not report to Tune (it reports at rungs and at its
+        end, where the proxy runs), from its metric history, so that the run has every epoch."""
+        reported = self._reported.get(trial_id, set())
+        for line in history.read_text().splitlines():
+            row = json.loads(line)
+            if int(row["epoch"]) not in reported:
+                self.tracker.log_metrics(run_id, {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+
+class SweepProgress(ray.tune.Callback):
+    """The sweep's one progress display on the driver: trials ended out of the planned number, with the best
+    proxy so far. (Tune's own reporter is off: `RAY_AIR_NEW_OUTPUT=0` with `verbose=0`.)"""
+
+    def __init__(self, total: int, metric: str) -> None:
+        self.total, self.metric, self.best = total, metric, -math.inf
+        self._bar: tqdm | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks with the experiment; a bar is not data
+        return {**self.__dict__, "_bar": None}
+
+    @property
+    def bar(self) -> tqdm:
+        if self._bar is None:
+            self._bar = tqdm(total=self.total, desc="trials", unit="trial", file=sys.stderr)
+        return self._bar
+
+    def setup(self, **info) -> None:
+        self.bar.refresh()  # from the sweep's start, not its first result
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if self.metric in result and result[self.metric] > self.best:
+            self.best = result[self.metric]
+            self.bar.set_postfix_str(f"best {self.metric} {self.best:.4f}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.bar.update(1)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.bar.update(1)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.bar.close()
 
 
 class PrunedAwareOptunaSearch(OptunaSearch):
@@ -249,6 +312,7 @@ class SweepOutcome:
     final_results: Path  # the winner's certification on test
     trade_off: SweepReport | None = None
     model_version: str | None = None
+    experiment_id: str | None = None
 
 
 def _parent_run(tracker: Tracker, space: SearchSpace, sweep_dir: Path, resume: bool, num_samples: int) -> str:
@@ -256,17 +320,19 @@ def _parent_run(tracker: Tracker, space: SearchSpace, sweep_dir: Path, resume: b
     if resume and marker.exists():
         return marker.read_text().strip()
     run_id = tracker.start(space.name, run_tags("sweep", space.method, space.dataset, space.sigma,
-                                                sweep=space.name, objective=space.objective))
-    tracker.log_params(run_id, {"search_space": str(space.path), "objective": space.objective,
-                                "num_samples": num_samples, **flatten(space.train, "train."),
-                                **flatten(space.fixed, "fixed."), **flatten(asdict(space.selection), "selection.")})
+                                                sweep=space.name, objective=space.objective,
+                                                searched=",".join(f"{k}:{d.kind}" for k, d in space.search.items())))
+    tracker.log_params(run_id, shared_params(space, num_samples))
+    tracker.log_dataset(run_id, space.dataset, "train_minus_val", "training")
+    tracker.log_dataset(run_id, space.dataset, "val", "validation")
     tracker.log_artifact(run_id, space.path)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(run_id)
     return run_id
 
 
-def _tuner(space: SearchSpace, storage: str, trainable, num_samples: int, callback) -> ray.tune.Tuner:
+def _tuner(space: SearchSpace, storage: str, trainable, num_samples: int, callbacks: list) -> ray.tune.Tuner:
+    quiet_tune()
     epochs, budget = space.epochs, space.budget
     sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=max(1, min(10, num_samples // 2)))
     search = PrunedAwareOptunaSearch(epochs, sampler=sampler, points_to_evaluate=space.points_to_evaluate or None)
@@ -278,8 +344,15 @@ def _tuner(space: SearchSpace, storage: str, trainable, num_samples: int, callba
         param_space={key: tune_domain(domain) for key, domain in space.search.items()},
         tune_config=ray.tune.TuneConfig(metric=space.metric, mode="max", search_alg=search, scheduler=scheduler,
                                         num_samples=num_samples, max_concurrent_trials=budget.max_concurrent),
-        run_config=ray.tune.RunConfig(name=space.name, storage_path=storage, callbacks=[callback],
+        run_config=ray.tune.RunConfig(name=space.name, storage_path=storage, callbacks=callbacks,
                                       failure_config=ray.tune.FailureConfig(max_failures=1), verbose=0))
+
+
+def quiet_tune() -> None:
+    """Tune's console output off (its legacy reporter honours `verbose=0`, the new one does not; neither the
+    results folder nor the TensorBoard hint is something a catrs user acts on), and Optuna's INFO lines."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def _trainable(space: SearchSpace, soft_label_tables: dict[str, Any], data_root: Path | None, download: bool,
@@ -348,43 +421,50 @@ def run_sweep(space: SearchSpace, *, num_samples: int | None = None, tracking_ur
                         f"change its name: in {space.path}")
     tracker = Tracker(tracking_uri, spool=sweep_dir / "mlflow-pending")  # unreachable: fails before any work
     parent = _parent_run(tracker, space, sweep_dir, resume, num_samples)
-    connect()
-    callback = MlflowSweepCallback(tracker.uri, parent, space, sweep_dir / "mlflow-pending")
-    with sealed(*SEALED):
-        results = _run_trials(space, experiment, storage, num_samples, callback, resume, cache_dir, data_root,
-                              download, progress)
-        table = trials_table(results, space)
-        shortlisted = selection.shortlist(candidates(results, space), space.selection.top_k)
-        if not shortlisted:
-            tracker.end(parent, "FAILED")
-            raise JobFailed(f"no trial of {space.name} was trained to its last epoch; see the trial logs in "
-                            f"{experiment}")
-        for candidate in shortlisted:
-            selection.validate(candidate, space, sweep_dir, data_root, download, progress)
-            _log_to_child(callback, parent, candidate.trial_id, candidate.val_metrics)
-        winner = selection.choose(shortlisted, space.objective)
-    # The choice is made: from here on the test split may be read, once.
-    best = _winner_checkpoint(space, winner, sweep_dir, cache_dir, data_root, download)
-    final = selection.certify_on_test(space, best, sweep_dir / "final.parquet", data_root, download, progress)
-    test_metrics = tracker.log_results(parent, read_results(final), final, prefix=selection.TEST_PREFIX)
-    _log_to_child(callback, parent, winner.trial_id, {selection.TEST_PREFIX + k: v for k, v in test_metrics.items()})
-    tracker.log_metrics(parent, winner.val_metrics)
-    tracker.log_params(parent, {f"best.{k}": v for k, v in winner.point.items()})
-    tracker.set_tags(parent, {"best_trial": winner.trial_id, "best_checkpoint": str(best)})
-    table = _with_selection(table, shortlisted, winner, space, test_metrics)
-    with tempfile.TemporaryDirectory() as folder:
-        summary = Path(folder) / "trials.csv"
-        table.to_csv(summary, index=False)
-        tracker.log_artifact(parent, summary)
-    val = get_dataset(space.dataset, "val", data_root, download)
-    example = torch.stack([val[0][1], val[1][1]])  # two images: a batch of one would fix the exported batch size
-    version = register_checkpoint(tracker, parent, space.name, best, example)
-    _close_orphans(tracker, parent, {str(t) for t in table["trial"]})
-    report = _trade_off_report(tracker, parent, space)
+    with system_metrics(tracker, parent):  # the driver's machine: CPU and memory while it sweeps
+        connect()
+        callback = MlflowSweepCallback(tracker.uri, parent, space, sweep_dir / "mlflow-pending")
+        with sealed(*SEALED):
+            results = _run_trials(space, experiment, storage, num_samples, callback, resume, cache_dir, data_root,
+                                  download, progress)
+            table = trials_table(results, space)
+            shortlisted = selection.shortlist(candidates(results, space), space.selection.top_k)
+            if not shortlisted:
+                tracker.end(parent, "FAILED")
+                raise JobFailed(f"no trial of {space.name} was trained to its last epoch; see the trial logs in "
+                                f"{experiment}")
+            for candidate in shortlisted:
+                selection.validate(candidate, space, sweep_dir, data_root, download, progress)
+                _log_to_child(callback, parent, candidate.trial_id, candidate.val_metrics)
+            winner = selection.choose(shortlisted, space.objective)
+        # The choice is made: from here on the test split may be read, once.
+        best = _winner_checkpoint(space, winner, sweep_dir, cache_dir, data_root, download)
+        final = selection.certify_on_test(space, best, sweep_dir / "final.parquet", data_root, download, progress)
+        test_metrics = tracker.log_results(parent, read_results(final), final, prefix=selection.TEST_PREFIX)
+        _log_to_child(callback, parent, winner.trial_id,
+                      {selection.TEST_PREFIX + k: v for k, v in test_metrics.items()})
+        tracker.log_metrics(parent, winner.val_metrics)
+        tracker.log_params(parent, {f"best.{k}": v for k, v in winner.point.items()})
+        tracker.set_tags(parent, {"best_trial": winner.trial_id, "best_checkpoint": str(best)})
+        table = _with_selection(table, shortlisted, winner, space, test_metrics)
+        with tempfile.TemporaryDirectory() as folder:
+            summary = Path(folder) / "trials.csv"
+            table.to_csv(summary, index=False)
+            tracker.log_artifact(parent, summary)
+        val = get_dataset(space.dataset, "val", data_root, download)
+        example = torch.stack([val[0][1], val[1][1]])  # two images: a batch of one would fix the exported batch size
+        winner_run = callback.tracker.find({"catrs.trial_id": winner.trial_id, "mlflow.parentRunId": parent})
+        # The model goes on the run it came from: the winning trial's, or the parent's when it was re-trained.
+        model_run = parent if space.selection.refit or winner_run is None else winner_run
+        version = register_checkpoint(tracker, model_run, space.name, best, example)
+        _tell_the_story(tracker, space, parent, winner, winner_run, table, test_metrics)
+        _close_orphans(tracker, parent, {str(t) for t in table["trial"]})
+        report = _trade_off_report(tracker, parent, space)
     tracker.end(parent, "FINISHED")
     tracker.close()
     callback.tracker.close()
-    return SweepOutcome(sweep_dir, parent, table, dict(winner.point), winner.trial_id, best, final, report, version)
+    return SweepOutcome(sweep_dir, parent, table, dict(winner.point), winner.trial_id, best, final, report, version,
+                        tracker.experiment_id)
 
 
 def _run_trials(space: SearchSpace, experiment: str, storage: str, num_samples: int, callback, resume: bool,
@@ -400,9 +480,11 @@ def _run_trials(space: SearchSpace, experiment: str, storage: str, num_samples: 
             tables[soft_label_spec(config).key()] = ray.put(table)
     trainable = _trainable(space, tables, data_root, download, f"{experiment}-train")
     if resume:
+        quiet_tune()
         tuner = ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
     else:
-        tuner = _tuner(space, storage, trainable, num_samples, callback)
+        tuner = _tuner(space, storage, trainable, num_samples,
+                       [callback] + ([SweepProgress(num_samples, space.metric)] if progress else []))
     return tuner.fit()
 
 
@@ -433,6 +515,23 @@ def _with_selection(table: pd.DataFrame, shortlisted: list[selection.Candidate],
     table[selection.TEST_PREFIX + space.objective] = table["trial"].map(
         {winner.trial_id: test_metrics.get(space.objective, math.nan)})
     return table.sort_values([val_column, space.metric], ascending=False, na_position="last")
+
+
+def _tell_the_story(tracker: Tracker, space: SearchSpace, parent: str, winner: selection.Candidate,
+                    winner_run: str | None, table: pd.DataFrame, test_metrics: dict[str, float]) -> None:
+    """Names, tags and the parent's description that make the UI's runs table read as the sweep went
+    (`catrs.sweep_story`): the parent with its test figure and the trials table, the winner starred."""
+    test = test_metrics.get(space.objective, math.nan)
+    tracker.log_dataset(parent, space.dataset, "test", "evaluation")
+    tracker.rename(parent, parent_name(space, test))
+    link = f"#/experiments/{tracker.experiment_id}/runs/{winner_run}" if winner_run else ""
+    tracker.set_tags(parent, {"mlflow.note.content": sweep_note(space, table, winner.point, link, test_metrics),
+                              **({"best_run": winner_run} if winner_run else {})})
+    if winner_run:  # the run a reader opens: every setting of it, not only what the trials varied
+        tracker.log_params(winner_run, asdict(space.train_config(winner.point)))
+        tracker.set_tags(winner_run, {"catrs.winner": "true"})
+        tracker.rename(winner_run, winner_name(winner.point, space.objective, winner.val(space.objective), test))
+        tracker.log_dataset(winner_run, space.dataset, "test", "evaluation")
 
 
 def _trade_off_report(tracker: Tracker, parent: str, space: SearchSpace) -> SweepReport | None:
