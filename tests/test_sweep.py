@@ -117,8 +117,8 @@ def test_a_small_sweep_runs_to_completion_and_is_on_record_in_mlflow(ray_cluster
         assert sum(importances.values()) == pytest.approx(1.0, abs=2e-3)  # logged to 3 decimals
 
     _the_ui_tells_the_story(client, parent, children, chosen)
-    _the_ui_server_answers_with_the_same_story(parent.info.experiment_id, sweep_dir.name, chosen.info.run_id,
-                                               tmp_path)
+    _the_ui_server_answers_with_the_same_story(parent.info.experiment_id, parent.info.run_id, sweep_dir.name,
+                                               chosen.info.run_id, tmp_path)
 
 
 def _the_ui_tells_the_story(client, parent, children, chosen):
@@ -191,7 +191,8 @@ def test_a_killed_sweep_driver_resumes_to_the_planned_trials_without_duplicate_r
     assert read_results(tmp_path / "runs" / "sweeps" / "killed" / "final.parquet")["idx"].tolist() == list(range(40))
 
 
-def _the_ui_server_answers_with_the_same_story(experiment_id: str, model: str, chosen: str, tmp_path) -> None:
+def _the_ui_server_answers_with_the_same_story(experiment_id: str, parent: str, model: str, chosen: str,
+                                               tmp_path) -> None:
     """The REST API the UI reads, of a real `mlflow server` on loopback over the store the sweep wrote."""
     import json
     import urllib.request
@@ -211,8 +212,8 @@ def _the_ui_server_answers_with_the_same_story(experiment_id: str, model: str, c
         experiment = call(f"experiments/get?experiment_id={experiment_id}")["experiment"]
         tags = {t["key"]: t["value"] for t in experiment["tags"]}
         assert tags["mlflow.experimentKind"] == "custom_model_development"
-        [winner] = call("runs/search", {"experiment_ids": [experiment_id],
-                                        "filter": "tags.`catrs.winner` = 'true'"})["runs"]
+        [winner] = call("runs/search", {"experiment_ids": [experiment_id], "filter": f"tags.`mlflow.parentRunId` = "
+                                        f"'{parent}' and tags.`catrs.winner` = 'true'"})["runs"]
         assert winner["info"]["run_id"] == chosen and winner["info"]["run_name"].startswith("★ ")
         assert {"synthetic/test", "synthetic/val", "synthetic/train_minus_val"} == {
             d["dataset"]["name"] for d in winner["inputs"]["dataset_inputs"]}
