@@ -1,6 +1,6 @@
 """Images per second of certification as a queue of chunks on Ray workers, against a single process.
 
-    .venv/bin/python benchmarks/certify_scaling.py [--images 360] [--n 2000] [--chunk-size C]
+    .venv/bin/python benchmarks/certify_scaling.py [--images 360] [--n 2000] [--chunk-size C] [--repeats 3]
 
 A digits_cnn (random weights: speed does not depend on them) certifies the embedded digits test split.
 On a CPU machine: single-process certification limited to one thread, then `--workers 1` and `--workers 2`
@@ -8,13 +8,15 @@ On a CPU machine: single-process certification limited to one thread, then `--wo
 straggler: `catrs.faults.straggle`), whose makespan is compared with the ideal one — all images at the
 combined speed of one full-speed and one third-speed worker, as measured by `--workers 1`. On a GPU machine
 the same with one GPU per worker (1, then all of them). Same images, same noise, so every output is the
-same table (checked). Ray's start-up is excluded; each worker's own start (process, model transfer, data
-loading) is included, as a user would pay it.
+same table (checked). The configurations run in turn, `--repeats` rounds, and each reports its median time
+(the machine is shared: a slow moment then costs one sample, not a ratio). Ray's start-up is excluded; each
+worker's own start (process, model transfer, data loading) is included, as a user would pay it.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -65,23 +67,30 @@ def main() -> None:
 
         def slowed(out: Path) -> None:
             (faults / "armed").write_text(f"slow certify.chunk {SLOWDOWN}\n")
-            certify_distributed(request(out), max(counts), args.chunk_size, progress=False)
+            try:
+                certify_distributed(request(out), max(counts), args.chunk_size, progress=False)
+            finally:  # the next runs at full speed, whichever process was slowed
+                for marker in faults.iterdir():
+                    marker.unlink()
 
         runs[straggler] = slowed
-        seconds, frames = {}, {}
-        for label, run in runs.items():
-            out = folder / f"{len(seconds)}.parquet"
-            began = time.perf_counter()
-            run(out)
-            seconds[label] = time.perf_counter() - began
-            frames[label] = read_results(out)[["idx", "predict", "radius"]]
+        samples: dict[str, list[float]] = {label: [] for label in runs}
+        frames = {}
+        for repeat in range(args.repeats):
+            for number, (label, run) in enumerate(runs.items()):
+                out = folder / f"{repeat}-{number}.parquet"  # a new file: an existing one would be resumed
+                began = time.perf_counter()
+                run(out)
+                samples[label].append(time.perf_counter() - began)
+                frames[label] = read_results(out)[["idx", "predict", "radius"]]
+    seconds = {label: statistics.median(times) for label, times in samples.items()}
     workers = max(counts)  # the straggler run's
     speeds = workers - 1 + 1 / SLOWDOWN  # the workers' speeds summed, in units of one full-speed worker's
     ideal = {"busy": seconds[f"--workers {workers}"] * workers / speeds, "alone": seconds["--workers 1"] / speeds}
     chunk = len(plan_chunks(list(range(args.images)), workers, inputs_per_pass(settings, "certify"),
                             args.chunk_size)[0])
     print(f"\ndigits_cnn, {args.images} images, n0=100, n={args.n}, batch 1000, chunks of {chunk} images "
-          f"with {workers} workers")
+          f"with {workers} workers; medians of {args.repeats} rounds")
     print(f"  {'':36}{'images/s':>10}{'÷ single':>10}")
     for label, took in seconds.items():
         pd.testing.assert_frame_equal(frames[label], frames[SINGLE])

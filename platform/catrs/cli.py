@@ -44,7 +44,9 @@ def _non_negative_float(text: str) -> float:
 
 def _output(text: str) -> Path | str:
     """A local path, or an object-store URI kept as text (a Path would fold its `//`)."""
-    return text if "://" in text else Path(text)
+    from catrs.storage import is_uri
+
+    return text if is_uri(text) else Path(text)
 
 
 def _add_tracking_option(parser: argparse.ArgumentParser) -> None:

@@ -59,16 +59,9 @@ class Stored:
         except Exception as error:  # pyarrow raises ArrowInvalid/OSError for unknown schemes and bad URIs
             raise UserError(f"cannot open storage {self.uri}: {str(error).splitlines()[0]}") from None
 
-    def _info(self) -> pafs.FileInfo:
-        fs, path = self._resolve()
-        return fs.get_file_info(path)
-
     def exists(self) -> bool:
-        return self._info().type == pafs.FileType.File
-
-    def is_dir(self) -> bool:
-        """A local directory, or (object stores have no directories) any prefix: writing below it works."""
-        return self._info().type == pafs.FileType.Directory or not self.local
+        fs, path = self._resolve()
+        return fs.get_file_info(path).type == pafs.FileType.File
 
     def read(self) -> bytes:
         fs, path = self._resolve()
