@@ -14,8 +14,8 @@ sweeps it, seeded by that seed. Then, apart from the sweep:
 
 It prints per seed and as mean ± std: the test ACR of (a) and (b) and their difference; the selection
 regret (the best final val ACR among the trials minus the chosen trial's); Spearman's ρ between the proxy at
-each rung and at the last epoch (over the trials that reached it) and the trials' final val ACR; and the sweep's wall time against one
-training run of the paper's point in this process. Targets (issue 11): gain ≥ +0.02, regret ≤ 0.005,
+each rung and at the last epoch (over the trials that reached it) and the trials' final val ACR; and the
+sweep's wall time against one training run of the paper's point in this process. Targets (issue 11): gain ≥ +0.02, regret ≤ 0.005,
 ρ ≥ 0.9 at the first rung where trials are cut.
 """
 

@@ -129,7 +129,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             f"(loaded with weights_only=True); use a checkpoint written by catrs"
         ) from None
     except Exception:  # torch raises RuntimeError/EOFError/ValueError/... for torn or foreign bytes
-        raise UserError(f"could not read checkpoint {path}: the file is truncated or not a PyTorch checkpoint") from None
+        raise UserError(f"could not read checkpoint {path}: the file is truncated or not a PyTorch "
+                        f"checkpoint") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path} is not a catrs checkpoint (no {FORMAT!r} header); train one with `catrs train`")
     if payload.get("format_version", 0) > FORMAT_VERSION:

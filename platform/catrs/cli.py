@@ -69,7 +69,8 @@ def _add_data_options(parser: argparse.ArgumentParser, device: bool = True) -> N
 
 def _add_sampling_options(parser: argparse.ArgumentParser, mode: str) -> None:
     parser.add_argument("--checkpoint", required=True,
-                        help="a catrs checkpoint file, or a registered model: models:/NAME@ALIAS or models:/NAME/VERSION")
+                        help="a catrs checkpoint file, or a registered model: models:/NAME@ALIAS or "
+                             "models:/NAME/VERSION")
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--sigma", type=float, required=True, help="noise level (must match the checkpoint)")
     if mode == "certify":

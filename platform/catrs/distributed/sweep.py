@@ -249,8 +249,9 @@ class MlflowSweepCallback(ray.tune.Callback):
         reported = self._reported.get(trial_id, set())
         for line in history.read_text().splitlines():
             row = json.loads(line)
-            if int(row["epoch"]) not in reported:
-                self.tracker.log_metrics(run_id, {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+            epoch = int(row.pop("epoch"))
+            if epoch not in reported:
+                self.tracker.log_metrics(run_id, row, step=epoch)
 
 
 class SweepProgress(ray.tune.Callback):
