@@ -18,7 +18,7 @@ from trainables.catrs import (CatrsConfig, bottom_k_mean, catrs_loss, catrs_obje
 from trainables.consistency import consistency_terms
 from trainables.macer import macer_margin
 from trainables.smoothadv import smoothadv_attack
-from trainables.smoothmix import mix_loss, smoothmix_iterates
+from trainables.smoothmix import mix_loss, mix_start, smoothmix_iterates
 
 METHODS = ["catrs", "consistency", "gaussian", "macer", "smoothadv", "smoothmix", "stability"]
 
@@ -213,6 +213,41 @@ def test_smoothmix_mix_term_matches_a_direct_computation():
             p = F.softmax(logits_mix[i, b], 0)
             direct = float(mean.argmax() == y[b]) * (target * (target.log() - p.log())).sum()
             assert ours[i, b].item() == pytest.approx(direct.item(), abs=1e-6)
+
+
+def test_smoothmix_mix_start_is_pulled_into_the_warm_up_ball_around_x():
+    x = torch.full((2, 1, 2, 2), 0.5)
+    step = torch.tensor([[0.3, 0.4], [0.0, 0.0]])  # ℓ2 norm 0.5
+    iterate = x + torch.stack([step, step / 10]).unsqueeze(1)  # sample 1 moved 0.5, sample 2 moved 0.05
+    # Epoch 0 of a 10-epoch warm-up, α = 1, mix_step = 1: radius 0.1. Outside the ball: scaled onto it;
+    # inside: unchanged.
+    start = mix_start(x, iterate, 0.1 * 1.0 * 1)
+    assert torch.allclose(start[0, 0], torch.tensor([[0.56, 0.58], [0.5, 0.5]]))
+    assert torch.allclose(start[1], iterate[1])
+    assert torch.equal(mix_start(x, iterate, 1.0), iterate)  # after the warm-up: the iterate itself
+    assert torch.equal(mix_start(x, iterate, 0.0), x)  # mix_step 0: the clean input
+
+
+def test_smoothmix_trains_on_the_warm_up_start_point():
+    """With η = 0 the loss is the CE at x_init + δ_i: at epoch 0 that is the projected iterate, not the raw one."""
+    from trainables.base import draw_noises, forward_copies
+    from trainables.smoothmix import smoothmix_loss
+
+    torch.manual_seed(0)
+    model, batch = create_model("digits_cnn", 10), tiny_batch(4)
+    config = trainables.get("smoothmix").make_config({"num_steps": 2, "alpha": 1.0, "mix_step": 1, "eta": 0.0})
+    torch.manual_seed(1)
+    loss = smoothmix_loss(model, batch, config, StepContext(sigma=0.25, epoch=0, num_classes=10)).loss
+    torch.manual_seed(1)
+    noises = draw_noises(batch.x, 0.25, config.num_noises)
+    iterate = smoothmix_iterates(model, batch.x, batch.y, noises, 1.0, 2)[1]
+
+    def ce_at(point):
+        return F.cross_entropy(forward_copies(model, point.unsqueeze(0) + noises).flatten(0, 1),
+                               batch.y.repeat(config.num_noises))
+
+    assert loss.item() == pytest.approx(ce_at(mix_start(batch.x, iterate, 0.1)).item(), abs=1e-6)
+    assert loss.item() != pytest.approx(ce_at(iterate).item(), abs=1e-6)  # what catrs trained on before
 
 
 def test_smoothmix_iterates_start_clean_and_stay_in_the_box():

@@ -1,8 +1,9 @@
 """SmoothMix (Jeong et al. 2021): mixup between clean and adversarial points of the smoothed classifier.
 
 Attack (eval mode, frozen weights): T steps x ← clamp(x + α·ĝ, 0, 1), ĝ the ℓ2-normalised gradient of
-CE(log mean_i softmax F(x + δ_i), y). The iterate at `mix_step` is x_init (0 is the clean x), the last is
-x_adv. Loss = mean CE of F(x_init + δ_i) + η·min(1, (e+1)/10)·L_mix, where, with p̄ the mean softmax at
+CE(log mean_i softmax F(x + δ_i), y). The iterate at `mix_step`, pulled into the ℓ2 ball of radius
+min(1, (e+1)/10)·α·mix_step around x (as the released code does: during the warm-up the mix start point is
+closer to x), is x_init (0 is the clean x); the last iterate is x_adv. Loss = mean CE of F(x_init + δ_i) + η·min(1, (e+1)/10)·L_mix, where, with p̄ the mean softmax at
 x_init + δ_i and λ ~ U[0, ½] per sample, x_mix = (1−λ)x_init + λx_adv, target = (1−λ)p̄ + λ·uniform, and
 L_mix = mean over noises of 1[argmax p̄ = y]·KL(target ‖ softmax F(x_mix + δ_i)). Same noises throughout.
 """
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainables.base import (Batch, Method, StepContext, StepOutput, accuracy, draw_noises, forward_copies,
-                             frozen_eval, kl_to_target, l2_normalize)
+                             frozen_eval, kl_to_target, l2_normalize, project_l2)
 
 WARMUP_EPOCHS = 10
 
@@ -47,6 +48,11 @@ def smoothmix_iterates(model: nn.Module, x: Tensor, y: Tensor, noises: Tensor, a
     return iterates
 
 
+def mix_start(x: Tensor, iterate: Tensor, radius: float) -> Tensor:
+    """x_init: `iterate` projected onto the ℓ2 ball of `radius` around `x`, per sample, and into [0, 1]."""
+    return (x + project_l2(iterate - x, radius)).clamp(0.0, 1.0)
+
+
 def mix_loss(logits_init: Tensor, logits_mix: Tensor, y: Tensor, lam: Tensor) -> Tensor:
     """L_mix per (noise, sample), (m, b): 1[argmax p̄ = y]·KL(target ‖ softmax logits_mix)."""
     num_classes = logits_init.shape[-1]
@@ -59,7 +65,9 @@ def mix_loss(logits_init: Tensor, logits_mix: Tensor, y: Tensor, lam: Tensor) ->
 def smoothmix_loss(model: nn.Module, batch: Batch, config: SmoothMixConfig, context: StepContext) -> StepOutput:
     noises = draw_noises(batch.x, context.sigma, config.num_noises)
     iterates = smoothmix_iterates(model, batch.x, batch.y, noises, config.alpha, config.num_steps)
-    x_init, x_adv = iterates[config.mix_step], iterates[-1]
+    warmup = min(1.0, (context.epoch + 1) / WARMUP_EPOCHS)
+    x_init = mix_start(batch.x, iterates[config.mix_step], warmup * config.alpha * config.mix_step)
+    x_adv = iterates[-1]
     logits_init = forward_copies(model, x_init.unsqueeze(0) + noises)
     ce = F.cross_entropy(logits_init.flatten(0, 1), batch.y.repeat(config.num_noises))
     lam = torch.rand(len(batch.y), device=batch.x.device) / 2
@@ -67,7 +75,6 @@ def smoothmix_loss(model: nn.Module, batch: Batch, config: SmoothMixConfig, cont
     x_mix = (1 - lam.view(shape)) * x_init + lam.view(shape) * x_adv
     logits_mix = forward_copies(model, x_mix.unsqueeze(0) + noises)
     l_mix = mix_loss(logits_init, logits_mix, batch.y, lam).mean()
-    warmup = min(1.0, (context.epoch + 1) / WARMUP_EPOCHS)
     return StepOutput(ce + config.eta * warmup * l_mix,
                       {"accuracy": accuracy(logits_init, batch.y), "ce": ce.detach(), "l_mix": l_mix.detach()})
 
