@@ -45,7 +45,7 @@ class Faults:
         return sorted(p.name for p in self.folder.glob("fired-*"))
 
     def hold(self, point: str, detail: object) -> None:
-        """The next process reaching `point` with `detail` waits there until `release()`."""
+        """The next process reaching `point` with `detail` waits there (`catrs.faults.HOLD_SECONDS`)."""
         with open(self.folder / "armed", "a") as stream:
             stream.write(f"hold {point} {detail}\n")
 
@@ -60,9 +60,6 @@ class Faults:
                 return marker.read_text()
             time.sleep(0.1)
         raise TimeoutError(f"no process reached {point} {detail} in {seconds:.0f} s")
-
-    def release(self) -> None:
-        (self.folder / "release").touch()
 
 
 @pytest.fixture

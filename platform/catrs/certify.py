@@ -189,18 +189,10 @@ def prepare_certification(request: CertifyRequest) -> PreparedCertification:
     return PreparedCertification(request, checkpoint, provenance, writer, dataset, selected)
 
 
-def certify_positions(request: CertifyRequest, checkpoint: Checkpoint, positions: Sequence[int],
-                      dataset: Dataset | None = None) -> Iterator[list[dict[str, Any]]]:
-    """Rows for the items at `positions` of the request's split (`dataset`, or loaded here), a list per group
-    of inputs certified together.
-
-    Pure: reads the data set, writes nothing.
-    """
-    if dataset is None:
-        dataset = get_dataset(request.dataset, request.split, request.data_root, request.download)
+def smoothed_model(request: CertifyRequest, checkpoint: Checkpoint) -> Smooth:
+    """The checkpoint's model on the request's device, smoothed at its σ with its protocol."""
     model = checkpoint.model(pick_device(request.device))
-    smooth = request.settings.smoothed(model, checkpoint.card.num_classes, request.sigma)
-    yield from certify_rows(smooth, dataset, list(positions), request.settings, request.mode)
+    return request.settings.smoothed(model, checkpoint.card.num_classes, request.sigma)
 
 
 def run_certification(request: CertifyRequest, progress: bool = True) -> Stored:
@@ -209,7 +201,8 @@ def run_certification(request: CertifyRequest, progress: bool = True) -> Stored:
     todo = prepared.todo
     try:
         with tqdm(total=len(todo), desc=request.mode, unit="img", disable=not progress, file=sys.stderr) as bar:
-            for rows in certify_positions(request, prepared.checkpoint, todo, prepared.dataset):
+            smooth = smoothed_model(request, prepared.checkpoint)
+            for rows in certify_rows(smooth, prepared.dataset, todo, request.settings, request.mode):
                 prepared.writer.add(rows)
                 bar.update(len(rows))
     finally:

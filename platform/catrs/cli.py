@@ -228,15 +228,11 @@ def _run_train(args: argparse.Namespace) -> None:
 def _log_model(tracker: Any, run_id: str, checkpoint: Path, dataset: str, data_root: Path | None) -> None:
     """The trained model on its run, as an MLflow PyTorch model with an input example (the checkpoint file is
     in it); a store that cannot take it costs only the model record, with a message."""
-    import torch
-
     from catrs.data import get_dataset
-    from catrs.model_registry import log_checkpoint_model
+    from catrs.model_registry import input_example, log_checkpoint_model
 
-    train_set = get_dataset(dataset, "train", data_root)
-    example = torch.stack([train_set[0][1], train_set[1][1]])  # two: a batch of one would fix the batch size
     try:
-        log_checkpoint_model(tracker, run_id, checkpoint, example)
+        log_checkpoint_model(tracker, run_id, checkpoint, input_example(get_dataset(dataset, "train", data_root)))
     except Exception as error:  # MLflow raises many kinds for a store that cannot take models
         print(f"catrs: MLflow did not take the model ({type(error).__name__}); the checkpoint is {checkpoint}",
               file=sys.stderr)

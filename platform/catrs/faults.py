@@ -9,8 +9,8 @@ Points: `train.epoch` (detail `EPOCH:RANK`, after the epoch's steps, before its 
 `certify.chunk` and `votes.chunk` (detail: the chunk's first position or index, before its work).
 
 A held process, for tests that kill a node at a known moment: `hold POINT DETAIL` makes the first process
-there write `DIR/held-POINT-DETAIL` (holding the name of its node, `$CATRS_FAULTS_NODE`) and wait until
-`DIR/release` exists (at most `HOLD_SECONDS`); the test then removes that node, as a spot preemption would.
+there write `DIR/held-POINT-DETAIL` (holding the name of its node, `$CATRS_FAULTS_NODE`) and wait `HOLD_SECONDS`;
+the test removes that node meanwhile, as a spot preemption would, and the run must end without it.
 
 A straggler, for benchmarks: `slow POINT FACTOR` in `DIR/armed` makes the first process that calls
 `straggle(POINT, …)` take FACTOR times as long for its work at that point, every time, as a slow node would.
@@ -36,9 +36,7 @@ def inject(point: str, detail: object) -> None:
         os._exit(EXIT_CODE)
     if f"hold {point} {detail}" in armed and _first(Path(folder) / f"held-{name}",
                                                      os.environ.get("CATRS_FAULTS_NODE", "")):
-        deadline = time.monotonic() + HOLD_SECONDS
-        while not (Path(folder) / "release").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        time.sleep(HOLD_SECONDS)
 
 
 def _first(marker: Path, content: str) -> bool:

@@ -8,8 +8,8 @@ cached under a key of everything that determines it — data set, architecture, 
 settings (or its checkpoint's SHA-256), N and the seed — in a directory or an object store (`--cache-dir`,
 `$CATRS_CACHE`), where a new cluster finds it again. A `Producer` says how a missing entry is made: here, in
 this process under a file lock; on a cluster (`catrs.distributed.cache`), the teacher as a Ray Train job on
-the workers, the votes as a queue of chunks, and one owner per key cluster-wide. The votes reuse the certification core (`Smooth.sample_counts`, noise stream
-VOTES keyed by training index).
+the workers, the votes as a queue of chunks, and one owner per key cluster-wide. The votes reuse the
+certification core (`Smooth.sample_counts`, noise stream VOTES keyed by training index).
 
 Training images get the same preprocessing as in the released code: the training split with its training
 transforms, one augmented view per image; catrs draws each image's view from a seed of (seed, index), so ŷ
@@ -117,14 +117,18 @@ class VoteJob:
     device: str | None = None
 
 
-def count_votes(job: VoteJob, progress: bool = False) -> torch.Tensor:
-    """Vote counts (len(indices), C) for `job`, in this process."""
+def teacher_and_train_set(job: VoteJob) -> tuple[nn.Module, Dataset]:
+    """The job's teacher on its device, and the training split it votes on."""
     from catrs.data import get_dataset
     from catrs.inference import pick_device
 
-    train_set = get_dataset(job.dataset, "train", job.data_root, job.download)
+    return job.checkpoint.model(pick_device(job.device)), get_dataset(job.dataset, "train", job.data_root, job.download)
+
+
+def count_votes(job: VoteJob, progress: bool = False) -> torch.Tensor:
+    """Vote counts (len(indices), C) for `job`, in this process."""
+    model, train_set = teacher_and_train_set(job)
     indices = list(job.indices) if job.indices is not None else list(range(len(train_set)))
-    model = job.checkpoint.model(pick_device(job.device))
     return vote_histograms(model, train_set, indices, job.sigma, job.num_noises, seed=job.seed, progress=progress)
 
 

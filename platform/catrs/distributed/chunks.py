@@ -33,14 +33,14 @@ import ray
 import torch
 from tqdm import tqdm
 
-from catrs.certify import CertifyRequest, certify_rows, inputs_per_pass, prepare_certification
+from catrs.certify import CertifyRequest, certify_rows, inputs_per_pass, prepare_certification, smoothed_model
 from catrs.distributed.runtime import cluster_has_gpus, connect
 from catrs.errors import JobFailed, UserError
 from catrs.faults import inject, straggle
 from catrs.results import CORRUPTION_COLUMNS, ResultWriter, read_results
 from catrs.smoothing import Smooth
 from catrs.storage import Stored, stored
-from catrs.teacher import VoteJob, vote_histograms
+from catrs.teacher import VoteJob, teacher_and_train_set, vote_histograms
 
 MAX_RETRIES = 3
 # Transient failures worth a retry (a lost file handle, a CUDA hiccup); bad input is not retried.
@@ -121,12 +121,9 @@ def _certifier(request: CertifyRequest, checkpoint_ref: ray.ObjectRef) -> tuple[
     """The request's data set and smoothed model (compiled, where asked), built once per worker process and
     kept for its next chunks (the last request's only)."""
     from catrs.data import get_dataset
-    from catrs.inference import pick_device
 
-    checkpoint = ray.get(checkpoint_ref)
-    model = checkpoint.model(pick_device(request.device))
     return (get_dataset(request.dataset, request.split, request.data_root, request.download),
-            request.settings.smoothed(model, checkpoint.card.num_classes, request.sigma))
+            smoothed_model(request, ray.get(checkpoint_ref)))
 
 
 @ray.remote(max_retries=MAX_RETRIES, retry_exceptions=RETRIED)
@@ -204,12 +201,8 @@ def _merge(output: ResultWriter, chunks: list[ResultWriter]) -> None:
 @lru_cache(maxsize=1)
 def _voter(job_ref: ray.ObjectRef) -> tuple[VoteJob, torch.nn.Module, Any]:
     """The job, its teacher on this worker's device and the training split, once per worker process."""
-    from catrs.data import get_dataset
-    from catrs.inference import pick_device
-
     job = ray.get(job_ref)
-    return job, job.checkpoint.model(pick_device(job.device)), get_dataset(job.dataset, "train", job.data_root,
-                                                                          job.download)
+    return (job, *teacher_and_train_set(job))
 
 
 @ray.remote(max_retries=MAX_RETRIES, retry_exceptions=RETRIED)

@@ -43,7 +43,6 @@ import pandas as pd
 import ray
 import ray.train
 import ray.tune
-import torch
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -60,7 +59,7 @@ from catrs.distributed.train import from_ray_checkpoint, scaling, worker_loop, w
 from catrs.errors import JobFailed, UserError
 from catrs.inference import pick_device
 from catrs.metrics import DEFAULT_RADII
-from catrs.model_registry import register_checkpoint
+from catrs.model_registry import input_example, register_checkpoint
 from catrs.report import build_report, format_report
 from catrs.results import read_results
 from catrs.search_space import Domain, SearchSpace
@@ -452,8 +451,7 @@ def run_sweep(space: SearchSpace, *, num_samples: int | None = None, tracking_ur
             summary = Path(folder) / "trials.csv"
             table.to_csv(summary, index=False)
             tracker.log_artifact(parent, summary)
-        val = get_dataset(space.dataset, "val", data_root, download)
-        example = torch.stack([val[0][1], val[1][1]])  # two images: a batch of one would fix the exported batch size
+        example = input_example(get_dataset(space.dataset, "val", data_root, download))
         winner_run = callback.tracker.find({"catrs.trial_id": winner.trial_id, "mlflow.parentRunId": parent})
         # The model goes on the run it came from: the winning trial's, or the parent's when it was re-trained.
         model_run = parent if space.selection.refit or winner_run is None else winner_run
