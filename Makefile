@@ -6,11 +6,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean postgresql
+.PHONY: demo test lint bench clean postgresql
 
 $(STAMP): pyproject.toml constraints/test.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints/test.txt -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints/test.txt -e '.[test,lint]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -26,8 +26,16 @@ postgresql:
 	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; }
 
+# Lint and type check (.ci/run runs it before the tests): ruff's rules and formatting, then mypy; settings in
+# pyproject.toml, tool versions pinned by the `lint` extra.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/certify_throughput.py
+	$(BIN)/python benchmarks/inference_default.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/certify_scaling.py
 

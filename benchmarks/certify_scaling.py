@@ -29,6 +29,7 @@ from catrs.certify import CertifyRequest, CertifySettings, inputs_per_pass, run_
 from catrs.checkpoint import ModelCard, save_checkpoint
 from catrs.distributed.chunks import certify_distributed, plan_chunks
 from catrs.results import read_results
+from catrs.sampling import SamplingProtocol
 from harness import device_and_models, parse_arguments  # benchmarks/harness.py
 
 SLOWDOWN = 3.0
@@ -36,20 +37,27 @@ SINGLE = "single process (1 thread)"
 
 
 def digits_checkpoint(folder: Path) -> Path:
-    card = ModelCard(arch="digits_cnn", dataset="digits", num_classes=10, input_shape=(1, 8, 8), normalization=None,
-                     sigma=0.5)
+    card = ModelCard(
+        arch="digits_cnn", dataset="digits", num_classes=10, input_shape=(1, 8, 8), normalization=None, sigma=0.5
+    )
     return save_checkpoint(folder / "digits_cnn.pt", card.build_model(), card)
 
 
 def main() -> None:
-    args = parse_arguments(__doc__, {"--images": dict(type=int, default=360), "--n": dict(type=int, default=2000),
-                                     "--chunk-size": dict(type=int, default=None)})
+    args = parse_arguments(
+        __doc__,
+        {
+            "--images": dict(type=int, default=360),
+            "--n": dict(type=int, default=2000),
+            "--chunk-size": dict(type=int, default=None),
+        },
+    )
     device, _ = device_and_models(args)
     counts = [1, 2] if device.type == "cpu" else sorted({1, torch.cuda.device_count()})
     faults = Path(tempfile.mkdtemp(prefix="catrs-faults-"))
     os.environ["CATRS_FAULTS_DIR"] = str(faults)  # before Ray starts, so its workers see it
     ray.init(num_cpus=max(counts) if device.type == "cpu" else None, log_to_driver=False)
-    settings = CertifySettings(n0=100, n=args.n, batch_size=1000, inference="eager")
+    settings = CertifySettings(SamplingProtocol(n0=100, n=args.n, batch=1000), inference="eager")
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         checkpoint = digits_checkpoint(folder)
@@ -62,7 +70,8 @@ def main() -> None:
         runs = {SINGLE: lambda out: run_certification(request(out), progress=False)}
         for workers in counts:
             runs[f"--workers {workers}"] = lambda out, k=workers: certify_distributed(
-                request(out), k, args.chunk_size, progress=False)
+                request(out), k, args.chunk_size, progress=False
+            )
         straggler = f"--workers {max(counts)}, one {SLOWDOWN:g}× slower"
 
         def slowed(out: Path) -> None:
@@ -87,19 +96,23 @@ def main() -> None:
     workers = max(counts)  # the straggler run's
     speeds = workers - 1 + 1 / SLOWDOWN  # the workers' speeds summed, in units of one full-speed worker's
     ideal = {"busy": seconds[f"--workers {workers}"] * workers / speeds, "alone": seconds["--workers 1"] / speeds}
-    chunk = len(plan_chunks(list(range(args.images)), workers, inputs_per_pass(settings, "certify"),
-                            args.chunk_size)[0])
-    print(f"\ndigits_cnn, {args.images} images, n0=100, n={args.n}, batch 1000, chunks of {chunk} images "
-          f"with {workers} workers; medians of {args.repeats} rounds")
+    per_pass = inputs_per_pass(settings.protocol, "certify")
+    chunk = len(plan_chunks(list(range(args.images)), workers, per_pass, args.chunk_size)[0])
+    print(
+        f"\ndigits_cnn, {args.images} images, n0=100, n={args.n}, batch 1000, chunks of {chunk} images "
+        f"with {workers} workers; medians of {args.repeats} rounds"
+    )
     print(f"  {'':36}{'images/s':>10}{'÷ single':>10}")
     for label, took in seconds.items():
         pd.testing.assert_frame_equal(frames[label], frames[SINGLE])
         rate = args.images / took
         print(f"  {label:36}{rate:>10.2f}{rate / (args.images / seconds[SINGLE]):>10.2f}")
-    print(f"  straggler makespan {seconds[straggler]:.1f} s; the ideal (all images at the speed of {workers - 1} full "
-          f"and one 1/{SLOWDOWN:g}-speed worker), with a worker as fast as beside another / alone: "
-          f"{ideal['busy']:.1f} / {ideal['alone']:.1f} s; makespan ÷ ideal: "
-          f"{seconds[straggler] / ideal['busy']:.2f} / {seconds[straggler] / ideal['alone']:.2f}")
+    print(
+        f"  straggler makespan {seconds[straggler]:.1f} s; the ideal (all images at the speed of {workers - 1} full "
+        f"and one 1/{SLOWDOWN:g}-speed worker), with a worker as fast as beside another / alone: "
+        f"{ideal['busy']:.1f} / {ideal['alone']:.1f} s; makespan ÷ ideal: "
+        f"{seconds[straggler] / ideal['busy']:.2f} / {seconds[straggler] / ideal['alone']:.2f}"
+    )
 
 
 if __name__ == "__main__":

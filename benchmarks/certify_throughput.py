@@ -21,9 +21,9 @@ from catrs.models import create_model
 from catrs.smoothing import Smooth
 from harness import device_and_models, parse_arguments  # benchmarks/harness.py
 
-SHAPES = {"lenet": (1, 28, 28), "cifar_resnet20": (3, 32, 32), "cifar_resnet110": (3, 32, 32)}
-CPU_BATCH = {"lenet": 1000, "cifar_resnet20": 400, "cifar_resnet110": 200}
-GPU_BATCH = {"lenet": 10_000, "cifar_resnet20": 4000, "cifar_resnet110": 1000}
+SHAPES = {"digits_cnn": (1, 8, 8), "lenet": (1, 28, 28), "cifar_resnet20": (3, 32, 32), "cifar_resnet110": (3, 32, 32)}
+CPU_BATCH = {"digits_cnn": 1000, "lenet": 1000, "cifar_resnet20": 400, "cifar_resnet110": 200}
+GPU_BATCH = {"digits_cnn": 10_000, "lenet": 10_000, "cifar_resnet20": 4000, "cifar_resnet110": 1000}
 SIGMA, ALPHA, N0 = 0.5, 0.001, 100
 
 
@@ -75,11 +75,11 @@ def bench_model(name: str, device: torch.device, repeats: int, group: int) -> li
         began = time.perf_counter()
         smooth.certify(x, N0, n, ALPHA, batch_size, index=0)  # warm-up (compiles)
         print(f"  {name} {mode}: warm-up {time.perf_counter() - began:.1f}s", flush=True)
-        contenders[f"(b) certify, {mode}"] = (
-            lambda s=smooth: s.certify(x, N0, n, ALPHA, batch_size, index=0), N0 + n)
+        contenders[f"(b) certify, {mode}"] = (lambda s=smooth: s.certify(x, N0, n, ALPHA, batch_size, index=0), N0 + n)
         contenders[f"(b) certify_batch×{group}, {mode}"] = (
             lambda s=smooth: s.certify_batch(xs, N0, n // group, ALPHA, batch_size, indices=range(group)),
-            group * (N0 + n // group))
+            group * (N0 + n // group),
+        )
 
     seconds: dict[str, list[float]] = {label: [] for label in contenders}
     with torch.inference_mode():

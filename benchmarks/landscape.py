@@ -29,16 +29,16 @@ import torch
 import yaml
 from scipy.stats import spearmanr
 
-from catrs.certify import CertifyRequest, evaluation_metrics, run_certification
+from catrs.certify import CertifyRequest, CertifySettings, evaluation_metrics, run_certification
 from catrs.distributed.runtime import connect
-from catrs.distributed.sweep import proxy_of
+from catrs.distributed.trial import proxy_of
 from catrs.inference import pick_device
 from catrs.metrics import average_certified_radius
 from catrs.results import read_results
-from catrs.search_space import SearchSpace, load_search_space
-from catrs.train import CHECKPOINT_NAME, LocalSession, fit, soft_labels_for
+from catrs.search_space import SearchSpace, find_search_space, load_search_space
+from catrs.train import LocalSession, RunFolder, fit, soft_labels_for
 
-DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo_digits.yaml"
+DEMO = find_search_space("demo_digits")
 
 
 def parse_point(text: str) -> tuple[str, dict]:
@@ -67,19 +67,27 @@ class EveryEpoch(LocalSession):
 def measure(space: SearchSpace, point: dict, folder: Path) -> dict:
     """One run: the proxy after every epoch, then the final protocol on val and on test."""
     torch.set_num_threads(1)
-    config = space.train_config(point)
-    soft = soft_labels_for(space.soft_label_config(point), folder.parent / "cache", progress=False)
+    spec = space.resolve(point)
+    soft = soft_labels_for(spec, folder.parent / "cache", progress=False)
     session = EveryEpoch(folder)
-    every_epoch = replace(proxy_of(space, None, False), epochs=tuple(range(1, config.epochs + 1)))
-    fit(config, session, pick_device(None), soft_labels=soft, evaluation=every_epoch)
+    every_epoch = replace(proxy_of(space, None, False), epochs=tuple(range(1, spec.config.epochs + 1)))
+    fit(spec, session, pick_device(None), soft_labels=soft, evaluation=every_epoch)
     figures = {f"proxy@{int(m['epoch'])}": m[space.metric] for m in session.reports}
-    settings = space.final.settings(space.seed, inference="channels_last")
+    settings = CertifySettings(space.final.protocol(), seed=space.seed)
     for split, mode in (("val", "evaluate"), ("test", "certify")):
-        request = CertifyRequest(checkpoint=folder / CHECKPOINT_NAME, dataset=space.dataset, sigma=space.sigma,
-                                 out=folder / f"{split}.parquet", settings=settings, mode=mode, split=split)
+        request = CertifyRequest(
+            checkpoint=RunFolder(folder).checkpoint,
+            dataset=space.dataset,
+            sigma=space.sigma,
+            out=folder / f"{split}.parquet",
+            settings=settings,
+            mode=mode,
+            split=split,
+        )
         frame = read_results(run_certification(request, progress=False))
-        figures[split] = (evaluation_metrics(frame, "acr", "")["acr"] if mode == "evaluate"
-                          else average_certified_radius(frame))
+        figures[split] = (
+            evaluation_metrics(frame, "acr", "")["acr"] if mode == "evaluate" else average_certified_radius(frame)
+        )
     return figures
 
 
@@ -98,21 +106,28 @@ def main() -> None:
             for seed in args.seeds:
                 space = replace(base, seed=seed)
                 point = {**space.first_point(), **overrides}
-                space.train_config(point)  # a bad override fails here, before any work
+                space.resolve(point)  # a bad override fails here, before any work
                 jobs[(name, seed)] = measure.remote(space, point, Path(folder) / f"{name}-{seed}".replace("/", "_"))
         runs = pd.DataFrame([{"point": name, "seed": seed, **ray.get(ref)} for (name, seed), ref in jobs.items()])
     first = runs[runs["point"] == next(iter(points))].set_index("seed")["test"]
     runs["test gain"] = runs["test"] - runs["seed"].map(first)
     table = runs.groupby("point", sort=False).agg(
-        val=("val", "mean"), test=("test", "mean"), gain=("test gain", "mean"),
-        tests=("test", lambda t: " ".join(f"{v:.3f}" for v in t)))
-    print(f"{base.path.name}: final protocol (n = {base.final.n}) on val and test, mean over seeds "
-          f"{' '.join(map(str, args.seeds))}; gain: test ACR minus the first point's at the same seeds")
+        val=("val", "mean"),
+        test=("test", "mean"),
+        gain=("test gain", "mean"),
+        tests=("test", lambda t: " ".join(f"{v:.3f}" for v in t)),
+    )
+    print(
+        f"{base.path.name}: final protocol (n = {base.final.n}) on val and test, mean over seeds "
+        f"{' '.join(map(str, args.seeds))}; gain: test ACR minus the first point's at the same seeds"
+    )
     print(table.to_string(float_format=lambda v: f"{v:+.4f}" if v < 0 else f"{v:.4f}"))
     epochs = sorted((c for c in runs.columns if c.startswith("proxy@")), key=lambda c: int(c.split("@")[1]))
     rho = {c: spearmanr(runs[c], runs["val"])[0] for c in epochs}
-    print(f"\nSpearman ρ of the proxy (n = {base.proxy.n}, {base.proxy.images} val images) after each epoch against "
-          f"the trained-out val ACR, over {len(runs)} runs:")
+    print(
+        f"\nSpearman ρ of the proxy (n = {base.proxy.n}, {base.proxy.images} val images) after each epoch against "
+        f"the trained-out val ACR, over {len(runs)} runs:"
+    )
     print("  " + "  ".join(f"{c.split('@')[1]}: {v:.2f}" for c, v in rho.items() if np.isfinite(v)))
 
 

@@ -15,8 +15,8 @@ sweeps it, seeded by that seed. Then, apart from the sweep:
 It prints per seed and as mean ± std: the test ACR of (a) and (b) and their difference; the selection
 regret (the best final val ACR among the trials minus the chosen trial's); Spearman's ρ between the proxy at
 each rung and at the last epoch (over the trials that reached it) and the trials' final val ACR; and the
-sweep's wall time against one training run of the paper's point in this process. Targets (issue 11): gain ≥ +0.02, regret ≤ 0.005,
-ρ ≥ 0.9 at the first rung where trials are cut.
+sweep's wall time against one training run of the paper's point in this process. Targets (issue 11):
+gain ≥ +0.02, regret ≤ 0.005, ρ ≥ 0.9 at the first rung where trials are cut.
 """
 
 from __future__ import annotations
@@ -34,19 +34,23 @@ import ray
 import yaml
 from scipy.stats import spearmanr
 
-from catrs.certify import CertifyRequest, evaluation_metrics, run_certification
+from catrs.certify import CertifyRequest, CertifySettings, evaluation_metrics, run_certification
 from catrs.distributed.runtime import connect
 from catrs.distributed.selection import certify
 from catrs.distributed.sweep import run_sweep
 from catrs.metrics import average_certified_radius
 from catrs.results import read_results
-from catrs.search_space import SearchSpace, load_search_space
+from catrs.search_space import SearchSpace, find_search_space, load_search_space
 from catrs.tracking import Tracker
 from catrs.train import train
 
-DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo_digits.yaml"
+DEMO = find_search_space("demo_digits")
 SMALL = {  # generated data, two epochs, three trials: the benchmark's whole path in about a minute
-    "name": "small", "method": "catrs", "dataset": "synthetic", "sigma": 0.25, "seed": 0,
+    "name": "small",
+    "method": "catrs",
+    "dataset": "synthetic",
+    "sigma": 0.25,
+    "seed": 0,
     "train": {"epochs": 2, "batch_size": 128, "lr": 0.05, "lr_step": 1},
     "fixed": {"num_steps": 1, "teacher_noises": 16, "num_noises": 2, "epsilon": 0.5, "sigma0": 0.25},
     "search": {"lbd": {"loguniform": [0.25, 4.0]}},
@@ -74,8 +78,13 @@ def trial_histories(tracker: Tracker, parent: str, metric: str) -> pd.DataFrame:
     rows = []
     for child in tracker.children(parent):
         history = {int(m.step): m.value for m in tracker.client.get_metric_history(child.info.run_id, metric)}
-        rows.append({"trial": child.data.tags["catrs.trial_id"], "params": dict(child.data.params),
-                     **{f"proxy@{epoch}": value for epoch, value in history.items()}})
+        rows.append(
+            {
+                "trial": child.data.tags["catrs.trial_id"],
+                "params": dict(child.data.params),
+                **{f"proxy@{epoch}": value for epoch, value in history.items()},
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -91,18 +100,30 @@ def typed_point(space: SearchSpace, params: dict[str, str]) -> dict:
 @ray.remote(num_cpus=1)
 def final_val_acr(space: SearchSpace, point: dict, folder: Path, cache: Path) -> float:
     """`point` trained to its end as a trial trains, then its ACR on val with the final protocol."""
-    checkpoint = train(space.train_config(point), folder, cache_dir=cache, progress=False)
-    request = CertifyRequest(checkpoint=checkpoint, dataset=space.dataset, sigma=space.sigma,
-                             out=folder / "val.parquet",
-                             settings=space.final.settings(space.seed, inference="channels_last"), mode="evaluate",
-                             split="val")
+    checkpoint = train(space.resolve(point), folder, cache_dir=cache, progress=False)
+    request = CertifyRequest(
+        checkpoint=checkpoint,
+        dataset=space.dataset,
+        sigma=space.sigma,
+        out=folder / "val.parquet",
+        settings=CertifySettings(space.final.protocol(), seed=space.seed),
+        mode="evaluate",
+        split="val",
+    )
     return evaluation_metrics(read_results(run_certification(request, progress=False)), "acr", "")["acr"]
 
 
 def test_acr(space: SearchSpace, checkpoint: Path, out: Path, n: int) -> float:
-    settings = replace(space.final.settings(space.seed, inference="channels_last"), n=n)
-    request = CertifyRequest(checkpoint=checkpoint, dataset=space.dataset, sigma=space.sigma, out=out,
-                             settings=settings, skip=space.final.skip, max_index=space.final.max)
+    settings = CertifySettings(replace(space.final.protocol(), n=n), seed=space.seed)
+    request = CertifyRequest(
+        checkpoint=checkpoint,
+        dataset=space.dataset,
+        sigma=space.sigma,
+        out=out,
+        settings=settings,
+        skip=space.final.skip,
+        max_index=space.final.max,
+    )
     return average_certified_radius(read_results(certify(request, space.final.workers, progress=False)))
 
 
@@ -114,11 +135,15 @@ def one_seed(space: SearchSpace, folder: Path, test_n: int) -> dict:
     sweep_seconds = time.perf_counter() - began
     began = time.perf_counter()  # (a): the paper's point, trained as the sweep trains its choice, in this process
     split = "train" if space.selection.refit else "train_minus_val"
-    paper = train(space.train_config(space.first_point(), split), folder / "paper", cache_dir=cache, progress=False)
+    paper = train(space.resolve(space.first_point(), split), folder / "paper", cache_dir=cache, progress=False)
     train_seconds = time.perf_counter() - began
     trials = trial_histories(Tracker(), outcome.parent_run_id, space.metric)
-    finals = ray.get([final_val_acr.remote(space, typed_point(space, params), folder / "trained_out" / trial, cache)
-                      for trial, params in zip(trials["trial"], trials["params"])])
+    finals = ray.get(
+        [
+            final_val_acr.remote(space, typed_point(space, params), folder / "trained_out" / trial, cache)
+            for trial, params in zip(trials["trial"], trials["params"], strict=True)
+        ]
+    )
     trials["final_val_acr"] = finals
     rho = {}
     for epoch in space.budget.rungs(space.epochs) + [space.epochs]:  # each rung, and the proxy that shortlists
@@ -128,19 +153,32 @@ def one_seed(space: SearchSpace, folder: Path, test_n: int) -> dict:
     paper_test = test_acr(space, paper, folder / "paper_test.parquet", test_n)
     chosen_test = test_acr(space, outcome.best_checkpoint, folder / "chosen_test.parquet", test_n)
     chosen = trials.loc[trials["trial"] == outcome.best_trial, "final_val_acr"].item()
-    return {"seed": space.seed, "paper": paper_test, "chosen": chosen_test, "gain": chosen_test - paper_test,
-            "regret": trials["final_val_acr"].max() - chosen, **rho, "sweep_s": sweep_seconds,
-            "train_s": train_seconds, "sweep÷train": sweep_seconds / train_seconds,
-            "chosen_trial": outcome.best_trial}
+    return {
+        "seed": space.seed,
+        "paper": paper_test,
+        "chosen": chosen_test,
+        "gain": chosen_test - paper_test,
+        "regret": trials["final_val_acr"].max() - chosen,
+        **rho,
+        "sweep_s": sweep_seconds,
+        "train_s": train_seconds,
+        "sweep÷train": sweep_seconds / train_seconds,
+        "chosen_trial": outcome.best_trial,
+    }
 
 
 def summary(rows: list[dict]) -> str:
     table = pd.DataFrame(rows).set_index("seed")
     numeric = table.select_dtypes("number")
-    lines = [table.to_string(float_format=lambda v: f"{v:.4f}"), "",
-             "mean ± std over seeds: " + "  ".join(
-                 f"{column} {numeric[column].mean():.4f} ± {np.nan_to_num(numeric[column].std()):.4f}"
-                 for column in numeric.columns)]
+    lines = [
+        table.to_string(float_format=lambda v: f"{v:.4f}"),
+        "",
+        "mean ± std over seeds: "
+        + "  ".join(
+            f"{column} {numeric[column].mean():.4f} ± {np.nan_to_num(numeric[column].std()):.4f}"
+            for column in numeric.columns
+        ),
+    ]
     return "\n".join(lines)
 
 
@@ -159,10 +197,15 @@ def main(argv: list[str] | None = None) -> str:
         for seed in args.seeds:
             space = replace(base, seed=seed, name=f"{base.name}-bench-{time.strftime('%Y%m%d-%H%M%S')}-s{seed}")
             rows.append(one_seed(space, folder / f"seed{seed}", args.test_n))
-            print(f"seed {seed}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                               for k, v in rows[-1].items()), flush=True)
-    text = (f"{base.path.name}: {len(rows)} sweeps; test ACR of the paper's point (a) and of the sweep's choice "
-            f"(b), n = {args.test_n}; regret and ρ on val with the final protocol\n" + summary(rows))
+            print(
+                f"seed {seed}: "
+                + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()),
+                flush=True,
+            )
+    text = (
+        f"{base.path.name}: {len(rows)} sweeps; test ACR of the paper's point (a) and of the sweep's choice "
+        f"(b), n = {args.test_n}; regret and ρ on val with the final protocol\n" + summary(rows)
+    )
     print(text)
     return text
 

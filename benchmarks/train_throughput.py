@@ -5,7 +5,7 @@
 A step is one loader batch (the method's default size: 256, MACER 64) through `catrs.train.train_step`:
 the released per-noise chunking, one optimizer step per chunk, the paper's CIFAR-10 σ = 0.5 settings.
 Methods run interleaved and medians are reported (the machine is shared and noisy). The published column is
-the seconds per CIFAR-10 epoch of the released code relative to Gaussian's (METHODS.md, "Known costs").
+the seconds per CIFAR-10 epoch of the released code relative to Gaussian's (docs/methods.md, "Known costs").
 """
 
 from __future__ import annotations
@@ -18,12 +18,19 @@ import torch
 import trainables
 from catrs.models import create_model
 from catrs.train import train_step
-from trainables.base import Batch, StepContext
 from harness import device_and_models, parse_arguments  # benchmarks/harness.py
+from trainables.base import Batch, StepContext
 
 SHAPES = {"lenet": (1, 28, 28), "cifar_resnet20": (3, 32, 32), "cifar_resnet110": (3, 32, 32)}
-PUBLISHED_SECONDS = {"gaussian": (22, 22), "stability": (40, 40), "consistency": (43, 43), "smoothmix": (185, 185),
-                     "macer": (303, 303), "catrs": (355, 355), "smoothadv": (579, 1157)}
+PUBLISHED_SECONDS = {
+    "gaussian": (22, 22),
+    "stability": (40, 40),
+    "consistency": (43, 43),
+    "smoothmix": (185, 185),
+    "macer": (303, 303),
+    "catrs": (355, 355),
+    "smoothadv": (579, 1157),
+}
 SIGMA = 0.5
 
 
@@ -36,8 +43,12 @@ def step_seconds(name: str, model_name: str, device: torch.device) -> callable:
     generator = torch.Generator().manual_seed(0)
     y = torch.randint(0, 10, (size,), generator=generator)
     soft = torch.softmax(3 * torch.randn(size, 10, generator=generator), dim=1)
-    batch = Batch(x=torch.rand(size, *SHAPES[model_name], generator=generator).to(device), y=y.to(device),
-                  index=torch.arange(size, device=device), soft_labels=soft.to(device))
+    batch = Batch(
+        x=torch.rand(size, *SHAPES[model_name], generator=generator).to(device),
+        y=y.to(device),
+        index=torch.arange(size, device=device),
+        soft_labels=soft.to(device),
+    )
     context = StepContext(sigma=SIGMA, epoch=20, num_classes=10)  # past every warm-up
 
     def run() -> float:
@@ -67,8 +78,10 @@ def main() -> None:
         for name in sorted(rate, key=lambda n: -rate[n]):
             low, high = (v / PUBLISHED_SECONDS["gaussian"][0] for v in PUBLISHED_SECONDS[name])
             published = f"{low:.1f}" if low == high else f"{low:.1f}–{high:.1f}"
-            print(f"  {name:12}{runners[name][1]:>7}{rate[name]:>12,.0f}{rate['gaussian'] / rate[name]:>17.1f}"
-                  f"{published:>14}")
+            print(
+                f"  {name:12}{runners[name][1]:>7}{rate[name]:>12,.0f}{rate['gaussian'] / rate[name]:>17.1f}"
+                f"{published:>14}"
+            )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,14 @@ REFERENCE_TSV = FIXTURES / "cifar10_sigma0.5_catrs_certify.tsv"
 
 def make_card(dataset: str = "digits", sigma: float = 0.5, arch: str | None = None) -> ModelCard:
     spec = dataset_spec(dataset)
-    return ModelCard(arch=arch or spec.default_arch, dataset=dataset, num_classes=spec.num_classes,
-                     input_shape=spec.input_shape, normalization=spec.normalization, sigma=sigma)
+    return ModelCard(
+        arch=arch or spec.default_arch,
+        dataset=dataset,
+        num_classes=spec.num_classes,
+        input_shape=spec.input_shape,
+        normalization=spec.normalization,
+        sigma=sigma,
+    )
 
 
 def free_port() -> int:
@@ -57,9 +63,23 @@ class MlflowServer:
     def start(self) -> None:
         mlflow = Path(sys.executable).parent / "mlflow"
         self.process = subprocess.Popen(
-            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", self.backend_store, "--artifacts-destination", self.artifacts],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                str(mlflow),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                self.backend_store,
+                "--artifacts-destination",
+                self.artifacts,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_for_port(self.port, "mlflow server", 120)
 
     def stop(self) -> None:
@@ -90,8 +110,17 @@ class Postgres:
         """Starts the server and creates the database `mlflow`; returns its URI."""
         data = self.root / "data"
         self._run("initdb", "-D", str(data), "-U", "postgres", "--auth=trust")
-        self._run("pg_ctl", "-D", str(data), "-l", str(self.root / "server.log"), "-w", "-o",
-                  f"-h 127.0.0.1 -p {self.port} -k {self.root}", "start")
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(data),
+            "-l",
+            str(self.root / "server.log"),
+            "-w",
+            "-o",
+            f"-h 127.0.0.1 -p {self.port} -k {self.root}",
+            "start",
+        )
         self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "mlflow")
         return f"postgresql://postgres@127.0.0.1:{self.port}/mlflow"
 

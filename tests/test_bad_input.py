@@ -27,8 +27,24 @@ def _idx(path: Path, array: np.ndarray) -> None:
 
 
 def _certify(checkpoint, out, *extra):
-    return ["certify", "--checkpoint", checkpoint, "--dataset", "digits", "--sigma", "0.5", "--n0", "10", "--n",
-            "50", "--inference", "eager", "--out", out, *extra]
+    return [
+        "certify",
+        "--checkpoint",
+        checkpoint,
+        "--dataset",
+        "digits",
+        "--sigma",
+        "0.5",
+        "--n0",
+        "10",
+        "--n",
+        "50",
+        "--inference",
+        "eager",
+        "--out",
+        out,
+        *extra,
+    ]
 
 
 def truncated_checkpoint(tmp, good):
@@ -55,8 +71,22 @@ def checkpoint_of_another_arch(tmp, good):
 def missing_data_directory(tmp, good):
     card = make_card("mnist")
     save_checkpoint(tmp / "mnist.pt", card.build_model(), card)
-    return (["certify", "--checkpoint", tmp / "mnist.pt", "--dataset", "mnist", "--sigma", "0.5", "--data-root",
-             tmp / "nowhere", "--out", tmp / "o.parquet"], "pass --download")
+    return (
+        [
+            "certify",
+            "--checkpoint",
+            tmp / "mnist.pt",
+            "--dataset",
+            "mnist",
+            "--sigma",
+            "0.5",
+            "--data-root",
+            tmp / "nowhere",
+            "--out",
+            tmp / "o.parquet",
+        ],
+        "pass --download",
+    )
 
 
 def data_of_the_wrong_shape(tmp, good):
@@ -67,17 +97,47 @@ def data_of_the_wrong_shape(tmp, good):
     for prefix in ("train", "t10k"):
         _idx(raw / f"{prefix}-images-idx3-ubyte", np.zeros((3, 20, 20)))
         _idx(raw / f"{prefix}-labels-idx1-ubyte", np.zeros(3))
-    return (["certify", "--checkpoint", tmp / "mnist.pt", "--dataset", "mnist", "--sigma", "0.5", "--data-root",
-             tmp / "data", "--out", tmp / "o.parquet"], "has images of shape (1, 20, 20), expected (1, 28, 28)")
+    return (
+        [
+            "certify",
+            "--checkpoint",
+            tmp / "mnist.pt",
+            "--dataset",
+            "mnist",
+            "--sigma",
+            "0.5",
+            "--data-root",
+            tmp / "data",
+            "--out",
+            tmp / "o.parquet",
+        ],
+        "has images of shape (1, 20, 20), expected (1, 28, 28)",
+    )
 
 
 def output_with_other_provenance(tmp, good):
     import pandas as pd
 
-    pd.DataFrame({"idx": [0], "label": [1], "predict": [1], "radius": [0.5], "correct": [1], "time": [1.0],
-                  "mode": ["certify"], "dataset": ["digits"], "split": ["test"], "n0": [10], "n": [999],
-                  "alpha": [0.001], "sigma": [0.5], "seed": [0], "mixed_precision": [False],
-                  "checkpoint_sha256": ["x"]}).to_parquet(tmp / "old.parquet")
+    pd.DataFrame(
+        {
+            "idx": [0],
+            "label": [1],
+            "predict": [1],
+            "radius": [0.5],
+            "correct": [1],
+            "time": [1.0],
+            "mode": ["certify"],
+            "dataset": ["digits"],
+            "split": ["test"],
+            "n0": [10],
+            "n": [999],
+            "alpha": [0.001],
+            "sigma": [0.5],
+            "seed": [0],
+            "mixed_precision": [False],
+            "checkpoint_sha256": ["x"],
+        }
+    ).to_parquet(tmp / "old.parquet")
     return _certify(good, tmp / "old.parquet"), "holds results with other provenance"
 
 
@@ -102,35 +162,69 @@ CASES = {
     "torn output": output_that_is_torn,
     "foreign TSV output": foreign_tsv_output,
     "negative workers": lambda tmp, good: (_certify(good, tmp / "o.parquet", "--workers", "-1"), "--workers must be"),
-    "zero chunk size": lambda tmp, good: (_certify(good, tmp / "o.parquet", "--workers", "1", "--chunk-size", "0"),
-                                          "--chunk-size must be"),
+    "zero chunk size": lambda tmp, good: (
+        _certify(good, tmp / "o.parquet", "--workers", "1", "--chunk-size", "0"),
+        "--chunk-size must be",
+    ),
     "unknown storage scheme": lambda tmp, good: (_certify(good, "nosuch://bucket/o.parquet"), "cannot open storage"),
-    "predict with alpha 0": lambda tmp, good: (["predict", "--checkpoint", good, "--dataset", "digits", "--sigma",
-                                                "0.5", "--alpha", "0", "--out", tmp / "o.parquet"], "--alpha must lie"),
+    "predict with alpha 0": lambda tmp, good: (
+        [
+            "predict",
+            "--checkpoint",
+            good,
+            "--dataset",
+            "digits",
+            "--sigma",
+            "0.5",
+            "--alpha",
+            "0",
+            "--out",
+            tmp / "o.parquet",
+        ],
+        "--alpha must lie",
+    ),
     "unknown split": lambda tmp, good: (_certify(good, tmp / "o.parquet", "--split", "dev"), "unknown split 'dev'"),
     "missing required option": lambda tmp, good: (["certify", "--dataset", "digits"], "are required"),
     "unknown command": lambda tmp, good: (["fit"], "invalid choice"),
     "report of a missing file": lambda tmp, good: (["report", tmp / "absent.parquet"], "result file not found"),
-    "report at a negative radius": lambda tmp, good: (["report", REFERENCE_TSV, "--radii", "-1"],
-                                                      "radius must be non-negative"),
-    "report with an unknown dataset": lambda tmp, good: (["report", REFERENCE_TSV, "--dataset", "svhn", "--linf"],
-                                                         "unknown dataset 'svhn'"),
-    "train config missing": lambda tmp, good: (["train", "--config", tmp / "absent.yaml", "--out", tmp / "r"],
-                                               "config file not found"),
-    "train with negative workers": lambda tmp, good: (["train", "--method", "gaussian", "--dataset", "synthetic",
-                                                       "--workers", "-1", "--out", tmp / "r"], "--workers and --gpus-per-worker must be"),
-    "train with a non-positive lr": lambda tmp, good: (["train", "--method", "gaussian", "--lr", "0", "--out",
-                                                        tmp / "r"], "--lr must be positive"),
+    "report at a negative radius": lambda tmp, good: (
+        ["report", REFERENCE_TSV, "--radii", "-1"],
+        "radius must be non-negative",
+    ),
+    "report with an unknown dataset": lambda tmp, good: (
+        ["report", REFERENCE_TSV, "--dataset", "svhn", "--linf"],
+        "unknown dataset 'svhn'",
+    ),
+    "train config missing": lambda tmp, good: (
+        ["train", "--config", tmp / "absent.yaml", "--out", tmp / "r"],
+        "config file not found",
+    ),
+    "train with negative workers": lambda tmp, good: (
+        ["train", "--method", "gaussian", "--dataset", "synthetic", "--workers", "-1", "--out", tmp / "r"],
+        "--workers and --gpus-per-worker must be",
+    ),
+    "train with a non-positive lr": lambda tmp, good: (
+        ["train", "--method", "gaussian", "--lr", "0", "--out", tmp / "r"],
+        "--lr must be positive",
+    ),
     "tune a missing file": lambda tmp, good: (["tune", tmp / "absent.yaml"], "search space not found"),
-    "tune with zero samples": lambda tmp, good: (["tune", Path(__file__).parents[1] / "search_spaces" /
-                                                  "demo_digits.yaml", "--num-samples", "0"],
-                                                 "--num-samples must be a positive integer"),
+    "tune with zero samples": lambda tmp, good: (
+        ["tune", "demo_digits", "--num-samples", "0"],
+        "--num-samples must be a positive integer",
+    ),
+    "tune an unknown shipped name": lambda tmp, good: (
+        ["tune", "nosuchspace"],
+        "'nosuchspace' is neither a file nor a shipped space",
+    ),
 }
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.parametrize("case", list(CASES))

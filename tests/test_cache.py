@@ -11,11 +11,18 @@ import pytest
 import torch
 
 from catrs.storage import stored
-from catrs.teacher import Producer, SoftLabelSpec, soft_labels, train_teacher_here
+from catrs.teacher import SoftLabelSpec, soft_labels
+from catrs.train import local_producer, train_teacher_here
 
 pytestmark = pytest.mark.slow
-SPEC = SoftLabelSpec(dataset="digits", arch="digits_cnn", sigma0=0.25, num_noises=8, seed=0,
-                     teacher_training={"epochs": 1, "batch_size": 128, "lr": 0.05})
+SPEC = SoftLabelSpec(
+    dataset="digits",
+    arch="digits_cnn",
+    sigma0=0.25,
+    votes=8,
+    seed=0,
+    teacher_training={"epochs": 1, "batch_size": 128, "lr": 0.05},
+)
 
 
 def refuse_to_train(*args, **kwargs):
@@ -23,8 +30,9 @@ def refuse_to_train(*args, **kwargs):
 
 
 def test_an_object_store_cache_holds_the_teacher_and_the_table_and_a_second_request_reads_them(
-        ray_cluster, object_store):
-    from catrs.distributed.cache import cluster_producer
+    ray_cluster, object_store
+):
+    from catrs.distributed.train import cluster_producer
 
     cache = object_store.uri("cache-a")
     table = soft_labels(SPEC, cache, progress=False, producer=cluster_producer())
@@ -33,8 +41,9 @@ def test_an_object_store_cache_holds_the_teacher_and_the_table_and_a_second_requ
     assert f"cache-a/soft-labels-{SPEC.key()}.pt" in keys
     # The teacher trained as a Ray Train job whose checkpoints live in the cache, where a restart finds them.
     assert any(k.startswith(f"cache-a/teachers/teacher-{SPEC.key()}/checkpoint_") for k in keys)
-    again = soft_labels(SPEC, cache, progress=False, producer=replace(cluster_producer(),
-                                                                      train_teacher=refuse_to_train))
+    again = soft_labels(
+        SPEC, cache, progress=False, producer=replace(cluster_producer(), train_teacher=refuse_to_train)
+    )
     assert torch.equal(again, table)
 
 
@@ -48,7 +57,7 @@ def test_concurrent_requests_for_one_key_compute_it_once(ray_cluster, tmp_path):
         return train_teacher_here(*args)
 
     # Local storage, but the cluster's owner, not a file lock: the threads could be processes on two machines.
-    producer = Producer(train_teacher=counting_teacher, exclusive=cluster_exclusive)
+    producer = replace(local_producer(), train_teacher=counting_teacher, exclusive=cluster_exclusive)
     spec = replace(SPEC, seed=1)
     tables = [None, None, None]
 
@@ -67,7 +76,8 @@ def test_concurrent_requests_for_one_key_compute_it_once(ray_cluster, tmp_path):
 def test_an_owner_that_dies_mid_computation_leaves_no_entry_and_its_lease_lapses(ray_cluster, object_store):
     import ray
 
-    from catrs.distributed.cache import cluster_exclusive, cluster_producer
+    from catrs.distributed.cache import cluster_exclusive
+    from catrs.distributed.train import cluster_producer
 
     cache = object_store.uri("cache-b")
     entry = stored(cache).child(f"soft-labels-{SPEC.key()}.pt")

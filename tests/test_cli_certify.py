@@ -18,8 +18,9 @@ FAST = ["--n0", "20", "--n", "200", "--batch", "400", "--inference", "eager"]
 
 
 def certify(run_cli, checkpoint, out, *extra):
-    return run_cli("certify", "--checkpoint", checkpoint, "--dataset", "digits", "--sigma", "0.5",
-                   "--out", out, *FAST, *extra)
+    return run_cli(
+        "certify", "--checkpoint", checkpoint, "--dataset", "digits", "--sigma", "0.5", "--out", out, *FAST, *extra
+    )
 
 
 def test_certify_writes_one_row_per_selected_image_with_provenance(run_cli, digits_checkpoint, tmp_path):
@@ -36,6 +37,33 @@ def test_certify_writes_one_row_per_selected_image_with_provenance(run_cli, digi
     assert ((frame["predict"] == -1) == (frame["radius"] == 0)).all()
     assert (frame["correct"] == (frame["predict"] == frame["label"])).all()
     assert "catrs report" in stdout
+
+
+def test_sigma_defaults_to_the_checkpoints_and_the_published_protocol_fills_the_rest(
+    run_cli, digits_checkpoint, tmp_path
+):
+    from catrs.sampling import SamplingProtocol
+
+    out = tmp_path / "cert.parquet"
+    code, _, err = run_cli(
+        "certify",
+        "--checkpoint",
+        digits_checkpoint,
+        "--dataset",
+        "digits",
+        "--out",
+        out,
+        "--n",
+        "200",
+        "--batch",
+        "400",
+        "--max",
+        "2",
+    )
+    assert code == 0, err
+    first = pq.read_table(out).to_pandas().iloc[0]
+    published = SamplingProtocol()
+    assert (first["sigma"], first["n0"], first["alpha"]) == (0.5, published.n0, published.alpha)
 
 
 def test_certify_on_val_names_the_training_images_it_certified_and_resumes(run_cli, digits_checkpoint, tmp_path):
@@ -76,14 +104,32 @@ def test_tsv_output_is_the_research_format_and_resumes(run_cli, digits_checkpoin
     assert frame["time"].str.match(r"\d+:\d\d:\d\d").all()
     parquet = tmp_path / "cert.parquet"
     certify(run_cli, digits_checkpoint, parquet, "--max", "8")
-    pd.testing.assert_frame_equal(read_results(out)[["idx", "predict", "radius"]],
-                                  read_results(parquet)[["idx", "predict", "radius"]])
+    pd.testing.assert_frame_equal(
+        read_results(out)[["idx", "predict", "radius"]], read_results(parquet)[["idx", "predict", "radius"]]
+    )
 
 
 def test_predict_writes_predictions(run_cli, digits_checkpoint, tmp_path):
     out = tmp_path / "pred.parquet"
-    code, _, err = run_cli("predict", "--checkpoint", digits_checkpoint, "--dataset", "digits", "--sigma", "0.5",
-                           "--n", "300", "--batch", "300", "--max", "6", "--inference", "eager", "--out", out)
+    code, _, err = run_cli(
+        "predict",
+        "--checkpoint",
+        digits_checkpoint,
+        "--dataset",
+        "digits",
+        "--sigma",
+        "0.5",
+        "--n",
+        "300",
+        "--batch",
+        "300",
+        "--max",
+        "6",
+        "--inference",
+        "eager",
+        "--out",
+        out,
+    )
     assert code == 0, err
     frame = read_results(out)
     assert frame["idx"].tolist() == list(range(6)) and "radius" not in frame.columns
@@ -103,8 +149,25 @@ def test_existing_output_with_other_provenance_is_left_untouched(run_cli, digits
     out = tmp_path / "cert.parquet"
     certify(run_cli, digits_checkpoint, out, "--max", "3")
     before = out.read_bytes()
-    code, _, err = run_cli("certify", "--checkpoint", digits_checkpoint, "--dataset", "digits", "--sigma", "0.5",
-                           "--out", out, "--n0", "20", "--n", "999", "--batch", "400", "--max", "6")
+    code, _, err = run_cli(
+        "certify",
+        "--checkpoint",
+        digits_checkpoint,
+        "--dataset",
+        "digits",
+        "--sigma",
+        "0.5",
+        "--out",
+        out,
+        "--n0",
+        "20",
+        "--n",
+        "999",
+        "--batch",
+        "400",
+        "--max",
+        "6",
+    )
     assert code == 2 and "other provenance" in err and "n: file 200 vs request 999" in err
     assert out.read_bytes() == before
 
@@ -112,8 +175,8 @@ def test_existing_output_with_other_provenance_is_left_untouched(run_cli, digits
 # (case, options replaced in a valid command, what the one-line error must say)
 BAD_INPUTS = [
     ("unknown dataset", {"--dataset": "svhn"}, "unknown dataset 'svhn'"),
-    ("zero sigma", {"--sigma": "0"}, "--sigma must be positive"),
-    ("negative sigma", {"--sigma": "-1"}, "--sigma must be positive"),
+    ("zero sigma", {"--sigma": "0"}, "was trained at sigma=0.5, not 0: leave --sigma out"),
+    ("negative sigma", {"--sigma": "-1"}, "was trained at sigma=0.5, not -1: leave --sigma out"),
     ("alpha zero", {"--alpha": "0"}, "--alpha must lie strictly between 0 and 1"),
     ("alpha above one", {"--alpha": "1.5"}, "--alpha must lie strictly between 0 and 1"),
     ("n0 zero", {"--n0": "0"}, "--n0 must be a positive integer"),
@@ -131,9 +194,18 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("case,changes,message", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
 def test_bad_input_is_one_line_and_exit_code_2(run_cli, digits_checkpoint, tmp_path, case, changes, message):
-    options = {"--checkpoint": str(digits_checkpoint), "--dataset": "digits", "--sigma": "0.5",
-               "--out": str(tmp_path / "new.parquet"), "--n0": "20", "--n": "200", "--batch": "400", "--skip": "1",
-               "--alpha": "0.001", "--inference": "eager"}
+    options = {
+        "--checkpoint": str(digits_checkpoint),
+        "--dataset": "digits",
+        "--sigma": "0.5",
+        "--out": str(tmp_path / "new.parquet"),
+        "--n0": "20",
+        "--n": "200",
+        "--batch": "400",
+        "--skip": "1",
+        "--alpha": "0.001",
+        "--inference": "eager",
+    }
     options.update({k: v.format(tmp=tmp_path) for k, v in changes.items()})
     code, out, err = run_cli("certify", *[item for pair in options.items() for item in pair])
     assert code == 2, (case, out, err)
@@ -144,8 +216,22 @@ def test_bad_input_is_one_line_and_exit_code_2(run_cli, digits_checkpoint, tmp_p
 
 def test_console_script_fails_without_a_traceback(digits_checkpoint, tmp_path):
     catrs = shutil.which("catrs", path=str(Path(sys.executable).parent))
-    done = subprocess.run([catrs, "certify", "--checkpoint", str(digits_checkpoint), "--dataset", "digits",
-                           "--sigma", "0.3", "--out", str(tmp_path / "x.parquet")],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            catrs,
+            "certify",
+            "--checkpoint",
+            str(digits_checkpoint),
+            "--dataset",
+            "digits",
+            "--sigma",
+            "0.3",
+            "--out",
+            str(tmp_path / "x.parquet"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr

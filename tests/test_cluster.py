@@ -38,10 +38,20 @@ def test_no_credentials_anywhere_in_the_repository():
     root = Path(__file__).parents[1]
     tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True).stdout.split()
     if not tracked:  # not a git checkout (an sdist): scan the source folders instead
-        tracked = [str(p.relative_to(root)) for d in ("platform", "trainables", "tests", "benchmarks", "search_spaces")
-                   for p in (root / d).rglob("*.py")]
-    patterns = [re.compile(p) for p in (r"AKIA[0-9A-Z]{16}", r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
-                                        r"(?i)aws_secret_access_key\s*[:=]\s*\S{20,}", r"ghp_[0-9A-Za-z]{36}")]
+        tracked = [
+            str(p.relative_to(root))
+            for d in ("platform", "trainables", "tests", "benchmarks")
+            for p in (root / d).rglob("*.py")
+        ]
+    patterns = [
+        re.compile(p)
+        for p in (
+            r"AKIA[0-9A-Z]{16}",
+            r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
+            r"(?i)aws_secret_access_key\s*[:=]\s*\S{20,}",
+            r"ghp_[0-9A-Za-z]{36}",
+        )
+    ]
     for name in tracked:
         path = root / name
         if path.suffix in {".py", ".yaml", ".yml", ".md", ".toml", ".txt", ""} and path.is_file():
@@ -51,22 +61,30 @@ def test_no_credentials_anywhere_in_the_repository():
 
 def _readme_walkthrough() -> str:
     readme = (CLUSTER.parent / "README.md").read_text()
-    section = readme[readme.index("### On a cloud GPU cluster"):]
-    return section[section.index("```bash") + len("```bash"):section.index("```", section.index("```bash") + 3)]
+    section = readme[readme.index("### On a cloud GPU cluster") :]
+    return section[section.index("```bash") + len("```bash") : section.index("```", section.index("```bash") + 3)]
 
 
 def test_the_readme_cluster_walkthrough_matches_cluster_yaml():
     import re
 
-    from catrs.search_space import load_search_space
+    from catrs.search_space import find_search_space, load_search_space, shipped_spaces
 
     config = yaml.safe_load(CLUSTER.read_text())
     steps = [line.split("#")[0].strip() for line in _readme_walkthrough().splitlines()]
     steps = [step for step in steps if step]
-    order = [next(i for i, s in enumerate(steps) if s.startswith(prefix)) for prefix in
-             ("aws ssm put-parameter", "ray up cluster.yaml", "ray attach cluster.yaml", "catrs tune", "ray down")]
+    order = [
+        next(i for i, s in enumerate(steps) if s.startswith(prefix))
+        for prefix in (
+            "aws ssm put-parameter",
+            "ray up cluster.yaml",
+            "ray attach cluster.yaml",
+            "catrs tune",
+            "ray down",
+        )
+    ]
     assert order == sorted(order), "the walkthrough's steps are out of order"
-    assert any(s.startswith("ray up cluster.yaml") for s in steps[order[-1]:]), "no second cluster after ray down"
+    assert any(s.startswith("ray up cluster.yaml") for s in steps[order[-1] :]), "no second cluster after ray down"
 
     head = " ".join(config["head_start_ray_commands"])
     port = re.search(r"mlflow server .*--port (\d+)", head).group(1)
@@ -84,8 +102,9 @@ def test_the_readme_cluster_walkthrough_matches_cluster_yaml():
     assert "sqlite" not in CLUSTER.read_text().lower() and "--backend-store-uri" not in head
     assert all("USER:PASSWORD@HOST" in uri for uri in re.findall(r"postgresql://\S+", CLUSTER.read_text()))
 
-    mounted = tune.split()[2].replace(next(iter(config["file_mounts"])), ".")  # /home/ray/catrs → the repository
-    assert load_search_space(CLUSTER.parent / mounted).dataset == "cifar10"
+    space = tune.split()[2]  # a shipped space: the head runs catrs installed from the mounted repository
+    assert space in shipped_spaces() and load_search_space(find_search_space(space)).dataset == "cifar10"
+    assert f"catrs tune {space} " in CLUSTER.read_text()  # cluster.yaml's header shows the same command
     assert "[cluster]" in " ".join(config["setup_commands"])  # psycopg and boto3 for PostgreSQL and S3
-    ray_pin = re.search(r'ray\[default\]==([\d.]+)\.\*', _readme_walkthrough()).group(1)
+    ray_pin = re.search(r"ray\[default\]==([\d.]+)\.\*", _readme_walkthrough()).group(1)
     assert ray.__version__.startswith(ray_pin)

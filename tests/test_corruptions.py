@@ -67,8 +67,17 @@ def test_table3_averages_over_severities_then_corruptions():
     # fog: severity 1 all correct (radius 1), severity 2 half correct (radius 0.5); snow: all wrong.
     for severity, correct in ((1, [1, 1]), (2, [1, 0])):
         for i, c in enumerate(correct):
-            rows.append(dict(corruption="fog", severity=severity, idx=i, correct=c, radius=1.0 if severity == 1 else 0.5,
-                             label=0, predict=0 if c else 1))
+            rows.append(
+                dict(
+                    corruption="fog",
+                    severity=severity,
+                    idx=i,
+                    correct=c,
+                    radius=1.0 if severity == 1 else 0.5,
+                    label=0,
+                    predict=0 if c else 1,
+                )
+            )
     rows += [dict(corruption="snow", severity=1, idx=9, correct=0, radius=0.0, label=0, predict=-1)]
     table = corruption_table(pd.DataFrame(rows))
     assert table.loc["fog", "accuracy"] == pytest.approx((1.0 + 0.5) / 2)
@@ -83,9 +92,28 @@ def test_certify_corruptions_end_to_end(run_cli, cifar10_c, tmp_path):
     torch.manual_seed(0)
     checkpoint = save_checkpoint(tmp_path / "c10.pt", card.build_model(), card)
     out = tmp_path / "c.parquet"
-    code, stdout, err = run_cli("certify", "--checkpoint", checkpoint, "--dataset", "cifar10", "--corruptions",
-                                "--sigma", "0.5", "--data-root", cifar10_c, "--skip", "2", "--n0", "8", "--n", "32",
-                                "--inference", "eager", "--out", out)
+    code, stdout, err = run_cli(
+        "certify",
+        "--checkpoint",
+        checkpoint,
+        "--dataset",
+        "cifar10",
+        "--corruptions",
+        "--sigma",
+        "0.5",
+        "--data-root",
+        cifar10_c,
+        "--skip",
+        "2",
+        "--n0",
+        "8",
+        "--n",
+        "32",
+        "--inference",
+        "eager",
+        "--out",
+        out,
+    )
     assert code == 0, err
     frame = read_results(out)
     assert len(frame) == 2 * 5 * PER_SEVERITY // 2 and set(frame["severity"]) == {1, 2, 3, 4, 5}
@@ -100,8 +128,17 @@ def _corruption_results(path, blocks):
     rows = []
     for corruption, severity, correct, radius in blocks:
         for c in correct:
-            rows.append(dict(idx=len(rows), label=1, predict=1 if c else 0, correct=c, radius=radius if c else 0.0,
-                             corruption=corruption, severity=severity))
+            rows.append(
+                dict(
+                    idx=len(rows),
+                    label=1,
+                    predict=1 if c else 0,
+                    correct=c,
+                    radius=radius if c else 0.0,
+                    corruption=corruption,
+                    severity=severity,
+                )
+            )
     pd.DataFrame(rows).to_parquet(path)
     return path
 
@@ -110,22 +147,30 @@ def _corruption_results(path, blocks):
 def two_corruption_results(tmp_path):
     # A: fog 75 % (ACR 0.625), snow 0 %, frost 100 % (0.3) → mAcc 58.3, mACR 0.308.
     # B: fog 25 % (ACR 0.1), snow 100 % (0.6), no frost → mAcc 62.5, mACR 0.350.
-    a = _corruption_results(tmp_path / "A.parquet", [("fog", 1, [1, 1], 1.0), ("fog", 2, [1, 0], 0.5),
-                                                     ("snow", 1, [0, 0], 0.0), ("frost", 1, [1, 1], 0.3)])
-    b = _corruption_results(tmp_path / "B.parquet", [("fog", 1, [1, 0], 0.4), ("fog", 2, [0, 0], 0.0),
-                                                     ("snow", 1, [1, 1], 0.6)])
+    a = _corruption_results(
+        tmp_path / "A.parquet",
+        [("fog", 1, [1, 1], 1.0), ("fog", 2, [1, 0], 0.5), ("snow", 1, [0, 0], 0.0), ("frost", 1, [1, 1], 0.3)],
+    )
+    b = _corruption_results(
+        tmp_path / "B.parquet", [("fog", 1, [1, 0], 0.4), ("fog", 2, [0, 0], 0.0), ("snow", 1, [1, 1], 0.6)]
+    )
     return a, b
 
 
-def test_table3_compares_results_per_corruption_with_the_best_of_every_row_marked(run_cli, two_corruption_results,
-                                                                                   tmp_path):
+def test_table3_compares_results_per_corruption_with_the_best_of_every_row_marked(
+    run_cli, two_corruption_results, tmp_path
+):
     plot = tmp_path / "table3.png"
     code, out, err = run_cli("report", *two_corruption_results, "--markdown", "--plot", plot)
     assert code == 0, err
-    assert ("| corruption | A | B |\n|---|---|---|\n| fog | **75.0** | 25.0 |\n| snow | 0.0 | **100.0** |\n"
-            "| frost | **100.0** | – |\n| mAcc | 58.3 | **62.5** |") in out
-    assert ("| fog | **0.625** | 0.100 |\n| snow | 0.000 | **0.600** |\n| frost | **0.300** | – |\n"
-            "| mACR | 0.308 | **0.350** |") in out
+    assert (
+        "| corruption | A | B |\n|---|---|---|\n| fog | **75.0** | 25.0 |\n| snow | 0.0 | **100.0** |\n"
+        "| frost | **100.0** | – |\n| mAcc | 58.3 | **62.5** |"
+    ) in out
+    assert (
+        "| fog | **0.625** | 0.100 |\n| snow | 0.000 | **0.600** |\n| frost | **0.300** | – |\n"
+        "| mACR | 0.308 | **0.350** |"
+    ) in out
     import matplotlib.image
 
     pixels = matplotlib.image.imread(plot)

@@ -3,7 +3,7 @@ as the only thing that changes between levels."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from itertools import pairwise
 
 import pandas as pd
 import pytest
@@ -14,11 +14,11 @@ from catrs.cli import _build_parser
 from catrs.data import corrupted_variant, get_dataset
 from catrs.data.digits import TEST_SIZE, load_digits_split
 from catrs.data.digits_c import CORRUPTIONS, SEVERITIES, corrupt
-from catrs.distributed.sweep import SweepOutcome, next_commands
+from catrs.distributed.console import SweepOutcome, next_commands
 from catrs.errors import UserError
 from catrs.metrics import corruption_table
 from catrs.results import read_results
-from catrs.search_space import load_search_space
+from catrs.search_space import find_search_space, load_search_space
 from catrs.tracking import resolve_tracking_uri
 
 CLEAN = load_digits_split("test", None, False)
@@ -46,9 +46,11 @@ def test_corruptions_are_the_same_on_every_call_and_differ_from_the_clean_images
 
 def test_each_severity_is_further_from_the_clean_images_than_the_last():
     for name in CORRUPTIONS:
-        distances = [float((corrupt(CLEAN.images, name, s) - CLEAN.images).flatten(1).norm(dim=1).mean())
-                     for s in range(1, SEVERITIES + 1)]
-        assert all(a < b for a, b in zip(distances, distances[1:])), (name, distances)
+        distances = [
+            float((corrupt(CLEAN.images, name, s) - CLEAN.images).flatten(1).norm(dim=1).mean())
+            for s in range(1, SEVERITIES + 1)
+        ]
+        assert all(a < b for a, b in pairwise(distances)), (name, distances)
 
 
 def test_severities_share_their_random_draws():
@@ -69,9 +71,26 @@ def test_digits_c_is_the_corrupted_variant_of_digits_and_has_no_train_split():
 
 def test_certify_corruptions_on_the_embedded_default(run_cli, digits_checkpoint, tmp_path):
     out = tmp_path / "corruptions.parquet"
-    code, stdout, err = run_cli("certify", "--checkpoint", digits_checkpoint, "--dataset", "digits", "--corruptions",
-                                "--sigma", "0.5", "--skip", "90", "--n0", "8", "--n", "32", "--inference", "eager",
-                                "--out", out)
+    code, stdout, err = run_cli(
+        "certify",
+        "--checkpoint",
+        digits_checkpoint,
+        "--dataset",
+        "digits",
+        "--corruptions",
+        "--sigma",
+        "0.5",
+        "--skip",
+        "90",
+        "--n0",
+        "8",
+        "--n",
+        "32",
+        "--inference",
+        "eager",
+        "--out",
+        out,
+    )
     assert code == 0, err
     frame = read_results(out)
     assert len(frame) == len(CORRUPTIONS) * SEVERITIES * TEST_SIZE // 90
@@ -94,9 +113,16 @@ def _latest_certify_run():
 
 
 def test_a_sweep_on_digits_ends_with_the_commands_for_the_papers_tables(tmp_path):
-    space = load_search_space(Path(__file__).parents[1] / "search_spaces" / "demo_digits.yaml")
-    outcome = SweepOutcome(tmp_path / "sweep", "0" * 32, pd.DataFrame(), {}, "a1b2c3d4",
-                           tmp_path / "sweep" / "best" / "checkpoint.pt", tmp_path / "sweep" / "final.parquet")
+    space = load_search_space(find_search_space("demo_digits"))
+    outcome = SweepOutcome(
+        tmp_path / "sweep",
+        "0" * 32,
+        pd.DataFrame(),
+        {},
+        "a1b2c3d4",
+        tmp_path / "sweep" / "best" / "checkpoint.pt",
+        tmp_path / "sweep" / "final.parquet",
+    )
     printed = next_commands(outcome, space, "sqlite:///elsewhere.db", tmp_path / "data").splitlines()[1:]
     lines = {line.split(":")[0].strip(): line.split(":", 1)[1].split() for line in printed}
     assert set(lines) == {"Table 1", "Table 3", "Figure 2(c)"}

@@ -11,22 +11,31 @@ from catrs.certify import CertifyRequest, CertifySettings, run_certification
 from catrs.checkpoint import load_checkpoint
 from catrs.data import get_dataset
 from catrs.results import read_results
+from catrs.sampling import SamplingProtocol
 from catrs.teacher import VoteJob, count_votes
 from catrs.train import TrainConfig, train
 
 pytestmark = pytest.mark.slow
 RESEARCH = ["idx", "label", "predict", "radius", "correct"]
-SETTINGS = CertifySettings(n0=20, n=200, batch_size=400, inference="eager")
+SETTINGS = CertifySettings(SamplingProtocol(n0=20, n=200, batch=400), inference="eager")
 
 
 def test_ddp_training_with_two_cpu_workers_reports_the_same_schema_and_a_loadable_checkpoint(ray_cluster, tmp_path):
     from catrs.distributed.train import train_distributed
 
-    config = TrainConfig(method="catrs", dataset="synthetic", sigma=0.25, epochs=2, batch_size=64, lr=0.05,
-                         method_config={"num_steps": 1, "teacher_noises": 20})
-    distributed = train_distributed(config, tmp_path / "ddp", workers=2, cpus_per_worker=0.5,
-                                    cache_dir=tmp_path / "cache")
-    local = train(config, tmp_path / "local", progress=False, cache_dir=tmp_path / "cache")
+    spec = TrainConfig(
+        method="catrs",
+        dataset="synthetic",
+        sigma=0.25,
+        epochs=2,
+        batch_size=64,
+        lr=0.05,
+        method_config={"num_steps": 1, "teacher_noises": 20},
+    ).resolve()
+    distributed = train_distributed(
+        spec, tmp_path / "ddp", workers=2, cpus_per_worker=0.5, cache_dir=tmp_path / "cache"
+    )
+    local = train(spec, tmp_path / "local", progress=False, cache_dir=tmp_path / "cache")
     a, b = load_checkpoint(distributed), load_checkpoint(local)
     assert a.training_state["next_epoch"] == 2
     assert [set(row) for row in a.training_state["history"]] == [set(row) for row in b.training_state["history"]]
@@ -35,12 +44,15 @@ def test_ddp_training_with_two_cpu_workers_reports_the_same_schema_and_a_loadabl
     assert a.card == b.card
 
 
-def test_chunked_certification_equals_a_single_process_run_row_for_row_and_resumes(ray_cluster, digits_checkpoint,
-                                                                                     tmp_path):
+def test_chunked_certification_equals_a_single_process_run_row_for_row_and_resumes(
+    ray_cluster, digits_checkpoint, tmp_path
+):
     from catrs.distributed.chunks import certify_distributed
 
-    whole = run_certification(CertifyRequest(digits_checkpoint, "digits", 0.5, tmp_path / "whole.parquet",
-                                             SETTINGS, max_index=30), progress=False)
+    whole = run_certification(
+        CertifyRequest(digits_checkpoint, "digits", 0.5, tmp_path / "whole.parquet", SETTINGS, max_index=30),
+        progress=False,
+    )
     request = CertifyRequest(digits_checkpoint, "digits", 0.5, tmp_path / "chunked.parquet", SETTINGS, max_index=30)
     certify_distributed(request, 2, chunk_size=4, progress=False)
     expected = read_results(whole)[RESEARCH]
@@ -60,19 +72,24 @@ def test_chunked_certification_equals_a_single_process_run_row_for_row_and_resum
     certify_distributed(partial, 2, chunk_size=3, progress=False)
     resumed = read_results(partial.out)
     assert (resumed["radius"].iloc[:10] == 99.0).all()  # taken from the finished chunk, not recomputed
-    pd.testing.assert_frame_equal(resumed[RESEARCH].iloc[10:].reset_index(drop=True),
-                                  expected.iloc[10:].reset_index(drop=True))
+    pd.testing.assert_frame_equal(
+        resumed[RESEARCH].iloc[10:].reset_index(drop=True), expected.iloc[10:].reset_index(drop=True)
+    )
 
 
-def test_certification_into_an_object_store_writes_chunks_there_and_merges_them(ray_cluster, object_store,
-                                                                                digits_checkpoint, tmp_path):
+def test_certification_into_an_object_store_writes_chunks_there_and_merges_them(
+    ray_cluster, object_store, digits_checkpoint, tmp_path
+):
     from catrs.distributed.chunks import certify_distributed
 
-    whole = run_certification(CertifyRequest(digits_checkpoint, "digits", 0.5, tmp_path / "whole.parquet",
-                                             SETTINGS, max_index=20), progress=False)
+    whole = run_certification(
+        CertifyRequest(digits_checkpoint, "digits", 0.5, tmp_path / "whole.parquet", SETTINGS, max_index=20),
+        progress=False,
+    )
     out = object_store.uri("certify/cert.parquet")
-    certify_distributed(CertifyRequest(digits_checkpoint, "digits", 0.5, out, SETTINGS, max_index=20), 2,
-                        chunk_size=5, progress=False)
+    certify_distributed(
+        CertifyRequest(digits_checkpoint, "digits", 0.5, out, SETTINGS, max_index=20), 2, chunk_size=5, progress=False
+    )
     assert object_store.keys("certify/") == ["certify/cert.parquet"]  # the chunks are merged and gone
     pd.testing.assert_frame_equal(read_results(out)[RESEARCH], read_results(whole)[RESEARCH])
     # The single-process path writes there too, and resumes from what the object holds.
@@ -101,21 +118,23 @@ def test_distributed_votes_equal_single_process_votes(ray_cluster, digits_checkp
 
 
 def test_a_worker_killed_mid_run_restarts_from_the_checkpoint_and_ends_like_an_uninterrupted_run(
-        ray_cluster, faults, tmp_path):
+    ray_cluster, faults, tmp_path
+):
     from catrs.distributed.train import train_distributed
 
-    config = TrainConfig(method="gaussian", dataset="synthetic", sigma=0.25, epochs=3, batch_size=64, lr=0.05)
-    clean = train_distributed(config, tmp_path / "clean", workers=2, cpus_per_worker=0.5)
+    spec = TrainConfig(method="gaussian", dataset="synthetic", sigma=0.25, epochs=3, batch_size=64, lr=0.05).resolve()
+    clean = train_distributed(spec, tmp_path / "clean", workers=2, cpus_per_worker=0.5)
     faults.arm("train.epoch", "1:1")  # rank 1 dies after epoch 2's steps, before its checkpoint
-    faulty = train_distributed(config, tmp_path / "faulty", workers=2, cpus_per_worker=0.5)
+    faulty = train_distributed(spec, tmp_path / "faulty", workers=2, cpus_per_worker=0.5)
     assert faults.fired() == ["fired-train.epoch-1-1"]
     a, b = load_checkpoint(clean), load_checkpoint(faulty)
     assert b.training_state["next_epoch"] == 3
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
 
 
-def test_a_chunk_whose_worker_dies_is_retried_and_the_merge_is_unchanged(ray_cluster, faults, digits_checkpoint,
-                                                                         tmp_path):
+def test_a_chunk_whose_worker_dies_is_retried_and_the_merge_is_unchanged(
+    ray_cluster, faults, digits_checkpoint, tmp_path
+):
     from catrs.distributed.chunks import certify_distributed
 
     clean = CertifyRequest(digits_checkpoint, "digits", 0.5, tmp_path / "clean.parquet", SETTINGS, max_index=24)
@@ -129,21 +148,42 @@ def test_a_chunk_whose_worker_dies_is_retried_and_the_merge_is_unchanged(ray_clu
     pd.testing.assert_frame_equal(merged[RESEARCH], read_results(clean.out)[RESEARCH])
 
 
-def test_the_cli_certifies_into_an_object_store_and_logs_the_table_to_mlflow(ray_cluster, object_store, run_cli,
-                                                                            digits_checkpoint, tmp_path,
-                                                                            monkeypatch):
+def test_the_cli_certifies_into_an_object_store_and_logs_the_table_to_mlflow(
+    ray_cluster, object_store, run_cli, digits_checkpoint, tmp_path, monkeypatch
+):
     from mlflow.tracking import MlflowClient
 
     monkeypatch.chdir(tmp_path)
     out = object_store.uri("cli/cert.parquet")
-    code, stdout, err = run_cli("certify", "--checkpoint", digits_checkpoint, "--dataset", "digits", "--sigma", "0.5",
-                                "--n0", "20", "--n", "200", "--max", "16", "--inference", "eager", "--workers", "2",
-                                "--out", out)
+    code, stdout, err = run_cli(
+        "certify",
+        "--checkpoint",
+        digits_checkpoint,
+        "--dataset",
+        "digits",
+        "--sigma",
+        "0.5",
+        "--n0",
+        "20",
+        "--n",
+        "200",
+        "--max",
+        "16",
+        "--inference",
+        "eager",
+        "--workers",
+        "2",
+        "--out",
+        out,
+    )
     assert code == 0, err
     assert f"results: {out}" in stdout and object_store.keys("cli/") == ["cli/cert.parquet"]
     client = MlflowClient()
-    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                               "attributes.run_name = 'cert.parquet'", order_by=["attributes.start_time DESC"],
-                               max_results=1)
+    [run] = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        "attributes.run_name = 'cert.parquet'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     logged = client.download_artifacts(run.info.run_id, "results/cert.parquet", str(tmp_path))
     pd.testing.assert_frame_equal(read_results(logged), read_results(out))

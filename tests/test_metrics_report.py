@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import pairwise
 
 import pandas as pd
 import pytest
 
-from catrs.metrics import (DEFAULT_RADII, abstain_rate, average_certified_radius, certified_accuracy,
-                           certified_accuracy_curve, linf_radius)
+from catrs.metrics import (
+    DEFAULT_RADII,
+    abstain_rate,
+    average_certified_radius,
+    certified_accuracy,
+    certified_accuracy_curve,
+    linf_radius,
+)
 from catrs.results import read_results
 from tests.helpers import REFERENCE_TSV
 
-# The paper's Table 1, CIFAR-10 σ = 0.5, CAT-RS: certified accuracy (%) at r = 0, 0.25, …, 1.75 (METHODS.md).
+# The paper's Table 1, CIFAR-10 σ = 0.5, CAT-RS: certified accuracy (%) at r = 0, 0.25, …, 1.75.
 TABLE1_ROW = [62.3, 56.8, 50.5, 44.6, 38.5, 32.7, 27.1, 20.6]
 
 
@@ -33,7 +40,7 @@ def test_curve_is_monotone_and_starts_at_clean_accuracy():
     radii, accuracy = certified_accuracy_curve(frame)
     assert radii[0] == 0.0 and radii[-1] == pytest.approx(1.2)
     assert accuracy[0] == pytest.approx(2 / 3)
-    assert all(a >= b for a, b in zip(accuracy, accuracy[1:]))
+    assert all(a >= b for a, b in pairwise(accuracy))
 
 
 def test_linf_view_divides_by_root_dimension():
@@ -64,13 +71,18 @@ def test_report_table_on_the_published_file(run_cli):
     code, out, _ = run_cli("report", REFERENCE_TSV, "--radii", "0", "0.5", "1.0", "--linf", "--dataset", "cifar10")
     assert code == 0
     assert "ACR 0.757" in out
-    lines = {line.split()[0] + " " + line.split()[1]: line for line in out.splitlines() if line.startswith(("radius", "cert"))}
+    lines = {
+        line.split()[0] + " " + line.split()[1]: line
+        for line in out.splitlines()
+        if line.startswith(("radius", "cert"))
+    }
     assert lines["cert. acc"].split()[-3:] == ["62.3", "50.5", "38.5"]
     assert lines["radius (ℓ∞)"].split()[-1] == f"{1.0 / math.sqrt(3072):.4f}"
 
 
-@pytest.mark.parametrize("content,fragment", [(b"not a table at all\n", "lacks the column"),
-                                              (b"PAR1\x00\x01garbage", "could not read")])
+@pytest.mark.parametrize(
+    "content,fragment", [(b"not a table at all\n", "lacks the column"), (b"PAR1\x00\x01garbage", "could not read")]
+)
 def test_report_refuses_foreign_files_in_one_line(tmp_path, run_cli, content, fragment):
     path = tmp_path / "foreign.tsv"
     path.write_bytes(content)
@@ -105,8 +117,9 @@ def test_comparison_as_markdown_and_latex(run_cli, two_results):
 
 
 def test_results_are_labelled_as_given_and_labels_must_differ(run_cli, two_results):
-    code, out, err = run_cli("report", f"CAT-RS={two_results[0]}", f"halved radii={two_results[1]}", "--radii", "0",
-                             "--markdown")
+    code, out, err = run_cli(
+        "report", f"CAT-RS={two_results[0]}", f"halved radii={two_results[1]}", "--radii", "0", "--markdown"
+    )
     assert code == 0, err
     assert "| CAT-RS | **0.757** | **62.3** |" in out and "| halved radii | 0.379 | **62.3** |" in out
     code, out, err = run_cli("report", f"A={two_results[0]}", f"A={two_results[1]}")
@@ -128,11 +141,31 @@ def test_report_reads_an_mlflow_run(run_cli, digits_checkpoint, tmp_path):
     from catrs.tracking import resolve_tracking_uri
 
     out = tmp_path / "cert.parquet"
-    run_cli("certify", "--checkpoint", digits_checkpoint, "--dataset", "digits", "--sigma", "0.5", "--n0", "10",
-            "--n", "50", "--max", "5", "--inference", "eager", "--out", out)
+    run_cli(
+        "certify",
+        "--checkpoint",
+        digits_checkpoint,
+        "--dataset",
+        "digits",
+        "--sigma",
+        "0.5",
+        "--n0",
+        "10",
+        "--n",
+        "50",
+        "--max",
+        "5",
+        "--inference",
+        "eager",
+        "--out",
+        out,
+    )
     client = MlflowClient(resolve_tracking_uri())
-    run = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                             "tags.`catrs.kind` = 'certify'", order_by=["attributes.start_time DESC"])[0]
+    run = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        "tags.`catrs.kind` = 'certify'",
+        order_by=["attributes.start_time DESC"],
+    )[0]
     code, text, err = run_cli("report", run.info.run_id, out, "--json")
     assert code == 0, err
     rows = json.loads(text)
@@ -143,7 +176,8 @@ def test_results_with_the_same_file_name_are_told_apart_by_their_folder(run_cli,
     for folder in ("catrs", "gaussian"):
         (tmp_path / folder).mkdir()
         read_results(REFERENCE_TSV).to_parquet(tmp_path / folder / "final.parquet")
-    code, out, err = run_cli("report", tmp_path / "catrs" / "final.parquet", tmp_path / "gaussian" / "final.parquet",
-                             "--json")
+    code, out, err = run_cli(
+        "report", tmp_path / "catrs" / "final.parquet", tmp_path / "gaussian" / "final.parquet", "--json"
+    )
     assert code == 0, err
     assert set(json.loads(out)) == {"catrs/final", "gaussian/final"}

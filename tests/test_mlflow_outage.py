@@ -20,14 +20,26 @@ def server(tmp_path):
 
 
 def test_an_unreachable_store_is_refused_before_any_work(run_cli, tmp_path):
-    code, _, err = run_cli("train", "--method", "gaussian", "--dataset", "synthetic", "--epochs", "1",
-                           "--tracking-uri", f"http://127.0.0.1:{free_port()}", "--out", tmp_path / "run")
+    code, _, err = run_cli(
+        "train",
+        "--method",
+        "gaussian",
+        "--dataset",
+        "synthetic",
+        "--epochs",
+        "1",
+        "--tracking-uri",
+        f"http://127.0.0.1:{free_port()}",
+        "--out",
+        tmp_path / "run",
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1 and "cannot use the MLflow tracking store" in err
     assert not (tmp_path / "run").exists()
 
 
-def test_training_survives_the_store_going_away_and_logs_everything_when_it_returns(run_cli, server, tmp_path,
-                                                                                     monkeypatch):
+def test_training_survives_the_store_going_away_and_logs_everything_when_it_returns(
+    run_cli, server, tmp_path, monkeypatch
+):
     import catrs.cli as cli
 
     server.start()
@@ -39,8 +51,23 @@ def test_training_survives_the_store_going_away_and_logs_everything_when_it_retu
         outage.get(int(metrics["epoch"]), lambda: None)()
 
     monkeypatch.setattr(cli, "_print_epoch", print_and_disrupt)
-    code, out, err = run_cli("train", "--method", "gaussian", "--dataset", "synthetic", "--sigma", "0.25",
-                             "--epochs", "4", "--batch", "64", "--tracking-uri", server.uri, "--out", tmp_path / "run")
+    code, out, err = run_cli(
+        "train",
+        "--method",
+        "gaussian",
+        "--dataset",
+        "synthetic",
+        "--sigma",
+        "0.25",
+        "--epochs",
+        "4",
+        "--batch",
+        "64",
+        "--tracking-uri",
+        server.uri,
+        "--out",
+        tmp_path / "run",
+    )
     assert code == 0, err
     assert "logging is queued" in err
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt").training_state["next_epoch"] == 4
@@ -50,8 +77,9 @@ def test_training_survives_the_store_going_away_and_logs_everything_when_it_retu
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"metrics.jsonl"}
     [model] = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run.info.run_id}'")
-    assert "checkpoint.pt" in {a.path.rsplit("/", 1)[-1] for a in client.list_logged_model_artifacts(
-        model.model_id, "extra_files")}  # the trained model, with its catrs checkpoint
+    assert "checkpoint.pt" in {
+        a.path.rsplit("/", 1)[-1] for a in client.list_logged_model_artifacts(model.model_id, "extra_files")
+    }  # the trained model, with its catrs checkpoint
     assert not (tmp_path / "run" / "mlflow-pending").exists()  # the journal was sent and removed
 
 
@@ -67,8 +95,23 @@ def test_what_cannot_be_sent_stays_in_the_run_directory_with_a_message(run_cli, 
             server.stop()
 
     monkeypatch.setattr(cli, "_print_epoch", print_and_stop)
-    code, out, err = run_cli("train", "--method", "gaussian", "--dataset", "synthetic", "--sigma", "0.25",
-                             "--epochs", "2", "--batch", "64", "--tracking-uri", server.uri, "--out", tmp_path / "run")
+    code, out, err = run_cli(
+        "train",
+        "--method",
+        "gaussian",
+        "--dataset",
+        "synthetic",
+        "--sigma",
+        "0.25",
+        "--epochs",
+        "2",
+        "--batch",
+        "64",
+        "--tracking-uri",
+        server.uri,
+        "--out",
+        tmp_path / "run",
+    )
     assert code == 0, err
     journal = tmp_path / "run" / "mlflow-pending" / "journal.jsonl"
     assert f"records are kept in {journal}" in err

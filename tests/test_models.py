@@ -9,8 +9,13 @@ from catrs.errors import UserError
 from catrs.inference import INFERENCE_MODES, prepare_for_inference
 from catrs.models import Normalization, Normalize, create_model, model_names
 
-SHAPES = {"lenet": (1, 28, 28), "cifar_resnet20": (3, 32, 32), "cifar_resnet110": (3, 32, 32),
-          "resnet50": (3, 224, 224), "digits_cnn": (1, 8, 8)}
+SHAPES = {
+    "lenet": (1, 28, 28),
+    "cifar_resnet20": (3, 32, 32),
+    "cifar_resnet110": (3, 32, 32),
+    "resnet50": (3, 224, 224),
+    "digits_cnn": (1, 8, 8),
+}
 
 
 def test_every_registered_model_has_a_shape_under_test():
@@ -33,7 +38,9 @@ def test_normalization_is_the_first_layer_and_applies_per_channel():
 
 
 def test_cifar_resnet_depths():
-    count = lambda m: sum(isinstance(x, torch.nn.Conv2d) for x in m.modules())  # noqa: E731
+    def count(m: torch.nn.Module) -> int:
+        return sum(isinstance(x, torch.nn.Conv2d) for x in m.modules())
+
     # 6n+2 layers: 6n convs in blocks + the stem (+ 2 projection shortcuts)
     assert count(create_model("cifar_resnet20", 10)) == 18 + 1 + 2
     assert count(create_model("cifar_resnet110", 10)) == 108 + 1 + 2

@@ -17,6 +17,7 @@ import torch
 from catrs.certify import CertifyRequest, CertifySettings, run_certification
 from catrs.checkpoint import load_checkpoint
 from catrs.results import read_results
+from catrs.sampling import SamplingProtocol
 from catrs.train import TrainConfig
 from tests.conftest import start_local_ray
 
@@ -34,9 +35,14 @@ class Nodes:
         """A one-CPU worker node with a disk of its own (its cache and temporary folders)."""
         for sub in ("cache", "tmp"):
             (self.folder / name / sub).mkdir(parents=True, exist_ok=True)
-        self.workers[name] = self.cluster.add_node(num_cpus=1, env_vars={
-            "CATRS_CACHE": str(self.folder / name / "cache"), "TMPDIR": str(self.folder / name / "tmp"),
-            "CATRS_FAULTS_NODE": name})
+        self.workers[name] = self.cluster.add_node(
+            num_cpus=1,
+            env_vars={
+                "CATRS_CACHE": str(self.folder / name / "cache"),
+                "TMPDIR": str(self.folder / name / "tmp"),
+                "CATRS_FAULTS_NODE": name,
+            },
+        )
         self.cluster.wait_for_nodes()
 
     def preempt(self, name: str, replacement: str) -> None:
@@ -96,18 +102,24 @@ def finished(thread: threading.Thread, outcome: list):
     return outcome[0]
 
 
-def test_a_node_lost_mid_certification_costs_only_its_chunks(nodes, object_store, faults, digits_checkpoint,
-                                                             tmp_path):
+def test_a_node_lost_mid_certification_costs_only_its_chunks(nodes, object_store, faults, digits_checkpoint, tmp_path):
     from catrs.distributed.chunks import certify_distributed
 
-    settings = CertifySettings(n0=20, n=400, batch_size=800, inference="eager")
-    clean = run_certification(CertifyRequest(digits_checkpoint, "digits", 0.5, tmp_path / "clean.parquet",
-                                             settings, max_index=40), progress=False)
+    settings = CertifySettings(SamplingProtocol(n0=20, n=400, batch=800), inference="eager")
+    clean = run_certification(
+        CertifyRequest(digits_checkpoint, "digits", 0.5, tmp_path / "clean.parquet", settings, max_index=40),
+        progress=False,
+    )
     out = object_store.uri("preempted/cert.parquet")
     faults.hold("certify.chunk", 12)  # the worker that takes the chunk starting at image 12 stops there
-    thread, outcome = in_background(lambda: certify_distributed(
-        CertifyRequest(digits_checkpoint, "digits", 0.5, out, settings, max_index=40), 2, chunk_size=4,
-        progress=False))
+    thread, outcome = in_background(
+        lambda: certify_distributed(
+            CertifyRequest(digits_checkpoint, "digits", 0.5, out, settings, max_index=40),
+            2,
+            chunk_size=4,
+            progress=False,
+        )
+    )
     nodes.preempt(faults.held_on("certify.chunk", 12), replacement="c")
     finished(thread, outcome)
     merged = read_results(out)
@@ -116,27 +128,30 @@ def test_a_node_lost_mid_certification_costs_only_its_chunks(nodes, object_store
     assert object_store.keys("preempted/") == ["preempted/cert.parquet"]
 
 
-def test_a_node_lost_mid_ddp_training_restarts_from_the_checkpoint_in_the_object_store(nodes, object_store,
-                                                                                      faults, tmp_path):
+def test_a_node_lost_mid_ddp_training_restarts_from_the_checkpoint_in_the_object_store(
+    nodes, object_store, faults, tmp_path
+):
     from catrs.distributed.train import train_distributed
 
-    config = TrainConfig(method="gaussian", dataset="synthetic", sigma=0.25, epochs=3, batch_size=64, lr=0.05)
+    spec = TrainConfig(method="gaussian", dataset="synthetic", sigma=0.25, epochs=3, batch_size=64, lr=0.05).resolve()
     storage = object_store.uri("train-runs")
-    clean = train_distributed(config, tmp_path / "clean", workers=2, storage_path=storage)
+    clean = train_distributed(spec, tmp_path / "clean", workers=2, storage_path=storage)
     faults.hold("train.epoch", "1:1")  # rank 1, after epoch 2's steps, before its checkpoint
-    thread, outcome = in_background(lambda: train_distributed(config, tmp_path / "preempted", workers=2,
-                                                              storage_path=storage))
+    thread, outcome = in_background(
+        lambda: train_distributed(spec, tmp_path / "preempted", workers=2, storage_path=storage)
+    )
     nodes.preempt(faults.held_on("train.epoch", "1:1"), replacement="d")
     preempted = finished(thread, outcome)
     assert any(key.startswith("train-runs/preempted/checkpoint_") for key in object_store.keys("train-runs/"))
     a, b = load_checkpoint(clean), load_checkpoint(preempted)
-    assert b.training_state["next_epoch"] == config.epochs
+    assert b.training_state["next_epoch"] == spec.config.epochs
     assert [row["epoch"] for row in b.training_state["history"]] == [1, 2, 3]
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
 
 
-def test_a_node_lost_mid_sweep_retries_its_trial_and_mlflow_has_each_trial_once(nodes, object_store, faults,
-                                                                               tmp_path, monkeypatch):
+def test_a_node_lost_mid_sweep_retries_its_trial_and_mlflow_has_each_trial_once(
+    nodes, object_store, faults, tmp_path, monkeypatch
+):
     import yaml
     from mlflow.tracking import MlflowClient
 
@@ -145,23 +160,37 @@ def test_a_node_lost_mid_sweep_retries_its_trial_and_mlflow_has_each_trial_once(
 
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "preempted.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "preempted", "method": "gaussian", "dataset": "synthetic", "sigma": 0.25, "seed": 0,
-        "train": {"epochs": 3, "batch_size": 128}, "search": {"lr": {"loguniform": [0.02, 0.1]}},
-        "objective": "acr", "proxy": {"n0": 16, "n": 64, "images": 16, "batch": 512},
-        "selection": {"top_k": 2, "images": 32}, "final": {"n0": 16, "n": 64, "batch": 512, "max": 20},
-        "budget": {"num_samples": 2, "max_concurrent": 2, "scheduler": "none"},
-        "resources": {"workers": 1, "cpus_per_worker": 1}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "preempted",
+                "method": "gaussian",
+                "dataset": "synthetic",
+                "sigma": 0.25,
+                "seed": 0,
+                "train": {"epochs": 3, "batch_size": 128},
+                "search": {"lr": {"loguniform": [0.02, 0.1]}},
+                "objective": "acr",
+                "proxy": {"n0": 16, "n": 64, "images": 16, "batch": 512},
+                "selection": {"top_k": 2, "images": 32},
+                "final": {"n0": 16, "n": 64, "batch": 512, "max": 20},
+                "budget": {"num_samples": 2, "max_concurrent": 2, "scheduler": "none"},
+                "resources": {"workers": 1, "cpus_per_worker": 1},
+            }
+        )
+    )
     faults.hold("train.epoch", "1:0")  # the first trial to finish its second epoch's steps stops there
-    thread, outcome = in_background(lambda: run_sweep(load_search_space(path), storage_path=object_store.uri("tune"),
-                                                      progress=False))
+    thread, outcome = in_background(
+        lambda: run_sweep(load_search_space(path), storage_path=object_store.uri("tune"), progress=False)
+    )
     nodes.preempt(faults.held_on("train.epoch", "1:0"), replacement="e")
     sweep = finished(thread, outcome)
 
     assert list(sweep.trials["status"]) == ["done", "done"]
     client = MlflowClient()
-    children = client.search_runs([client.get_run(sweep.parent_run_id).info.experiment_id],
-                                  f"tags.`mlflow.parentRunId` = '{sweep.parent_run_id}'")
+    children = client.search_runs(
+        [client.get_run(sweep.parent_run_id).info.experiment_id], f"tags.`mlflow.parentRunId` = '{sweep.parent_run_id}'"
+    )
     assert sorted(c.data.tags["catrs.trial_id"] for c in children) == sorted(sweep.trials["trial"])
     assert all(c.info.status == "FINISHED" for c in children)
     for child in children:  # the retried trial's epochs are logged once each, not once per attempt

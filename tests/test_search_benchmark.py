@@ -22,8 +22,12 @@ def test_the_search_benchmark_runs_to_its_table(ray_cluster, tmp_path, monkeypat
     header, table = text.splitlines()[0], text.splitlines()[1:]
     assert header.startswith("small.yaml: 1 sweeps")
     columns = table[0].split()
-    assert columns[:4] == ["paper", "chosen", "gain", "regret"] and {"rho@1", "rho@2"} <= set(columns) and "sweep÷train" in columns
-    row = dict(zip(columns, table[2].split()[1:]))
+    assert (
+        columns[:4] == ["paper", "chosen", "gain", "regret"]
+        and {"rho@1", "rho@2"} <= set(columns)
+        and "sweep÷train" in columns
+    )
+    row = dict(zip(columns, table[2].split()[1:], strict=True))
     assert float(row["gain"]) == pytest.approx(float(row["chosen"]) - float(row["paper"]), abs=2e-4)
     assert float(row["regret"]) >= 0.0 and float(row["sweep÷train"]) > 1.0
     assert "mean ± std over seeds:" in text

@@ -8,11 +8,15 @@ import pytest
 import yaml
 
 from catrs.errors import UserError
-from catrs.search_space import load_search_space
+from catrs.search_space import find_search_space, load_search_space, shipped_spaces
 
-SPACES = sorted((Path(__file__).parents[1] / "search_spaces").glob("*.yaml"))
+SHIPPED = Path(__file__).parents[1] / "platform" / "catrs" / "search_spaces"  # package data of catrs
+SPACES = sorted(SHIPPED.glob("*.yaml"))
 VALID = {
-    "name": "t", "method": "catrs", "dataset": "synthetic", "sigma": 0.25,
+    "name": "t",
+    "method": "catrs",
+    "dataset": "synthetic",
+    "sigma": 0.25,
     "train": {"epochs": 2, "batch_size": 64},
     "fixed": {"num_steps": 1},
     "search": {"lbd": {"loguniform": [0.5, 2.0]}, "sigma0": {"choice": [0.25, 0.5]}},
@@ -25,7 +29,9 @@ VALID = {
 def test_the_published_settings_and_the_demo_are_shipped():
     names = {p.stem for p in SPACES}
     assert {f"catrs_{d}" for d in ("mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet")} <= names
-    assert {f"cifar10_{m}" for m in ("gaussian", "stability", "smoothadv", "macer", "consistency", "smoothmix")} <= names
+    assert {
+        f"cifar10_{m}" for m in ("gaussian", "stability", "smoothadv", "macer", "consistency", "smoothmix")
+    } <= names
     assert "demo_digits" in names
     assert {f"tradeoff_digits_{m}" for m in ("catrs", "consistency", "smoothmix")} <= names
 
@@ -33,28 +39,91 @@ def test_the_published_settings_and_the_demo_are_shipped():
 @pytest.mark.parametrize("path", SPACES, ids=[p.stem for p in SPACES])
 def test_every_shipped_space_validates_and_shows_its_command(path):
     space = load_search_space(path)
-    assert f"catrs tune search_spaces/{path.name}" in path.read_text().split("\n\n")[0]
-    config = space.train_config(space.first_point())
+    assert f"catrs tune {path.stem}" in path.read_text().split("\n\n")[0]
+    config = space.resolve(space.first_point()).config
     assert config.method == space.method and config.sigma == space.sigma
 
 
 def test_the_paper_setting_is_the_first_point():
-    space = load_search_space(Path(__file__).parents[1] / "search_spaces" / "catrs_cifar10.yaml")
-    hyper = space.train_config(space.first_point()).method_config
-    assert (hyper["lbd"], hyper["num_noises"], hyper["epsilon"], hyper["num_steps"], hyper["sigma0"]) == (1.0, 4, 1.0, 4, 0.25)
+    space = load_search_space(find_search_space("catrs_cifar10"))
+    hyper = space.resolve(space.first_point()).config.method_config
+    assert (hyper["lbd"], hyper["num_noises"], hyper["epsilon"], hyper["num_steps"], hyper["sigma0"]) == (
+        1.0,
+        4,
+        1.0,
+        4,
+        0.25,
+    )
 
 
 @pytest.mark.parametrize("method, knob", [("catrs", "lbd"), ("consistency", "lbd"), ("smoothmix", "eta")])
 def test_the_trade_off_spaces_run_their_whole_grid_on_one_schedule(method, knob):
     """Figure 2(c)'s sweeps vary one knob each; every grid value is a point, each trial runs to the end, and the
     three share the training schedule and the proxy, so their frontiers are comparable."""
-    space = load_search_space(Path(__file__).parents[1] / "search_spaces" / f"tradeoff_digits_{method}.yaml")
-    demo = load_search_space(Path(__file__).parents[1] / "search_spaces" / "demo_digits.yaml")
+    space = load_search_space(find_search_space(f"tradeoff_digits_{method}"))
+    demo = load_search_space(find_search_space("demo_digits"))
     assert space.method == method and list(space.search) == [knob] and space.search[knob].kind == "choice"
     assert [point[knob] for point in space.points_to_evaluate] == list(space.search[knob].values)
     assert space.budget.num_samples == len(space.points_to_evaluate) and space.budget.scheduler == "none"
     assert (space.dataset, space.sigma, space.train) == (demo.dataset, demo.sigma, demo.train)
     assert space.budget.rungs(space.epochs) == []  # one proxy certification per trial, at its last epoch
+
+
+def test_a_shipped_space_is_found_by_name_with_or_without_its_suffix():
+    assert shipped_spaces() == [p.stem for p in SPACES]
+    for given in ("demo_digits", "demo_digits.yaml"):
+        found = find_search_space(given)
+        assert found.samefile(SHIPPED / "demo_digits.yaml")
+
+
+def test_an_existing_file_wins_over_a_shipped_name(tmp_path, monkeypatch):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(VALID))
+    assert find_search_space(path) == path and find_search_space(str(path)) == path
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo_digits.yaml").write_text(yaml.safe_dump(VALID))
+    assert find_search_space("demo_digits.yaml") == Path("demo_digits.yaml")  # the file here, not the shipped one
+    assert find_search_space("demo_digits").samefile(SHIPPED / "demo_digits.yaml")  # no file of that name here
+
+
+def test_an_unknown_name_lists_the_shipped_spaces_and_a_missing_path_is_named(tmp_path):
+    with pytest.raises(UserError) as error:
+        find_search_space("nosuchspace")
+    message = str(error.value)
+    assert "'nosuchspace' is neither a file nor a shipped space" in message
+    assert all(name in message for name in shipped_spaces())
+    with pytest.raises(UserError, match="search space not found: .*absent.yaml$"):
+        find_search_space(tmp_path / "absent.yaml")
+
+
+def test_cli_tune_of_an_unknown_name_is_one_line_exit_2(run_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli("tune", "nosuchspace")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("catrs: error:"), err
+    assert "'nosuchspace' is neither a file nor a shipped space" in err and "demo_digits" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_resolves_and_validates_as_the_command_would_and_starts_nothing(run_cli, tmp_path, monkeypatch):
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli("demo", "--dry-run")
+    assert code == 0, err
+    first, sweep, last = out.splitlines()
+    assert first == f"search space: {(SHIPPED / 'demo_digits.yaml').resolve()} (valid)"
+    assert re.fullmatch(
+        r"sweep demo_digits-\d{8}-\d{6}: catrs on digits \(digits_cnn\) at σ = 0.5, searching lbd, "
+        r"epsilon, sigma0, confidence_mask; 10 trials, 2 at a time",
+        sweep,
+    ), sweep
+    assert last == "dry run: nothing started"
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(VALID))
+    code, out, err = run_cli("tune", "mine.yaml", "--dry-run", "--num-samples", "3")
+    assert code == 0 and "sweep t: catrs on synthetic at σ = 0.25" in out and "; 3 trials, 1 at a time" in out, err
+    code, _, err = run_cli("tune", "mine.yaml", "--dry-run", "--num-samples", "0")
+    assert code == 2 and "--num-samples must be a positive integer" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.yaml"]  # no MLflow store, no runs/
 
 
 def _edit(data: dict, path: str, value):
@@ -85,12 +154,16 @@ CASES = [
     ("sigma0 not a choice", "search.sigma0", {"uniform": [0.25, 0.5]}, "search.sigma0: must be a choice"),
     ("searching sigma", "search.sigma", {"choice": [0.25, 0.5]}, "search.sigma: σ is what a result is certified at"),
     ("fixed and searched", "fixed.lbd", 1.0, "search.lbd: also given as a fixed value"),
-    ("point outside the range", "points_to_evaluate", [{"lbd": 9.0, "sigma0": 0.25}],
-     "points_to_evaluate[0].lbd: 9.0 lies outside"),
+    (
+        "point outside the range",
+        "points_to_evaluate",
+        [{"lbd": 9.0, "sigma0": 0.25}],
+        "points_to_evaluate[0].lbd: 9.0 lies outside",
+    ),
     ("point missing a key", "points_to_evaluate", [{"lbd": 1.0}], "points_to_evaluate[0]: must set exactly"),
     ("unknown objective", "objective", "accuracy", "objective: expected acr"),
     ("alpha out of range", "proxy.alpha", 1.5, "proxy.alpha: must lie strictly between"),
-    ("zero proxy samples", "proxy.n", 0, "proxy.n: must be at least 1"),
+    ("zero proxy samples", "proxy.n", 0, "proxy.n: must be a positive integer, got 0"),
     ("no validation candidates", "selection.top_k", 0, "selection.top_k: must be at least 1"),
     ("negative selection images", "selection.images", -1, "selection.images: must be 0 (all) or more"),
     ("refit not a flag", "selection.refit", "yes", "selection.refit: expected bool"),
@@ -148,11 +221,12 @@ def test_keys_of_the_old_format_name_the_file_the_key_and_what_became_of_it(tmp_
 
 
 def test_asha_compares_trials_at_geometric_rungs_below_the_last_epoch_and_the_proxy_runs_there(tmp_path):
-    from catrs.distributed.sweep import proxy_of
+    from catrs.distributed.trial import proxy_of
 
     path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump({**VALID, "train": {"epochs": 20}, "budget": {"first_rung": 3,
-                                                                                   "reduction_factor": 2}}))
+    path.write_text(
+        yaml.safe_dump({**VALID, "train": {"epochs": 20}, "budget": {"first_rung": 3, "reduction_factor": 2}})
+    )
     space = load_search_space(path)
     assert space.budget.rungs(20) == [3, 6, 12]
     proxy = proxy_of(space, None, False)
@@ -164,8 +238,8 @@ def test_trials_hold_out_val_and_the_selection_defaults_to_the_final_protocol(tm
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump({**VALID, "final": {"n": 3000, "alpha": 0.01}, "selection": {"top_k": 2}}))
     space = load_search_space(path)
-    assert space.train_config(space.first_point()).train_split == "train_minus_val"
-    assert space.train_config(space.first_point(), train_split="train").train_split == "train"
+    assert space.resolve(space.first_point()).config.train_split == "train_minus_val"
+    assert space.resolve(space.first_point(), train_split="train").config.train_split == "train"
     assert (space.selection.n, space.selection.alpha, space.selection.top_k) == (3000, 0.01, 2)
 
 
@@ -173,10 +247,15 @@ def test_optuna_learns_a_stopped_trial_as_pruned_and_a_trained_out_one_as_comple
     import optuna
     from ray import tune
 
-    from catrs.distributed.sweep import PrunedAwareOptunaSearch
+    from catrs.distributed.trial import PrunedAwareOptunaSearch
 
-    search = PrunedAwareOptunaSearch(8, space={"lbd": tune.loguniform(0.25, 4.0)}, metric="val_acr", mode="max",
-                                     sampler=optuna.samplers.TPESampler(seed=0))
+    search = PrunedAwareOptunaSearch(
+        8,
+        space={"lbd": tune.loguniform(0.25, 4.0)},
+        metric="val_acr",
+        mode="max",
+        sampler=optuna.samplers.TPESampler(seed=0),
+    )
     for trial, (epochs, value) in {"stopped": ((4,), 0.30), "trained out": ((4, 8), 0.25)}.items():
         search.suggest(trial)
         for step, epoch in enumerate(epochs, 1):
@@ -185,3 +264,31 @@ def test_optuna_learns_a_stopped_trial_as_pruned_and_a_trained_out_one_as_comple
     stopped, trained_out = search._ot_study.trials
     assert stopped.state == optuna.trial.TrialState.PRUNED and stopped.intermediate_values == {1: 0.30}
     assert trained_out.state == optuna.trial.TrialState.COMPLETE and trained_out.value == 0.25
+
+
+@pytest.mark.parametrize(
+    "key, domain",
+    [("teacher_noises", {"choice": [100, 1000]}), ("soft_labels", {"choice": ["teacher", "mean_softmax"]})],
+)
+def test_what_decides_the_shared_soft_labels_cannot_be_searched(tmp_path, key, domain):
+    path = tmp_path / "space.yaml"
+    catrs = {**VALID, "method": "catrs", "search": {"lbd": {"uniform": [0.5, 2.0]}, key: domain}}
+    catrs.pop("points_to_evaluate", None)
+    path.write_text(yaml.safe_dump(catrs))
+    with pytest.raises(UserError, match=f"search.{key}: decides the soft labels every trial shares"):
+        load_search_space(path)
+
+
+def test_trials_that_share_a_sigma0_share_one_teacher_whatever_schedule_they_search(tmp_path):
+    path = tmp_path / "space.yaml"
+    space_file = {
+        **VALID,
+        "method": "catrs",
+        "search": {"lr": {"loguniform": [0.01, 0.1]}, "sigma0": {"choice": [0.25, 0.5]}},
+    }
+    space_file.pop("points_to_evaluate", None)
+    path.write_text(yaml.safe_dump(space_file))
+    space = load_search_space(path)
+    keys = {space.resolve({"lr": lr, "sigma0": s}).soft_labels().key() for lr in (0.01, 0.05) for s in (0.25, 0.5)}
+    assert keys == {space.resolve(point).soft_labels().key() for point in space.teacher_points()}
+    assert len(keys) == 2

@@ -10,8 +10,7 @@ from statsmodels.stats.proportion import proportion_confint
 from torch import nn
 
 from catrs.models import create_model
-from catrs.smoothing import (ABSTAIN, NoiseStream, Smooth, _forward_plan, certified_radius,
-                             clopper_pearson_lower)
+from catrs.smoothing import ABSTAIN, NoiseStream, Smooth, _forward_plan, certified_radius, clopper_pearson_lower
 
 
 class CountingLinear(nn.Module):
@@ -40,8 +39,9 @@ class CoinFlip(nn.Module):
         return torch.stack([1 - heads, heads], dim=1)
 
 
-@pytest.mark.parametrize("successes,trials,alpha", [(0, 10, 0.05), (7, 10, 0.05), (10, 10, 0.001),
-                                                     (99_000, 100_000, 0.001), (51, 100, 0.01)])
+@pytest.mark.parametrize(
+    "successes,trials,alpha", [(0, 10, 0.05), (7, 10, 0.05), (10, 10, 0.001), (99_000, 100_000, 0.001), (51, 100, 0.01)]
+)
 def test_clopper_pearson_lower_matches_statsmodels_and_the_beta_quantile(successes, trials, alpha):
     ours = float(clopper_pearson_lower(successes, trials, alpha))
     assert ours == proportion_confint(successes, trials, alpha=2 * alpha, method="beta")[0]
@@ -60,7 +60,7 @@ def test_radius_is_sigma_times_inverse_normal_and_zero_below_one_half():
 
 def test_certify_draws_exactly_n0_plus_n_samples_when_n_is_not_a_multiple_of_the_batch():
     model = CountingLinear(torch.ones(1, 2, 2), 0.0)
-    smooth = Smooth(model, 2, sigma=0.25)
+    smooth = Smooth(model, 2, sigma=0.25, inference="eager")  # the counting model itself runs
     smooth.certify(torch.zeros(1, 2, 2), n0=37, n=1001, alpha=0.001, batch_size=64, index=0)
     assert model.rows_seen == 37 + 1001
     model.rows_seen = 0
@@ -86,8 +86,10 @@ def test_certified_radius_exceeds_the_true_distance_of_a_linear_classifier_only_
     distance = model.margin(xs).abs()
     truth = (model.margin(xs) > 0).long()
     results = Smooth(model, 2, sigma, seed=11).certify_batch(xs, 100, 2000, alpha, 4000, indices=range(inputs))
-    overshoots = sum(1 for (label, radius), d in zip(results, distance.tolist()) if label != ABSTAIN and radius > d)
-    wrong = sum(1 for (label, _), t in zip(results, truth.tolist()) if label not in (ABSTAIN, t))
+    overshoots = sum(
+        1 for (label, radius), d in zip(results, distance.tolist(), strict=True) if label != ABSTAIN and radius > d
+    )
+    wrong = sum(1 for (label, _), t in zip(results, truth.tolist(), strict=True) if label not in (ABSTAIN, t))
     # Each input overshoots (or certifies the wrong class) independently with probability ≤ α.
     assert overshoots + wrong <= binom.ppf(0.9999, inputs, alpha)
 
@@ -120,8 +122,9 @@ def test_batched_certification_is_invariant_to_how_inputs_are_grouped():
     xs = torch.rand(9, 1, 8, 8)
     smooth = Smooth(model, 10, 0.5, seed=3)
     together = smooth.certify_batch(xs, 50, 300, 0.001, 256, indices=range(100, 109))
-    split = (smooth.certify_batch(xs[:2], 50, 300, 0.001, 256, indices=range(100, 102))
-             + smooth.certify_batch(xs[2:], 50, 300, 0.001, 256, indices=range(102, 109)))
+    split = smooth.certify_batch(xs[:2], 50, 300, 0.001, 256, indices=range(100, 102)) + smooth.certify_batch(
+        xs[2:], 50, 300, 0.001, 256, indices=range(102, 109)
+    )
     one_by_one = [smooth.certify(x, 50, 300, 0.001, 256, index=100 + i) for i, x in enumerate(xs)]
     assert together == split == one_by_one
     assert len({r for _, r in together}) > 1  # the model discriminates: the check is not vacuous
@@ -134,19 +137,22 @@ def test_evaluation_gives_certifys_acr_and_rows_and_skips_the_estimation_of_wron
     model = CountingLinear(torch.randn(1, 4, 4), 0.1)
     xs = torch.randn(40, 1, 4, 4) * 0.6
     labels = (torch.rand(40) < 0.7).long() * (model.margin(xs) > 0).long()  # ~30% of labels disagree with f
-    smooth = Smooth(model, 2, 0.5, seed=5)
+    smooth = Smooth(model, 2, 0.5, seed=5, inference="eager")  # the counting model itself runs
     certified = smooth.certify_batch(xs, 20, 400, 0.001, 1000, indices=range(40))
     model.rows_seen = 0
     evaluated = smooth.evaluate_batch(xs, labels.tolist(), 20, 400, 0.001, 1000, indices=range(40))
     wrong = [i for i, (guess, _, estimated) in enumerate(evaluated) if not estimated]
     assert 5 <= len(wrong) < 40 and all(evaluated[i][0] != labels[i] for i in wrong)
     assert model.rows_seen == 40 * 20 + (40 - len(wrong)) * 400  # no estimation samples for the wrong ones
-    for i, (row, (guess, radius, estimated)) in enumerate(zip(certified, evaluated)):
+    for i, (row, (guess, radius, estimated)) in enumerate(zip(certified, evaluated, strict=True)):
         if estimated:
             assert (guess, radius) == row
         else:  # CERTIFY abstains or predicts the wrong class there: nothing certified correct either way
             assert radius == 0.0 and row[0] != labels[i]
-    contribution = lambda rows: [r if p == y else 0.0 for (p, r, *_), y in zip(rows, labels.tolist())]  # noqa: E731
+
+    def contribution(rows: list[tuple]) -> list[float]:
+        return [r if p == y else 0.0 for (p, r, *_), y in zip(rows, labels.tolist(), strict=True)]
+
     assert contribution(evaluated) == contribution(certified) and sum(contribution(certified)) > 0
 
 
@@ -155,8 +161,10 @@ def test_noise_streams_are_keyed_by_index_and_phase():
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))  # near-uniform votes: counts reveal the noise
     smooth = Smooth(model, 10, 1.0, seed=0)
     x = torch.zeros(1, 1, 8, 8)
-    counts = lambda index, stream, seed=0: Smooth(model, 10, 1.0, seed=seed).sample_counts(  # noqa: E731
-        x, 500, 500, indices=[index], stream=stream)
+
+    def counts(index: int, stream: NoiseStream, seed: int = 0) -> torch.Tensor:
+        return Smooth(model, 10, 1.0, seed=seed).sample_counts(x, 500, 500, indices=[index], stream=stream)
+
     assert torch.equal(counts(4, NoiseStream.ESTIMATION), counts(4, NoiseStream.ESTIMATION))
     assert not torch.equal(counts(4, NoiseStream.ESTIMATION), counts(5, NoiseStream.ESTIMATION))
     assert not torch.equal(counts(4, NoiseStream.ESTIMATION), counts(4, NoiseStream.SELECTION))
@@ -183,7 +191,8 @@ def test_mixed_precision_changes_only_the_arithmetic():
     xs = torch.rand(3, 1, 8, 8)
     full = Smooth(model, 10, 0.5).sample_counts(xs, 400, 400, indices=[0, 1, 2], stream=NoiseStream.ESTIMATION)
     mixed = Smooth(model, 10, 0.5, mixed_precision=True).sample_counts(
-        xs, 400, 400, indices=[0, 1, 2], stream=NoiseStream.ESTIMATION)
+        xs, 400, 400, indices=[0, 1, 2], stream=NoiseStream.ESTIMATION
+    )
     assert mixed.sum() == full.sum() == 1200
     # bf16 logits may flip near-ties, but the vote histograms must stay nearly the same.
     assert (mixed - full).abs().sum() <= 0.05 * 1200

@@ -16,7 +16,11 @@ from catrs.tracking import resolve_tracking_uri
 pytestmark = pytest.mark.slow
 
 SPACE = {
-    "name": "tiny", "method": "catrs", "dataset": "synthetic", "sigma": 0.25, "seed": 3,
+    "name": "tiny",
+    "method": "catrs",
+    "dataset": "synthetic",
+    "sigma": 0.25,
+    "seed": 3,
     "train": {"epochs": 2, "batch_size": 128, "lr": 0.05},
     "fixed": {"num_steps": 1, "teacher_noises": 20, "num_noises": 2},
     "search": {"lbd": {"loguniform": [0.5, 2.0]}, "sigma0": {"choice": [0.25, 0.5]}},
@@ -45,8 +49,10 @@ def test_a_small_sweep_runs_to_completion_and_is_on_record_in_mlflow(ray_cluster
     assert final["idx"].tolist() == list(range(40)) and (final["n"] == 100).all()
 
     client = MlflowClient(resolve_tracking_uri())
-    parents = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                 f"tags.`catrs.kind` = 'sweep' and tags.`catrs.sweep` = '{sweep_dir.name}'")
+    parents = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        f"tags.`catrs.kind` = 'sweep' and tags.`catrs.sweep` = '{sweep_dir.name}'",
+    )
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED"
@@ -67,8 +73,9 @@ def test_a_small_sweep_runs_to_completion_and_is_on_record_in_mlflow(ray_cluster
         assert 1 <= len(history) <= 2
         files = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"config.json", "proxy", "plots"} <= files
-        proxy_rows = pd.read_parquet(client.download_artifacts(child.info.run_id, "proxy/evaluation.parquet",
-                                                               str(tmp_path)))
+        proxy_rows = pd.read_parquet(
+            client.download_artifacts(child.info.run_id, "proxy/evaluation.parquet", str(tmp_path))
+        )
         assert len(proxy_rows) == 16 and set(proxy_rows["idx"]) <= val_keys  # the proxy certified val images
 
     # The choice is made on val; test is read once, after it, for the winner alone.
@@ -88,15 +95,34 @@ def test_a_small_sweep_runs_to_completion_and_is_on_record_in_mlflow(ray_cluster
     # The choice is the registered champion, and certifies to the same rows as its checkpoint.
     version = client.get_model_version_by_alias(sweep_dir.name, "champion")
     assert version.run_id == chosen.info.run_id and parent.data.tags["best_checkpoint"] == str(
-        sweep_dir / "best" / "checkpoint.pt")  # the model is logged on the run it came from
+        sweep_dir / "best" / "checkpoint.pt"
+    )  # the model is logged on the run it came from
     assert (version.tags["sigma"], version.tags["dataset"], version.tags["method"]) == ("0.25", "synthetic", "catrs")
     assert float(version.tags["hyper.lbd"]) == float(chosen.data.params["lbd"])
     rows = {}
-    for name, checkpoint in (("file", sweep_dir / "best" / "checkpoint.pt"), ("registry",
-                                                                              f"models:/{sweep_dir.name}@champion")):
-        code, _, err = run_cli("certify", "--checkpoint", checkpoint, "--dataset", "synthetic", "--sigma", "0.25",
-                               "--n0", "16", "--n", "100", "--max", "12", "--inference", "eager",
-                               "--out", tmp_path / f"{name}.parquet")
+    for name, checkpoint in (
+        ("file", sweep_dir / "best" / "checkpoint.pt"),
+        ("registry", f"models:/{sweep_dir.name}@champion"),
+    ):
+        code, _, err = run_cli(
+            "certify",
+            "--checkpoint",
+            checkpoint,
+            "--dataset",
+            "synthetic",
+            "--sigma",
+            "0.25",
+            "--n0",
+            "16",
+            "--n",
+            "100",
+            "--max",
+            "12",
+            "--inference",
+            "eager",
+            "--out",
+            tmp_path / f"{name}.parquet",
+        )
         assert code == 0, err
         rows[name] = read_results(tmp_path / f"{name}.parquet")
     columns = ["idx", "label", "predict", "radius", "correct", "checkpoint_sha256"]
@@ -105,20 +131,25 @@ def test_a_small_sweep_runs_to_completion_and_is_on_record_in_mlflow(ray_cluster
 
     # The trade-off report: written by `catrs tune` itself, and again on demand from the store.
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "sweep_report")} == {
-        "sweep_report/frontier.png", "sweep_report/objective_by_param.png", "sweep_report/trials.csv"}
+        "sweep_report/frontier.png",
+        "sweep_report/objective_by_param.png",
+        "sweep_report/trials.csv",
+    }
     code, text, err = run_cli("report", "--sweep", parent.info.run_id, "--radius", "0.25")
     assert code == 0, err
     assert "Pareto-optimal" in text
-    importances = {k: float(v) for k, v in client.get_run(parent.info.run_id).data.params.items()
-                   if k.startswith("importance.")}
+    importances = {
+        k: float(v) for k, v in client.get_run(parent.info.run_id).data.params.items() if k.startswith("importance.")
+    }
     objectives = {c.data.metrics["val_acr"] for c in children}
     if len(objectives) > 1:  # with three tiny trials the proxy ACR can tie: then there is nothing to attribute
         assert set(importances) == {"importance.lbd", "importance.sigma0"} and "importance for val_acr:" in text
         assert sum(importances.values()) == pytest.approx(1.0, abs=2e-3)  # logged to 3 decimals
 
     _the_ui_tells_the_story(client, parent, children, chosen)
-    _the_ui_server_answers_with_the_same_story(parent.info.experiment_id, parent.info.run_id, sweep_dir.name,
-                                               chosen.info.run_id, tmp_path)
+    _the_ui_server_answers_with_the_same_story(
+        parent.info.experiment_id, parent.info.run_id, sweep_dir.name, chosen.info.run_id, tmp_path
+    )
 
 
 def _the_ui_tells_the_story(client, parent, children, chosen):
@@ -131,17 +162,28 @@ def _the_ui_tells_the_story(client, parent, children, chosen):
     assert parent.info.run_name.endswith(f"test acr {parent.data.metrics['test_acr']:.3f}")
     note = parent.data.tags["mlflow.note.content"]
     assert f"runs/{chosen.info.run_id})" in note and "| trial |" in note and "**Winner:" in note
-    assert {"epochs", "batch_size", "method_config.num_steps", "proxy.n", "final.n", "budget.num_samples",
-            "search_space"} <= set(parent.data.params) and parent.data.params["budget.num_samples"] == "3"
+    assert {
+        "epochs",
+        "batch_size",
+        "method_config.num_steps",
+        "proxy.n",
+        "final.n",
+        "budget.num_samples",
+        "search_space",
+    } <= set(parent.data.params) and parent.data.params["budget.num_samples"] == "3"
     assert "lbd" not in parent.data.params  # searched: on the children
     assert parent.data.tags["catrs.version"] and parent.data.tags["catrs.searched"] == "lbd:loguniform,sigma0:choice"
     chosen = client.get_run(chosen.info.run_id)
     assert chosen.data.tags["catrs.winner"] == "true" and chosen.info.run_name.startswith("★ lbd=")
     assert chosen.data.params["method_config.lbd"] == chosen.data.params["lbd"]  # the winner has every setting
-    inputs = {(d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"])
-              for d in chosen.inputs.dataset_inputs}
-    assert inputs == {("synthetic/train_minus_val", "training"), ("synthetic/val", "validation"),
-                      ("synthetic/test", "evaluation")}
+    inputs = {
+        (d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"]) for d in chosen.inputs.dataset_inputs
+    }
+    assert inputs == {
+        ("synthetic/train_minus_val", "training"),
+        ("synthetic/val", "validation"),
+        ("synthetic/test", "evaluation"),
+    }
     for child in children:
         stopped = child.data.tags.get("catrs.stopped_at_epoch")
         epochs = int(stopped) if stopped else 2
@@ -150,8 +192,9 @@ def _the_ui_tells_the_story(client, parent, children, chosen):
             assert client.get_run(child.info.run_id).info.run_name.endswith(f"stopped at epoch {stopped}")
 
 
-def test_a_killed_sweep_driver_resumes_to_the_planned_trials_without_duplicate_runs(ray_cluster, run_cli, tmp_path,
-                                                                                    monkeypatch):
+def test_a_killed_sweep_driver_resumes_to_the_planned_trials_without_duplicate_runs(
+    ray_cluster, run_cli, tmp_path, monkeypatch
+):
     import os
     import signal
     import subprocess
@@ -159,19 +202,30 @@ def test_a_killed_sweep_driver_resumes_to_the_planned_trials_without_duplicate_r
     import time
 
     monkeypatch.chdir(tmp_path)
-    space = {**SPACE, "name": "killed", "train": {**SPACE["train"], "epochs": 3},
-             "budget": {"num_samples": 4, "max_concurrent": 1, "scheduler": "none"}}
+    space = {
+        **SPACE,
+        "name": "killed",
+        "train": {**SPACE["train"], "epochs": 3},
+        "budget": {"num_samples": 4, "max_concurrent": 1, "scheduler": "none"},
+    }
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump(space))
     client = MlflowClient(resolve_tracking_uri())
-    experiments = lambda: [e.experiment_id for e in client.search_experiments()]  # noqa: E731
-    children = lambda: client.search_runs(  # noqa: E731
-        experiments(), "tags.`catrs.sweep` = 'killed' and tags.`catrs.kind` = 'trial'")
+
+    def experiments() -> list[str]:
+        return [e.experiment_id for e in client.search_experiments()]
+
+    def children() -> list:
+        return client.search_runs(experiments(), "tags.`catrs.sweep` = 'killed' and tags.`catrs.kind` = 'trial'")
 
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    driver = subprocess.Popen([sys.executable, "-m", "catrs.cli", "tune", str(path), "--cache-dir",
-                               str(tmp_path / "cache")], cwd=tmp_path, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "catrs.cli", "tune", str(path), "--cache-dir", str(tmp_path / "cache")],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not any(r.info.status == "FINISHED" for r in children()):
         assert driver.poll() is None, "the sweep ended before it could be killed"
@@ -191,8 +245,9 @@ def test_a_killed_sweep_driver_resumes_to_the_planned_trials_without_duplicate_r
     assert read_results(tmp_path / "runs" / "sweeps" / "killed" / "final.parquet")["idx"].tolist() == list(range(40))
 
 
-def _the_ui_server_answers_with_the_same_story(experiment_id: str, parent: str, model: str, chosen: str,
-                                               tmp_path) -> None:
+def _the_ui_server_answers_with_the_same_story(
+    experiment_id: str, parent: str, model: str, chosen: str, tmp_path
+) -> None:
     """The REST API the UI reads, of a real `mlflow server` on loopback over the store the sweep wrote."""
     import json
     import urllib.request
@@ -202,21 +257,31 @@ def _the_ui_server_answers_with_the_same_story(experiment_id: str, parent: str, 
     server = MlflowServer(resolve_tracking_uri(), str(tmp_path / "served-artifacts"))
     server.start()
     try:
+
         def call(path: str, body: dict | None = None) -> dict:
-            request = urllib.request.Request(server.uri + "/api/2.0/mlflow/" + path, method="POST" if body else "GET",
-                                             data=json.dumps(body).encode() if body else None,
-                                             headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(
+                server.uri + "/api/2.0/mlflow/" + path,
+                method="POST" if body else "GET",
+                data=json.dumps(body).encode() if body else None,
+                headers={"Content-Type": "application/json"},
+            )
             with urllib.request.urlopen(request, timeout=30) as response:
                 return json.loads(response.read())
 
         experiment = call(f"experiments/get?experiment_id={experiment_id}")["experiment"]
         tags = {t["key"]: t["value"] for t in experiment["tags"]}
         assert tags["mlflow.experimentKind"] == "custom_model_development"
-        [winner] = call("runs/search", {"experiment_ids": [experiment_id], "filter": f"tags.`mlflow.parentRunId` = "
-                                        f"'{parent}' and tags.`catrs.winner` = 'true'"})["runs"]
+        [winner] = call(
+            "runs/search",
+            {
+                "experiment_ids": [experiment_id],
+                "filter": f"tags.`mlflow.parentRunId` = '{parent}' and tags.`catrs.winner` = 'true'",
+            },
+        )["runs"]
         assert winner["info"]["run_id"] == chosen and winner["info"]["run_name"].startswith("★ ")
         assert {"synthetic/test", "synthetic/val", "synthetic/train_minus_val"} == {
-            d["dataset"]["name"] for d in winner["inputs"]["dataset_inputs"]}
+            d["dataset"]["name"] for d in winner["inputs"]["dataset_inputs"]
+        }
         alias = call(f"registered-models/alias?name={model}&alias=champion")["model_version"]
         assert alias["run_id"] == chosen
     finally:

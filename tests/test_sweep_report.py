@@ -36,8 +36,13 @@ def test_dominated_area_is_the_area_under_the_front_down_to_the_origin():
 
 def test_importances_credit_the_parameter_that_drives_the_objective():
     rng = np.random.default_rng(0)
-    trials = pd.DataFrame({"param:lbd": rng.uniform(0.25, 4, 24), "param:eps": rng.uniform(0.25, 1, 24),
-                           "param:m": rng.choice(["2", "4"], 24)})
+    trials = pd.DataFrame(
+        {
+            "param:lbd": rng.uniform(0.25, 4, 24),
+            "param:eps": rng.uniform(0.25, 1, 24),
+            "param:m": rng.choice(["2", "4"], 24),
+        }
+    )
     trials["acr"] = 0.1 * trials["param:lbd"] + 0.001 * rng.normal(size=24)
     scores = importances(trials, ["param:lbd", "param:eps", "param:m"], "acr")
     assert set(scores) == {"lbd", "eps", "m"} and sum(scores.values()) == pytest.approx(1.0)
@@ -46,8 +51,10 @@ def test_importances_credit_the_parameter_that_drives_the_objective():
 
 # (clean, certified at r = 0.5) per trial; areas by hand: 0.6·0.5 + 0.2·0.4 + 0.1·0.2 = 0.40 and
 # 0.7·0.35 + 0.25·0.1 = 0.27.
-SWEEPS = {"lambda-catrs": [(0.9, 0.2), (0.8, 0.4), (0.6, 0.5), (0.7, 0.3)],
-          "lambda-consistency": [(0.95, 0.1), (0.7, 0.35), (0.5, 0.3)]}
+SWEEPS = {
+    "lambda-catrs": [(0.9, 0.2), (0.8, 0.4), (0.6, 0.5), (0.7, 0.3)],
+    "lambda-consistency": [(0.95, 0.1), (0.7, 0.35), (0.5, 0.3)],
+}
 
 
 @pytest.fixture
@@ -61,9 +68,15 @@ def two_sweeps(tmp_path):
         parent = tracker.start(name, {"catrs.kind": "sweep", "catrs.sweep": name, "catrs.objective": "acr"})
         for number, (clean, certified) in enumerate(trials):
             child = tracker.start(f"{name}-{number}", {"catrs.trial_id": f"{name[7:11]}{number}"}, parent=parent)
-            tracker.log_params(child, {"lbd": 2.0 ** number})
-            tracker.log_metrics(child, {"val_acr": clean * certified, "val_certified_accuracy_0": clean,
-                                        "val_certified_accuracy_0.5": certified})
+            tracker.log_params(child, {"lbd": 2.0**number})
+            tracker.log_metrics(
+                child,
+                {
+                    "val_acr": clean * certified,
+                    "val_certified_accuracy_0": clean,
+                    "val_certified_accuracy_0.5": certified,
+                },
+            )
         parents[name] = parent
     tracker.close()
     return uri, parents
@@ -72,14 +85,24 @@ def two_sweeps(tmp_path):
 def test_sweeps_compare_their_frontiers_with_the_higher_one_marked(run_cli, two_sweeps, tmp_path):
     uri, parents = two_sweeps
     plot = tmp_path / "frontiers.png"
-    code, out, err = run_cli("report", "--sweep", f"CAT-RS={parents['lambda-catrs']}",
-                             "--sweep", parents["lambda-consistency"], "--tracking-uri", uri, "--plot", plot)
+    code, out, err = run_cli(
+        "report",
+        "--sweep",
+        f"CAT-RS={parents['lambda-catrs']}",
+        "--sweep",
+        parents["lambda-consistency"],
+        "--tracking-uri",
+        uri,
+        "--plot",
+        plot,
+    )
     assert code == 0, err
     assert f"sweep CAT-RS ({parents['lambda-catrs']}): 4 trials" in out
     assert f"sweep lambda-consistency ({parents['lambda-consistency']}): 3 trials" in out  # its own name
-    comparison = out[out.index("trade-off frontiers at r = 0.5"):].splitlines()
-    catrs_row, consistency_row = (next(line for line in comparison if line.split()[0] == name)
-                                  for name in ("CAT-RS", "lambda-consistency"))
+    comparison = out[out.index("trade-off frontiers at r = 0.5") :].splitlines()
+    catrs_row, consistency_row = (
+        next(line for line in comparison if line.split()[0] == name) for name in ("CAT-RS", "lambda-consistency")
+    )
     assert catrs_row.split()[1:4] == ["4", "0.4000", "*"]
     assert consistency_row.split()[1:3] == ["3", "0.2700"] and "*" not in consistency_row
     assert "(0.600, 0.500) (0.800, 0.400) (0.900, 0.200)" in catrs_row
@@ -94,29 +117,50 @@ def test_sweeps_compare_their_frontiers_with_the_higher_one_marked(run_cli, two_
     for parent in parents.values():  # each sweep's own report is logged to its parent run
         assert "sweep_report/frontier.png" in {a.path for a in client.list_artifacts(parent, "sweep_report")}
 
-    code, out, err = run_cli("report", "--sweep", f"CAT-RS={parents['lambda-catrs']}",
-                             "--sweep", parents["lambda-consistency"], "--tracking-uri", uri, "--json")
+    code, out, err = run_cli(
+        "report",
+        "--sweep",
+        f"CAT-RS={parents['lambda-catrs']}",
+        "--sweep",
+        parents["lambda-consistency"],
+        "--tracking-uri",
+        uri,
+        "--json",
+    )
     assert code == 0, err
     records = json.loads(out)
     assert list(records) == ["CAT-RS", "lambda-consistency"]
-    assert records["CAT-RS"]["area"] == pytest.approx(0.40) and records["lambda-consistency"]["area"] == pytest.approx(0.27)
+    assert records["CAT-RS"]["area"] == pytest.approx(0.40) and records["lambda-consistency"]["area"] == pytest.approx(
+        0.27
+    )
     by_lambda = {trial["lbd"]: trial for trial in records["CAT-RS"]["trials"]}
-    assert by_lambda[8.0] == {"trial": "catr3", "lbd": 8.0, "clean": 0.7, "certified": 0.3,
-                              "val_acr": pytest.approx(0.21), "pareto": False, "stopped_at_epoch": "",
-                              "final_val": None}  # trained out, not shortlisted
+    assert by_lambda[8.0] == {
+        "trial": "catr3",
+        "lbd": 8.0,
+        "clean": 0.7,
+        "certified": 0.3,
+        "val_acr": pytest.approx(0.21),
+        "pareto": False,
+        "stopped_at_epoch": "",
+        "final_val": None,
+    }  # trained out, not shortlisted
 
 
-@pytest.mark.parametrize("extra, message", [
-    (("--sweep", "{catrs}"), "two sweeps are named lambda-catrs; give each sweep once"),
-    (("--sweep", "X={catrs}", "--sweep", "X={consistency}"), "two sweeps are named X"),
-    (("results.parquet",), "give result files or --sweep PARENT_RUN_ID, not both"),
-    (("--markdown", "--radii", "1"), "--markdown, --radii apply to result files, not to --sweep"),
-    (("--latex",), "--latex applies to result files"),
-    (("--sweep", "0123456789abcdef"), "no MLflow run 0123456789abcdef"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--sweep", "{catrs}"), "two sweeps are named lambda-catrs; give each sweep once"),
+        (("--sweep", "X={catrs}", "--sweep", "X={consistency}"), "two sweeps are named X"),
+        (("results.parquet",), "give result files or --sweep PARENT_RUN_ID, not both"),
+        (("--markdown", "--radii", "1"), "--markdown, --radii apply to result files, not to --sweep"),
+        (("--latex",), "--latex applies to result files"),
+        (("--sweep", "0123456789abcdef"), "no MLflow run 0123456789abcdef"),
+    ],
+)
 def test_bad_sweep_comparisons_are_refused_in_one_line(run_cli, two_sweeps, extra, message):
     uri, parents = two_sweeps
     ids = {"catrs": parents["lambda-catrs"], "consistency": parents["lambda-consistency"]}
-    code, out, err = run_cli("report", "--sweep", ids["catrs"], *(a.format(**ids) for a in extra),
-                             "--tracking-uri", uri)
+    code, out, err = run_cli(
+        "report", "--sweep", ids["catrs"], *(a.format(**ids) for a in extra), "--tracking-uri", uri
+    )
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and message in err

@@ -24,15 +24,34 @@ def postgres():
     server.stop()
 
 
-def test_records_and_artifacts_outlive_the_tracking_server(run_cli, postgres, object_store, digits_checkpoint,
-                                                           tmp_path):
+def test_records_and_artifacts_outlive_the_tracking_server(
+    run_cli, postgres, object_store, digits_checkpoint, tmp_path
+):
     artifacts = object_store.uri("mlflow-artifacts")
     head = MlflowServer(postgres, artifacts)
     head.start()
     try:
-        code, _, err = run_cli("certify", "--checkpoint", digits_checkpoint, "--dataset", "digits", "--sigma", "0.5",
-                               "--n0", "10", "--n", "100", "--max", "12", "--inference", "eager",
-                               "--out", tmp_path / "cert.parquet", "--tracking-uri", head.uri)
+        code, _, err = run_cli(
+            "certify",
+            "--checkpoint",
+            digits_checkpoint,
+            "--dataset",
+            "digits",
+            "--sigma",
+            "0.5",
+            "--n0",
+            "10",
+            "--n",
+            "100",
+            "--max",
+            "12",
+            "--inference",
+            "eager",
+            "--out",
+            tmp_path / "cert.parquet",
+            "--tracking-uri",
+            head.uri,
+        )
         assert code == 0, err
     finally:
         head.stop()  # the head node and everything on its disk are gone

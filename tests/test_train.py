@@ -11,7 +11,7 @@ import catrs.teacher as teacher_module
 from catrs.checkpoint import load_checkpoint
 from catrs.results import read_results
 from catrs.teacher import SoftLabelSpec, soft_labels
-from catrs.train import TrainConfig, soft_label_spec, train
+from catrs.train import TrainConfig, local_producer, train
 
 QUICK = dict(dataset="synthetic", sigma=0.25, batch_size=64, lr=0.05, lr_step=2)
 
@@ -23,7 +23,7 @@ class Interrupt(Exception):
 @pytest.mark.parametrize("method", ["gaussian", "catrs"])
 def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, method):
     settings = {"method_config": {"num_steps": 1, "teacher_noises": 20}} if method == "catrs" else {}
-    config = TrainConfig(method=method, epochs=3, **QUICK, **settings)
+    config = TrainConfig(method=method, epochs=3, **QUICK, **settings).resolve()
     whole = train(config, tmp_path / "whole", progress=False, cache_dir=tmp_path / "cache")
 
     def stop_after_two(metrics):
@@ -44,7 +44,7 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, me
 
 
 def test_checkpoint_carries_the_complete_training_state(tmp_path):
-    path = train(TrainConfig(method="gaussian", epochs=1, **QUICK), tmp_path / "run", progress=False)
+    path = train(TrainConfig(method="gaussian", epochs=1, **QUICK).resolve(), tmp_path / "run", progress=False)
     state = load_checkpoint(path).training_state
     assert set(state) >= {"config", "optimizer", "scheduler", "next_epoch", "history"}
     assert state["config"]["method"] == "gaussian" and state["next_epoch"] == 1
@@ -64,31 +64,46 @@ def test_a_run_that_holds_out_val_never_trains_or_evaluates_on_it(run_cli, tmp_p
             return super().loader(dataset, config, epoch)
 
     seen: set[int] = set()
-    config = TrainConfig(method="gaussian", epochs=1, train_split="train_minus_val", **QUICK).resolved()
-    run = fit(config, Recording(tmp_path / "fit"), torch.device("cpu"))
+    spec = TrainConfig(method="gaussian", epochs=1, train_split="train_minus_val", **QUICK).resolve()
+    run = fit(spec, Recording(tmp_path / "fit"), torch.device("cpu"))
     val = set(get_dataset("synthetic", "val").keys.tolist())
     assert seen and not seen & val and len(seen | val) == len(get_dataset("synthetic", "train"))
     assert "val_noisy_accuracy" in run.history[0] and "test_noisy_accuracy" not in run.history[0]
 
-    code, out, err = run_cli("train", "--method", "gaussian", "--dataset", "synthetic", "--sigma", "0.25", "--epochs",
-                             "1", "--hold-out-val", "--out", tmp_path / "cli")
+    code, out, err = run_cli(
+        "train",
+        "--method",
+        "gaussian",
+        "--dataset",
+        "synthetic",
+        "--sigma",
+        "0.25",
+        "--epochs",
+        "1",
+        "--hold-out-val",
+        "--out",
+        tmp_path / "cli",
+    )
     assert code == 0, err
     assert load_checkpoint(tmp_path / "cli" / "checkpoint.pt").card.config["train_split"] == "train_minus_val"
     assert "val_noisy_accuracy=" in out
 
 
 def test_a_run_with_other_settings_in_the_same_directory_is_refused(tmp_path):
-    train(TrainConfig(method="gaussian", epochs=1, **QUICK), tmp_path / "run", progress=False)
+    train(TrainConfig(method="gaussian", epochs=1, **QUICK).resolve(), tmp_path / "run", progress=False)
     from catrs.errors import UserError
 
     with pytest.raises(UserError, match="other settings.*sigma"):
-        train(TrainConfig(method="gaussian", epochs=1, **{**QUICK, "sigma": 0.5}), tmp_path / "run", progress=False)
+        train(
+            TrainConfig(method="gaussian", epochs=1, **{**QUICK, "sigma": 0.5}).resolve(),
+            tmp_path / "run",
+            progress=False,
+        )
 
 
 def test_soft_labels_are_vote_histograms_cached_by_everything_that_determines_them(tmp_path, monkeypatch):
-    config = TrainConfig(method="catrs", epochs=1, **QUICK, method_config={"teacher_noises": 30}).resolved()
-    spec = soft_label_spec(config)
-    table = soft_labels(spec, tmp_path, progress=False)
+    spec = TrainConfig(method="catrs", epochs=1, **QUICK, method_config={"teacher_noises": 30}).resolve().soft_labels()
+    table = soft_labels(spec, tmp_path, progress=False, producer=local_producer())
     assert table.shape == (512, 4)
     torch.testing.assert_close(table.sum(dim=1), torch.ones(512))
     assert ((table * 30) - (table * 30).round()).abs().max() < 1e-4  # counts / N
@@ -98,11 +113,11 @@ def test_soft_labels_are_vote_histograms_cached_by_everything_that_determines_th
         raise AssertionError("cached soft labels were recomputed")
 
     monkeypatch.setattr(teacher_module, "_compute", must_not_run)
-    assert torch.equal(soft_labels(spec, tmp_path, progress=False), table)
+    assert torch.equal(soft_labels(spec, tmp_path, progress=False, producer=local_producer()), table)
     other_sigma = SoftLabelSpec(**{**spec.__dict__, "sigma0": 0.5})
     assert other_sigma.key() != spec.key()
     with pytest.raises(AssertionError, match="recomputed"):
-        soft_labels(other_sigma, tmp_path, progress=False)
+        soft_labels(other_sigma, tmp_path, progress=False, producer=local_producer())
 
 
 @pytest.mark.slow
@@ -110,31 +125,67 @@ def test_soft_labels_are_vote_histograms_cached_by_everything_that_determines_th
 def test_train_then_certify_on_digits_from_the_cli(run_cli, tmp_path, method):
     out = tmp_path / method
     cheaper = ["--set", "teacher_noises=100", "--set", "num_steps=2"] if method == "catrs" else []
-    code, stdout, err = run_cli("train", "--method", method, "--dataset", "digits", "--sigma", "0.5", "--epochs",
-                                "5", "--batch", "128", "--lr", "0.05", "--out", out, "--cache-dir", tmp_path / "cache",
-                                *cheaper)
+    code, stdout, err = run_cli(
+        "train",
+        "--method",
+        method,
+        "--dataset",
+        "digits",
+        "--sigma",
+        "0.5",
+        "--epochs",
+        "5",
+        "--batch",
+        "128",
+        "--lr",
+        "0.05",
+        "--out",
+        out,
+        "--cache-dir",
+        tmp_path / "cache",
+        *cheaper,
+    )
     assert code == 0, err
     assert "epoch 5:" in stdout
-    code, _, err = run_cli("certify", "--checkpoint", out / "checkpoint.pt", "--dataset", "digits", "--sigma", "0.5",
-                           "--n0", "50", "--n", "200", "--skip", "9", "--inference", "eager", "--out",
-                           out / "cert.parquet")
+    code, _, err = run_cli(
+        "certify",
+        "--checkpoint",
+        out / "checkpoint.pt",
+        "--dataset",
+        "digits",
+        "--sigma",
+        "0.5",
+        "--n0",
+        "50",
+        "--n",
+        "200",
+        "--skip",
+        "9",
+        "--inference",
+        "eager",
+        "--out",
+        out / "cert.parquet",
+    )
     assert code == 0, err
     frame = read_results(out / "cert.parquet")
     assert len(frame) == 40 and (frame["correct"] == 1).mean() > 0.2  # ten classes: chance is 0.1
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--method", "trades"], "unknown training method 'trades'; choose one of: catrs, consistency"),
-    (["--method", "catrs", "--set", "lambda=2"], "unknown hyper-parameter(s) lambda for method 'catrs'; valid:"),
-    (["--method", "catrs", "--set", "lbd"], "--set expects KEY=VALUE"),
-    (["--method", "catrs", "--set", "num_noises=four"], "hyper-parameter num_noises='four' is not a valid int"),
-    (["--method", "catrs", "--set", "confidence_mask=maybe"], "confidence_mask='maybe' is not a valid bool"),
-    (["--method", "catrs", "--set", "soft_labels=oracle"], "soft_labels must be one of teacher, mean_softmax"),
-    (["--method", "gaussian", "--arch", "vgg"], "unknown architecture 'vgg'"),
-    (["--method", "gaussian", "--sigma", "0"], "--sigma must be positive"),
-    (["--method", "gaussian", "--epochs", "0"], "--epochs must be at least 1"),
-    (["--method", "gaussian", "--dataset", "svhn"], "unknown dataset 'svhn'"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--method", "trades"], "unknown training method 'trades'; choose one of: catrs, consistency"),
+        (["--method", "catrs", "--set", "lambda=2"], "unknown hyper-parameter(s) lambda for method 'catrs'; valid:"),
+        (["--method", "catrs", "--set", "lbd"], "--set expects KEY=VALUE"),
+        (["--method", "catrs", "--set", "num_noises=four"], "hyper-parameter num_noises='four' is not a valid int"),
+        (["--method", "catrs", "--set", "confidence_mask=maybe"], "confidence_mask='maybe' is not a valid bool"),
+        (["--method", "catrs", "--set", "soft_labels=oracle"], "soft_labels must be one of teacher, mean_softmax"),
+        (["--method", "gaussian", "--arch", "vgg"], "unknown architecture 'vgg'"),
+        (["--method", "gaussian", "--sigma", "0"], "--sigma must be positive"),
+        (["--method", "gaussian", "--epochs", "0"], "--epochs must be at least 1"),
+        (["--method", "gaussian", "--dataset", "svhn"], "unknown dataset 'svhn'"),
+    ],
+)
 def test_train_refuses_bad_input_in_one_line(run_cli, tmp_path, args, message):
     code, _, err = run_cli("train", "--out", tmp_path / "run", *args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
@@ -161,9 +212,29 @@ def test_a_killed_catrs_train_resumes_with_the_same_command(faults, tmp_path):
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "catrs.cli", "train", "--method", "gaussian", "--dataset", "synthetic",
-               "--sigma", "0.25", "--epochs", "3", "--batch", "64", "--lr", "0.05", "--lr-step", "2"]
-    reference = train(TrainConfig(method="gaussian", epochs=3, **QUICK), tmp_path / "reference", progress=False)
+    command = [
+        sys.executable,
+        "-m",
+        "catrs.cli",
+        "train",
+        "--method",
+        "gaussian",
+        "--dataset",
+        "synthetic",
+        "--sigma",
+        "0.25",
+        "--epochs",
+        "3",
+        "--batch",
+        "64",
+        "--lr",
+        "0.05",
+        "--lr-step",
+        "2",
+    ]
+    reference = train(
+        TrainConfig(method="gaussian", epochs=3, **QUICK).resolve(), tmp_path / "reference", progress=False
+    )
     faults.arm("train.epoch", "1:0")  # the process dies after epoch 2's steps, before its checkpoint
     killed = subprocess.run([*command, "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
     assert killed.returncode == 17 and faults.fired() == ["fired-train.epoch-1-0"]
@@ -180,7 +251,7 @@ def test_a_soft_label_cache_holding_python_objects_is_refused(tmp_path):
 
     from catrs.errors import UserError
 
-    spec = soft_label_spec(TrainConfig(method="catrs", epochs=1, **QUICK).resolved())
+    spec = TrainConfig(method="catrs", epochs=1, **QUICK).resolve().soft_labels()
 
     class Exploit:
         def __reduce__(self):
@@ -188,4 +259,40 @@ def test_a_soft_label_cache_holding_python_objects_is_refused(tmp_path):
 
     (tmp_path / f"soft-labels-{spec.key()}.pt").write_bytes(pickle.dumps(Exploit()))
     with pytest.raises(UserError, match="unreadable"):
-        soft_labels(spec, tmp_path, progress=False)
+        soft_labels(spec, tmp_path, progress=False, producer=local_producer())
+
+
+def test_a_soft_label_key_hashes_the_vote_count_under_its_first_name_so_old_cache_entries_stay_valid():
+    import hashlib
+
+    from catrs.teacher import SoftLabelSpec
+
+    spec = SoftLabelSpec(
+        dataset="digits", arch="digits_cnn", sigma0=0.25, votes=8, seed=0, teacher_training={"epochs": 1}
+    )
+    written_before = {
+        "dataset": "digits",
+        "arch": "digits_cnn",
+        "sigma0": 0.25,
+        "num_noises": 8,
+        "seed": 0,
+        "teacher_training": {"epochs": 1},
+        "teacher_checkpoint_sha256": "",
+    }
+    canonical = json.dumps(written_before, sort_keys=True, default=str)
+    assert spec.key() == hashlib.sha256(canonical.encode()).hexdigest()[:20]
+
+
+def test_a_run_is_resolved_once_and_the_loop_never_parses_its_hyper_parameters_again(tmp_path, monkeypatch):
+    from trainables.base import Method
+
+    spec = TrainConfig(method="consistency", epochs=2, **QUICK, method_config={"lbd": "5"}).resolve()
+    assert spec.hyper.lbd == 5.0 and spec.config.method_config["lbd"] == 5.0  # typed once, recorded typed
+    assert spec.arch == spec.data.default_arch and spec.card().arch == spec.arch
+
+    def must_not_parse(self, overrides=None):
+        raise AssertionError("hyper-parameters parsed again")
+
+    monkeypatch.setattr(Method, "make_config", must_not_parse)
+    path = train(spec, tmp_path / "run", progress=False)
+    assert load_checkpoint(path).training_state["next_epoch"] == 2

@@ -13,8 +13,17 @@ import trainables.catrs as catrs_module
 from catrs.data import get_dataset
 from catrs.models import create_model
 from trainables.base import Batch, StepContext, frozen_eval, kl_to_target, project_l2
-from trainables.catrs import (CatrsConfig, bottom_k_mean, catrs_loss, catrs_objective, pixel_mean, pixel_rms,
-                              restandardize, sample_k, worst_case_noise)
+from trainables.catrs import (
+    CatrsConfig,
+    bottom_k_mean,
+    catrs_loss,
+    catrs_objective,
+    pixel_mean,
+    pixel_rms,
+    restandardize,
+    sample_k,
+    worst_case_noise,
+)
 from trainables.consistency import consistency_terms
 from trainables.macer import macer_margin
 from trainables.smoothadv import smoothadv_attack
@@ -42,6 +51,7 @@ def test_registry_has_the_seven_methods_and_names_them_on_error():
 
 
 # --- CAT-RS ------------------------------------------------------------------------------------------------
+
 
 def test_bottom_k_sums_exactly_the_k_smallest_losses_and_divides_by_m():
     losses = torch.tensor([[0.4, 0.1, 0.3, 0.2], [5.0, 1.0, 3.0, 2.0], [1.0, 1.0, 0.5, 9.0], [7.0, 6.0, 5.0, 4.0]])
@@ -122,8 +132,12 @@ def test_noise_search_projects_then_restandardizes_every_step_and_increases_the_
         torch.testing.assert_close(after, expected)
     # What comes back is the last re-standardised noise, not clipped back into the ε-ball afterwards.
     assert torch.equal(searched, standardizations[-1][1])
-    objective = lambda n: kl_to_target(batch.soft_labels, model.eval()(  # noqa: E731
-        (batch.x.unsqueeze(0) + n).flatten(0, 1)).view(4, 6, -1)).sum()
+
+    def objective(n: torch.Tensor) -> torch.Tensor:
+        return kl_to_target(
+            batch.soft_labels, model.eval()((batch.x.unsqueeze(0) + n).flatten(0, 1)).view(4, 6, -1)
+        ).sum()
+
     with torch.no_grad():
         assert objective(searched) > objective(noises)
 
@@ -151,12 +165,17 @@ def test_mean_softmax_variant_needs_no_teacher():
     config = method.make_config({"soft_labels": "mean_softmax"})
     assert not method.needs_soft_labels(config) and method.needs_soft_labels(method.make_config())
     batch = tiny_batch(4)
-    out = catrs_loss(create_model("digits_cnn", 10), Batch(batch.x, batch.y, batch.index), config,
-                     StepContext(sigma=0.5, epoch=0, num_classes=10))
+    out = catrs_loss(
+        create_model("digits_cnn", 10),
+        Batch(batch.x, batch.y, batch.index),
+        config,
+        StepContext(sigma=0.5, epoch=0, num_classes=10),
+    )
     assert torch.isfinite(out.loss)
 
 
 # --- baselines ---------------------------------------------------------------------------------------------
+
 
 def test_smoothadv_stays_in_the_image_box_and_the_epsilon_ball_and_raises_the_loss():
     torch.manual_seed(0)
@@ -243,8 +262,9 @@ def test_smoothmix_trains_on_the_warm_up_start_point():
     iterate = smoothmix_iterates(model, batch.x, batch.y, noises, 1.0, 2)[1]
 
     def ce_at(point):
-        return F.cross_entropy(forward_copies(model, point.unsqueeze(0) + noises).flatten(0, 1),
-                               batch.y.repeat(config.num_noises))
+        return F.cross_entropy(
+            forward_copies(model, point.unsqueeze(0) + noises).flatten(0, 1), batch.y.repeat(config.num_noises)
+        )
 
     assert loss.item() == pytest.approx(ce_at(mix_start(batch.x, iterate, 0.1)).item(), abs=1e-6)
     assert loss.item() != pytest.approx(ce_at(iterate).item(), abs=1e-6)  # what catrs trained on before
@@ -261,10 +281,15 @@ def test_smoothmix_iterates_start_clean_and_stay_in_the_box():
 
 # --- every method ------------------------------------------------------------------------------------------
 
+
 def _small_config(name: str):
     method = trainables.get(name)
-    cheap = {"smoothadv": {"num_steps": 2, "num_noises": 2, "warmup": 1}, "macer": {"num_noises": 4},
-             "catrs": {"num_steps": 2, "num_noises": 2}, "smoothmix": {"num_steps": 2}}
+    cheap = {
+        "smoothadv": {"num_steps": 2, "num_noises": 2, "warmup": 1},
+        "macer": {"num_noises": 4},
+        "catrs": {"num_steps": 2, "num_noises": 2},
+        "smoothmix": {"num_steps": 2},
+    }
     return method, method.make_config(cheap.get(name, {}))
 
 
@@ -279,7 +304,7 @@ def test_one_optimizer_step_changes_the_weights(name):
     output.loss.backward()
     optimizer.step()
     assert torch.isfinite(output.loss) and "accuracy" in output.scalars
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("name", METHODS)

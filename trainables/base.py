@@ -64,15 +64,15 @@ class Method:
         unknown = sorted(set(overrides) - set(known))
         if unknown:
             valid = ", ".join(sorted(known)) or "none"
-            raise KeyError(f"unknown hyper-parameter(s) {', '.join(unknown)} for method {self.name!r}; "
-                           f"valid: {valid}")
+            raise KeyError(f"unknown hyper-parameter(s) {', '.join(unknown)} for method {self.name!r}; valid: {valid}")
         defaults = self.config_type()
         return self.config_type(**{k: _coerce(k, v, type(getattr(defaults, k))) for k, v in overrides.items()})
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:
     """Command-line strings into the config field's type; a value that does not fit is a ValueError naming it."""
-    if kind is bool and isinstance(value, str) and value.lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+    spelled_bool = {"1", "true", "yes", "on", "0", "false", "no", "off"}
+    if kind is bool and isinstance(value, str) and value.lower() in spelled_bool:
         return value.lower() in {"1", "true", "yes", "on"}
     try:
         if kind is bool and not isinstance(value, bool):
@@ -140,6 +140,6 @@ def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield inner
     finally:
-        for parameter, flag in zip(inner.parameters(), flags):
+        for parameter, flag in zip(inner.parameters(), flags, strict=True):
             parameter.requires_grad_(flag)
         inner.train(was_training)

@@ -15,6 +15,8 @@ Per chunk of b images with labels y and soft labels ŷ:
 Variants: `confidence_mask` draws K ~ Bin(M, ŷ_y) (used on ImageNet); `soft_labels="mean_softmax"` needs no
 pre-trained teacher (ŷ = the detached mean softmax of step 1; the paper's App. G.1); `eps_double_epoch`
 doubles ε from that epoch on (ImageNet: 80). The teacher's ŷ come from `catrs.teacher`.
+
+The math and the published hyper-parameters: docs/methods.md, "Method: catrs".
 """
 
 from __future__ import annotations
@@ -25,8 +27,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainables.base import (Batch, Method, StepContext, StepOutput, accuracy, draw_noises, forward_copies,
-                             frozen_eval, kl_to_target, l2_normalize, project_l2)
+from trainables.base import (
+    Batch,
+    Method,
+    StepContext,
+    StepOutput,
+    accuracy,
+    draw_noises,
+    forward_copies,
+    frozen_eval,
+    kl_to_target,
+    l2_normalize,
+    project_l2,
+)
 
 SOFT_LABEL_SOURCES = ("teacher", "mean_softmax")
 
@@ -66,8 +79,9 @@ def restandardize(noise: Tensor, mean0: Tensor, rms0: Tensor) -> Tensor:
     return mean0 + (noise - pixel_mean(noise)) / pixel_rms(noise) * rms0
 
 
-def worst_case_noise(model: nn.Module, x: Tensor, noises: Tensor, soft_labels: Tensor, epsilon: float,
-                     steps: int) -> Tensor:
+def worst_case_noise(
+    model: nn.Module, x: Tensor, noises: Tensor, soft_labels: Tensor, epsilon: float, steps: int
+) -> Tensor:
     """The searched noises δ' (M, b, *image) near `noises` that maximise Σ_i KL(ŷ ‖ softmax F(x + δ'_i))."""
     if steps == 0:
         return noises.detach()
@@ -79,7 +93,7 @@ def worst_case_noise(model: nn.Module, x: Tensor, noises: Tensor, soft_labels: T
         for _ in range(steps):
             current = current.clone().requires_grad_(True)
             objective = kl_to_target(soft_labels, forward_copies(frozen, x.unsqueeze(0) + current)).sum()
-            grad, = torch.autograd.grad(objective, [current])
+            (grad,) = torch.autograd.grad(objective, [current])
             stepped = current.detach() + step_size * l2_normalize(grad)
             projected = original + project_l2(stepped - original, epsilon)
             current = restandardize(projected, mean0, rms0)
@@ -127,13 +141,21 @@ def catrs_loss(model: nn.Module, batch: Batch, config: CatrsConfig, context: Ste
     confidence = soft.gather(1, batch.y[:, None]).squeeze(1) if config.confidence_mask else p_hat
     k = sample_k(confidence, m)
     per_sample, low, high = catrs_objective(ce, kl, k, config.lbd)
-    return StepOutput(per_sample.mean(), {
-        "accuracy": accuracy(logits, batch.y),  # the mean of p_hat, which would be a copy of it
-        "full_fraction": (k == m).float().mean(),
-        "l_low": low.mean().detach(),
-        "l_high": high.mean().detach(),
-    })
+    return StepOutput(
+        per_sample.mean(),
+        {
+            "accuracy": accuracy(logits, batch.y),  # the mean of p_hat, which would be a copy of it
+            "full_fraction": (k == m).float().mean(),
+            "l_low": low.mean().detach(),
+            "l_high": high.mean().detach(),
+        },
+    )
 
 
-METHOD = Method("catrs", CatrsConfig, catrs_loss, chunks=lambda config: config.num_noises,
-                needs_soft_labels=lambda config: config.soft_labels == "teacher")
+METHOD = Method(
+    "catrs",
+    CatrsConfig,
+    catrs_loss,
+    chunks=lambda config: config.num_noises,
+    needs_soft_labels=lambda config: config.soft_labels == "teacher",
+)

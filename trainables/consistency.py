@@ -3,6 +3,8 @@
 m noisy copies per image; loss = mean CE over all m·b noisy inputs
 + mean over the batch of [λ · (1/m) Σ_i KL(p̄ ‖ p_i) + η · H(p̄)], where p̄ is the mean of the m softmaxes
 (not detached).
+
+The math and the published hyper-parameters: docs/methods.md, "Method: consistency".
 """
 
 from __future__ import annotations
@@ -35,8 +37,15 @@ def consistency_loss(model: nn.Module, batch: Batch, config: ConsistencyConfig, 
     ce = F.cross_entropy(logits.flatten(0, 1), batch.y.repeat(config.num_noises))
     kl, entropy = consistency_terms(logits)
     loss = ce + (config.lbd * kl + config.eta * entropy).mean()
-    return StepOutput(loss, {"accuracy": accuracy(logits, batch.y), "ce": ce.detach(),
-                             "kl": kl.mean().detach(), "entropy": entropy.mean().detach()})
+    return StepOutput(
+        loss,
+        {
+            "accuracy": accuracy(logits, batch.y),
+            "ce": ce.detach(),
+            "kl": kl.mean().detach(),
+            "entropy": entropy.mean().detach(),
+        },
+    )
 
 
 METHOD = Method("consistency", ConsistencyConfig, consistency_loss, chunks=lambda config: config.num_noises)

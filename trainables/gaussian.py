@@ -1,4 +1,7 @@
-"""Gaussian data augmentation (Cohen et al. 2019): CE(F(x + δ), y), one noise draw per image per step."""
+"""Gaussian data augmentation (Cohen et al. 2019): CE(F(x + δ), y), one noise draw per image per step.
+
+The math and the published hyper-parameters: docs/methods.md, "Method: gaussian".
+"""
 
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ L_cls = Σ −log(p̄_y + 1e-10). With q the mean of softmax(β·logits), on sam
 y: ξ = Φ⁻¹(q_top1) − Φ⁻¹(q_top2), kept where finite and ≤ γ (the hinge is active), and
 L_rob = (σ/2) Σ (γ − ξ). Loss = (L_cls + λ·L_rob) / b. The deferred variant holds λ = 0 until the first LR
 drop.
+
+The math and the published hyper-parameters: docs/methods.md, "Method: macer".
 """
 
 from __future__ import annotations
@@ -55,8 +57,15 @@ def macer_loss(model: nn.Module, batch: Batch, config: MacerConfig, context: Ste
     lbd = 0.0 if config.deferred and context.lr_drops == 0 else config.lbd
     loss = (l_cls + lbd * l_rob) / len(batch.y)
     b = len(batch.y)
-    return StepOutput(loss, {"accuracy": accuracy(logits, batch.y), "l_cls": (l_cls / b).detach(),
-                             "l_rob": (l_rob / b).detach(), "hinge_fraction": active.float().mean()})
+    return StepOutput(
+        loss,
+        {
+            "accuracy": accuracy(logits, batch.y),
+            "l_cls": (l_cls / b).detach(),
+            "l_rob": (l_rob / b).detach(),
+            "hinge_fraction": active.float().mean(),
+        },
+    )
 
 
 METHOD = Method("macer", MacerConfig, macer_loss, default_batch_size=64)

@@ -5,6 +5,8 @@ The attack (eval mode, frozen weights) starts from δ_x = 0 and takes T steps of
 ℓ2-normalised gradient of −log(mean_i softmax F(x + δ_x + δ_i)_y), keeping x + δ_x in [0, 1] and δ_x in the
 ε-ball, with the same m noises throughout; training then minimises the mean CE over the m noisy copies of
 x_adv, same noises. ε warms up linearly over the first `warmup` epochs.
+
+The math and the published hyper-parameters: docs/methods.md, "Method: smoothadv".
 """
 
 from __future__ import annotations
@@ -15,8 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainables.base import (Batch, Method, StepContext, StepOutput, accuracy, draw_noises, forward_copies,
-                             frozen_eval, l2_normalize, project_l2)
+from trainables.base import (
+    Batch,
+    Method,
+    StepContext,
+    StepOutput,
+    accuracy,
+    draw_noises,
+    forward_copies,
+    frozen_eval,
+    l2_normalize,
+    project_l2,
+)
 
 
 @dataclass(frozen=True)
@@ -44,7 +56,7 @@ def smoothadv_attack(model: nn.Module, x: Tensor, y: Tensor, noises: Tensor, eps
             logits = forward_copies(frozen, (x + delta).unsqueeze(0) + noises)
             smoothed = F.softmax(logits, dim=-1).mean(dim=0).gather(1, y[:, None]).squeeze(1)
             loss = -torch.log(smoothed.clamp(min=1e-20)).sum()
-            grad, = torch.autograd.grad(loss, [delta])
+            (grad,) = torch.autograd.grad(loss, [delta])
             delta = delta.detach() + step_size * l2_normalize(grad)
             delta = project_l2((x + delta).clamp(0.0, 1.0) - x, epsilon)
     return (x + delta).detach()
@@ -56,8 +68,9 @@ def smoothadv_loss(model: nn.Module, batch: Batch, config: SmoothAdvConfig, cont
     x_adv = smoothadv_attack(model, batch.x, batch.y, noises, epsilon, config.num_steps)
     logits = forward_copies(model, x_adv.unsqueeze(0) + noises)
     loss = F.cross_entropy(logits.flatten(0, 1), batch.y.repeat(config.num_noises))
-    return StepOutput(loss, {"accuracy": accuracy(logits, batch.y),
-                             "epsilon": torch.tensor(epsilon, device=batch.x.device)})
+    return StepOutput(
+        loss, {"accuracy": accuracy(logits, batch.y), "epsilon": torch.tensor(epsilon, device=batch.x.device)}
+    )
 
 
 METHOD = Method("smoothadv", SmoothAdvConfig, smoothadv_loss, chunks=lambda config: config.num_noises)

@@ -3,9 +3,12 @@
 Attack (eval mode, frozen weights): T steps x ← clamp(x + α·ĝ, 0, 1), ĝ the ℓ2-normalised gradient of
 CE(log mean_i softmax F(x + δ_i), y). The iterate at `mix_step`, pulled into the ℓ2 ball of radius
 min(1, (e+1)/10)·α·mix_step around x (as the released code does: during the warm-up the mix start point is
-closer to x), is x_init (0 is the clean x); the last iterate is x_adv. Loss = mean CE of F(x_init + δ_i) + η·min(1, (e+1)/10)·L_mix, where, with p̄ the mean softmax at
-x_init + δ_i and λ ~ U[0, ½] per sample, x_mix = (1−λ)x_init + λx_adv, target = (1−λ)p̄ + λ·uniform, and
+closer to x), is x_init (0 is the clean x); the last iterate is x_adv.
+Loss = mean CE of F(x_init + δ_i) + η·min(1, (e+1)/10)·L_mix, where, with p̄ the mean softmax at x_init + δ_i
+and λ ~ U[0, ½] per sample, x_mix = (1−λ)x_init + λx_adv, target = (1−λ)p̄ + λ·uniform, and
 L_mix = mean over noises of 1[argmax p̄ = y]·KL(target ‖ softmax F(x_mix + δ_i)). Same noises throughout.
+
+The math and the published hyper-parameters: docs/methods.md, "Method: smoothmix".
 """
 
 from __future__ import annotations
@@ -16,8 +19,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainables.base import (Batch, Method, StepContext, StepOutput, accuracy, draw_noises, forward_copies,
-                             frozen_eval, kl_to_target, l2_normalize, project_l2)
+from trainables.base import (
+    Batch,
+    Method,
+    StepContext,
+    StepOutput,
+    accuracy,
+    draw_noises,
+    forward_copies,
+    frozen_eval,
+    kl_to_target,
+    l2_normalize,
+    project_l2,
+)
 
 WARMUP_EPOCHS = 10
 
@@ -32,8 +46,9 @@ class SmoothMixConfig:
     mix_step: int = 1
 
 
-def smoothmix_iterates(model: nn.Module, x: Tensor, y: Tensor, noises: Tensor, alpha: float, steps: int
-                       ) -> list[Tensor]:
+def smoothmix_iterates(
+    model: nn.Module, x: Tensor, y: Tensor, noises: Tensor, alpha: float, steps: int
+) -> list[Tensor]:
     """[x, x_1, …, x_T]: the clean input and each step's iterate (detached, in [0, 1])."""
     iterates = [x.detach()]
     current = x.detach()
@@ -42,7 +57,7 @@ def smoothmix_iterates(model: nn.Module, x: Tensor, y: Tensor, noises: Tensor, a
             current = current.clone().requires_grad_(True)
             mean_probs = F.softmax(forward_copies(frozen, current.unsqueeze(0) + noises), dim=-1).mean(dim=0)
             loss = F.nll_loss(torch.log(mean_probs.clamp(min=1e-20)), y)
-            grad, = torch.autograd.grad(loss, [current])
+            (grad,) = torch.autograd.grad(loss, [current])
             current = (current.detach() + alpha * l2_normalize(grad)).clamp(0.0, 1.0)
             iterates.append(current)
     return iterates
@@ -75,8 +90,10 @@ def smoothmix_loss(model: nn.Module, batch: Batch, config: SmoothMixConfig, cont
     x_mix = (1 - lam.view(shape)) * x_init + lam.view(shape) * x_adv
     logits_mix = forward_copies(model, x_mix.unsqueeze(0) + noises)
     l_mix = mix_loss(logits_init, logits_mix, batch.y, lam).mean()
-    return StepOutput(ce + config.eta * warmup * l_mix,
-                      {"accuracy": accuracy(logits_init, batch.y), "ce": ce.detach(), "l_mix": l_mix.detach()})
+    return StepOutput(
+        ce + config.eta * warmup * l_mix,
+        {"accuracy": accuracy(logits_init, batch.y), "ce": ce.detach(), "l_mix": l_mix.detach()},
+    )
 
 
 METHOD = Method("smoothmix", SmoothMixConfig, smoothmix_loss, chunks=lambda config: config.num_noises)

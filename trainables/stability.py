@@ -2,6 +2,8 @@
 
 The clean logits are not detached: the stability term trains both branches. Clean and noisy inputs go
 through separate forward passes, as released (with batch norm, a joint pass would mix their statistics).
+
+The math and the published hyper-parameters: docs/methods.md, "Method: stability".
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ def stability_loss(model: nn.Module, batch: Batch, config: StabilityConfig, cont
     perturbed = model(noisy(batch.x, context.sigma))
     ce = F.cross_entropy(clean, batch.y)
     stability = -(F.softmax(clean, dim=1) * F.log_softmax(perturbed, dim=1)).sum(dim=1).mean()
-    return StepOutput(ce + config.lbd * stability,
-                      {"accuracy": accuracy(perturbed, batch.y), "ce": ce.detach(), "stability": stability.detach()})
+    return StepOutput(
+        ce + config.lbd * stability,
+        {"accuracy": accuracy(perturbed, batch.y), "ce": ce.detach(), "stability": stability.detach()},
+    )
 
 
 METHOD = Method("stability", StabilityConfig, stability_loss)

@@ -28,9 +28,10 @@ from tqdm import tqdm
 from catrs.checkpoint import Checkpoint, check_matches, file_sha256, load_checkpoint
 from catrs.data import Indexed, dataset_spec, get_dataset
 from catrs.errors import UserError
-from catrs.inference import INFERENCE_MODES, pick_device
+from catrs.inference import pick_device
 from catrs.metrics import certification_metrics, objective_value
 from catrs.results import CORRUPTION_COLUMNS, ResultWriter
+from catrs.sampling import DEFAULT_INFERENCE, INFERENCE_MODES, SamplingProtocol
 from catrs.smoothing import Smooth
 from catrs.storage import Stored
 
@@ -41,25 +42,16 @@ MAX_PENDING_SAMPLES = 20_000_000
 
 @dataclass(frozen=True)
 class CertifySettings:
-    """The sampling protocol; defaults are the published one (Cohen et al.; METHODS.md)."""
+    """How to sample: the protocol, the seed of the per-image noise streams, precision and inference mode."""
 
-    n0: int = 100
-    n: int = 100_000
-    alpha: float = 0.001
-    batch_size: int = 1000
+    protocol: SamplingProtocol = SamplingProtocol()
     seed: int = 0
     mixed_precision: bool = False
-    inference: str = "eager"
+    inference: str = DEFAULT_INFERENCE
 
     def validate(self) -> None:
-        if self.n0 < 1:
-            raise UserError(f"--n0 must be a positive integer, got {self.n0}")
-        if self.n < 1:
-            raise UserError(f"--n must be a positive integer, got {self.n}")
-        if not 0 < self.alpha < 1:
-            raise UserError(f"--alpha must lie strictly between 0 and 1, got {self.alpha}")
-        if self.batch_size < 1:
-            raise UserError(f"--batch must be a positive integer, got {self.batch_size}")
+        for name, problem in self.protocol.problems():
+            raise UserError(f"--{name} {problem}")
         if self.seed < 0:
             raise UserError(f"--seed must be a non-negative integer, got {self.seed}")
         if self.inference not in INFERENCE_MODES:
@@ -67,8 +59,9 @@ class CertifySettings:
 
     def smoothed(self, model: nn.Module, num_classes: int, sigma: float) -> Smooth:
         """`model` smoothed at σ, sampling with this protocol's seed, precision and inference mode."""
-        return Smooth(model, num_classes, sigma, seed=self.seed, mixed_precision=self.mixed_precision,
-                      inference=self.inference)
+        return Smooth(
+            model, num_classes, sigma, seed=self.seed, mixed_precision=self.mixed_precision, inference=self.inference
+        )
 
 
 def select_positions(length: int, skip: int = 1, max_index: int = -1) -> list[int]:
@@ -79,11 +72,11 @@ def select_positions(length: int, skip: int = 1, max_index: int = -1) -> list[in
     return list(range(0, stop, skip))
 
 
-def inputs_per_pass(settings: CertifySettings, mode: str) -> int:
+def inputs_per_pass(protocol: SamplingProtocol, mode: str) -> int:
     """How many inputs share forward passes: enough for the smallest phase (n0) to fill a batch."""
-    smallest = settings.n if mode == "predict" else settings.n0
-    per_input = settings.n if mode == "predict" else settings.n0 + settings.n
-    return max(1, min(settings.batch_size // smallest, MAX_PENDING_SAMPLES // per_input))
+    smallest = protocol.n if mode == "predict" else protocol.n0
+    per_input = protocol.n if mode == "predict" else protocol.n0 + protocol.n
+    return max(1, min(protocol.batch // smallest, MAX_PENDING_SAMPLES // per_input))
 
 
 def certify_rows(
@@ -92,18 +85,23 @@ def certify_rows(
     """Rows for the items at `positions`, a list per group of inputs certified together; `time` is the group's
     time per input. Mode `evaluate` is CERTIFY's ACR for less (`Smooth.evaluate_batch`), with an `estimated`
     column: False where the selection was already wrong and no estimation samples were spent."""
-    group = inputs_per_pass(settings, mode)
+    group = inputs_per_pass(settings.protocol, mode)
     for start in range(0, len(positions), group):
         items = [dataset[i] for i in positions[start : start + group]]
         keys = [int(index) for index, _, _ in items]
         xs = torch.stack([x for _, x, _ in items])
         began = time.perf_counter()
-        outcomes = _sample(smooth, xs, [label for _, _, label in items], keys, settings, mode)
+        outcomes = _sample(smooth, xs, [label for _, _, label in items], keys, settings.protocol, mode)
         seconds = (time.perf_counter() - began) / len(items)
         rows = []
-        for (index, _, label), outcome in zip(items, outcomes):
-            row = {"idx": index, "label": int(label), "predict": outcome[0], "correct": int(outcome[0] == label),
-                   "time": seconds}
+        for (index, _, label), outcome in zip(items, outcomes, strict=True):
+            row = {
+                "idx": index,
+                "label": int(label),
+                "predict": outcome[0],
+                "correct": int(outcome[0] == label),
+                "time": seconds,
+            }
             if mode != "predict":
                 row["radius"] = outcome[1]
             if mode == "evaluate":
@@ -115,22 +113,22 @@ def certify_rows(
         yield rows
 
 
-def _sample(smooth: Smooth, xs: torch.Tensor, labels: list[int], keys: list[int], settings: CertifySettings,
-            mode: str) -> list[tuple]:
+def _sample(
+    smooth: Smooth, xs: torch.Tensor, labels: list[int], keys: list[int], protocol: SamplingProtocol, mode: str
+) -> list[tuple]:
+    p = protocol
     if mode == "certify":
-        return smooth.certify_batch(xs, settings.n0, settings.n, settings.alpha, settings.batch_size, indices=keys)
+        return smooth.certify_batch(xs, p.n0, p.n, p.alpha, p.batch, indices=keys)
     if mode == "evaluate":
-        return smooth.evaluate_batch(xs, labels, settings.n0, settings.n, settings.alpha, settings.batch_size,
-                                     indices=keys)
-    return [(label,) for label in smooth.predict_batch(xs, settings.n, settings.alpha, settings.batch_size,
-                                                        indices=keys)]
+        return smooth.evaluate_batch(xs, labels, p.n0, p.n, p.alpha, p.batch, indices=keys)
+    return [(label,) for label in smooth.predict_batch(xs, p.n, p.alpha, p.batch, indices=keys)]
 
 
 @dataclass(frozen=True)
 class CertifyRequest:
     checkpoint: Path
     dataset: str
-    sigma: float
+    sigma: float | None  # None: the checkpoint's; given, it must be the checkpoint's
     out: Path | str  # a local path or an object-store URI (`catrs.storage`)
     settings: CertifySettings = CertifySettings()
     mode: str = "certify"
@@ -170,16 +168,21 @@ def prepare_certification(request: CertifyRequest) -> PreparedCertification:
     settings = request.settings
     settings.validate()
     dataset_spec(request.dataset)  # an unknown name is reported as such, before any checkpoint check
-    if not request.sigma > 0:
-        raise UserError(f"--sigma must be positive, got {request.sigma}")
     checkpoint = load_checkpoint(request.checkpoint)
     check_matches(checkpoint.card, request.checkpoint, dataset=request.dataset, sigma=request.sigma)
     checkpoint.model()  # weights that do not fit their architecture are refused now, not mid-run
     provenance = {
-        "mode": request.mode, "dataset": request.dataset, "split": request.split,
-        "n0": 0 if request.mode == "predict" else settings.n0, "n": settings.n, "alpha": settings.alpha,
-        "sigma": request.sigma, "seed": settings.seed, "batch": settings.batch_size,
-        "mixed_precision": settings.mixed_precision, "checkpoint": request.checkpoint_source or str(request.checkpoint),
+        "mode": request.mode,
+        "dataset": request.dataset,
+        "split": request.split,
+        "n0": 0 if request.mode == "predict" else settings.protocol.n0,
+        "n": settings.protocol.n,
+        "alpha": settings.protocol.alpha,
+        "sigma": checkpoint.card.sigma,
+        "seed": settings.seed,
+        "batch": settings.protocol.batch,
+        "mixed_precision": settings.mixed_precision,
+        "checkpoint": request.checkpoint_source or str(request.checkpoint),
         "checkpoint_sha256": file_sha256(request.checkpoint),
     }
     extra = CORRUPTION_COLUMNS if dataset_spec(request.dataset).base else ()
@@ -190,9 +193,9 @@ def prepare_certification(request: CertifyRequest) -> PreparedCertification:
 
 
 def smoothed_model(request: CertifyRequest, checkpoint: Checkpoint) -> Smooth:
-    """The checkpoint's model on the request's device, smoothed at its σ with its protocol."""
+    """The checkpoint's model on the request's device, smoothed at its σ with the request's protocol."""
     model = checkpoint.model(pick_device(request.device))
-    return request.settings.smoothed(model, checkpoint.card.num_classes, request.sigma)
+    return request.settings.smoothed(model, checkpoint.card.num_classes, checkpoint.card.sigma)
 
 
 def run_certification(request: CertifyRequest, progress: bool = True) -> Stored:
@@ -252,13 +255,14 @@ class ProxyEvaluation:
         return epoch + 1 in self.epochs or epoch + 1 == epochs
 
     @cached_property
-    def val_set(self) -> Dataset:
+    def val_set(self) -> Indexed:
         """Loaded at the first evaluation, kept for the trial's later ones."""
         return get_dataset(self.dataset, "val", self.data_root, self.download)
 
     def run(self, model: nn.Module) -> tuple[dict[str, float], pd.DataFrame]:
         smooth = self.settings.smoothed(model, dataset_spec(self.dataset).num_classes, self.sigma)
         positions = select_positions(len(self.val_set), *spread(len(self.val_set), self.images))
-        frame = pd.DataFrame([row for group in certify_rows(smooth, self.val_set, positions, self.settings,
-                                                            "evaluate") for row in group])
+        frame = pd.DataFrame(
+            [row for group in certify_rows(smooth, self.val_set, positions, self.settings, "evaluate") for row in group]
+        )
         return evaluation_metrics(frame, self.objective, "val_"), frame

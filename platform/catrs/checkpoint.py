@@ -107,13 +107,16 @@ def save_checkpoint(
     path: str | Path, model: nn.Module, card: ModelCard, training_state: dict[str, Any] | None = None
 ) -> Path:
     """Writes the checkpoint atomically (see `write_atomically`)."""
-    return write_atomically(path, {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "card": card.to_dict(),
-        "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
-        "training_state": training_state,
-    })
+    return write_atomically(
+        path,
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "card": card.to_dict(),
+            "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+            "training_state": training_state,
+        },
+    )
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -129,8 +132,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             f"(loaded with weights_only=True); use a checkpoint written by catrs"
         ) from None
     except Exception:  # torch raises RuntimeError/EOFError/ValueError/... for torn or foreign bytes
-        raise UserError(f"could not read checkpoint {path}: the file is truncated or not a PyTorch "
-                        f"checkpoint") from None
+        raise UserError(
+            f"could not read checkpoint {path}: the file is truncated or not a PyTorch checkpoint"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path} is not a catrs checkpoint (no {FORMAT!r} header); train one with `catrs train`")
     if payload.get("format_version", 0) > FORMAT_VERSION:
@@ -157,7 +161,7 @@ def check_matches(card: ModelCard, path: str | Path, *, dataset: str | None = No
     if sigma is not None and not math.isclose(sigma, card.sigma, rel_tol=1e-9, abs_tol=1e-12):
         raise UserError(
             f"checkpoint {path} was trained at sigma={card.sigma:g}, not {sigma:g}: "
-            f"use --sigma {card.sigma:g} or a checkpoint trained at sigma={sigma:g}"
+            f"leave --sigma out (it defaults to the checkpoint's) or give a checkpoint trained at that sigma"
         )
 
 

@@ -8,7 +8,7 @@ to MLflow and end by printing how to open the UI.
     catrs demo                                   # the embedded default: a CAT-RS sweep on digits
     catrs train --method gaussian --dataset digits --sigma 0.5 --epochs 10 --out runs/digits [--workers 2]
     catrs certify --checkpoint runs/digits/checkpoint.pt --dataset digits --sigma 0.5 --out cert.parquet
-    catrs tune search_spaces/demo_digits.yaml [--resume]
+    catrs tune demo_digits [--resume]              # a shipped search space by name, or a YAML file
     catrs report cert.parquet --json
 """
 
@@ -26,7 +26,7 @@ from catrs.errors import JobFailed, UserError
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
-DEMO_SPACE = Path("search_spaces") / "demo_digits.yaml"
+DEMO_SPACE = "demo_digits"  # a shipped search space (catrs/search_spaces/, package data)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,14 +50,21 @@ def _output(text: str) -> Path | str:
 
 
 def _add_tracking_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)",
+    )
 
 
 def _add_cache_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cache-dir", type=_output, default=None,
-                        help="where soft labels and their teachers are cached: a directory or an object-store URI "
-                             "(default: $CATRS_CACHE or ~/.cache/catrs)")
+    parser.add_argument(
+        "--cache-dir",
+        type=_output,
+        default=None,
+        help="where soft labels and their teachers are cached: a directory or an object-store URI "
+        "(default: $CATRS_CACHE or ~/.cache/catrs)",
+    )
 
 
 def _add_data_options(parser: argparse.ArgumentParser, device: bool = True) -> None:
@@ -68,36 +75,80 @@ def _add_data_options(parser: argparse.ArgumentParser, device: bool = True) -> N
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, mode: str) -> None:
-    parser.add_argument("--checkpoint", required=True,
-                        help="a catrs checkpoint file, or a registered model: models:/NAME@ALIAS or "
-                             "models:/NAME/VERSION")
+    from catrs.sampling import DEFAULT_INFERENCE, INFERENCE_MODES, SamplingProtocol
+
+    published = SamplingProtocol()
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a catrs checkpoint file, or a registered model: models:/NAME@ALIAS or models:/NAME/VERSION",
+    )
     parser.add_argument("--dataset", required=True)
-    parser.add_argument("--sigma", type=float, required=True, help="noise level (must match the checkpoint)")
+    parser.add_argument(
+        "--sigma",
+        type=float,
+        default=None,
+        help="noise level (default: the checkpoint's; given, it must be the checkpoint's)",
+    )
     if mode == "certify":
-        parser.add_argument("--n0", type=int, default=100, help="selection samples per image (default 100)")
-    parser.add_argument("--n", type=int, default=100_000, help="estimation samples per image (default 100,000)")
-    parser.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
-    parser.add_argument("--batch", type=int, default=1000, help="noisy samples per forward pass")
+        parser.add_argument(
+            "--n0", type=int, default=published.n0, help=f"selection samples per image (default {published.n0:,})"
+        )
+    parser.add_argument(
+        "--n", type=int, default=published.n, help=f"estimation samples per image (default {published.n:,})"
+    )
+    parser.add_argument(
+        "--alpha", type=float, default=published.alpha, help=f"failure probability (default {published.alpha:g})"
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=published.batch,
+        help=f"noisy samples per forward pass (default {published.batch:,})",
+    )
     parser.add_argument("--skip", type=int, default=1, help="certify every SKIP-th image")
     parser.add_argument("--max", type=int, default=-1, dest="max_index", help="stop before this index")
-    parser.add_argument("--split", default="test",
-                        help="test (default), val (the images held out of train), train or train_minus_val")
+    parser.add_argument(
+        "--split", default="test", help="test (default), val (the images held out of train), train or train_minus_val"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-image noise streams")
-    parser.add_argument("--mixed-precision", action="store_true",
-                        help="autocast the model (faster; trades the fp32 soundness argument; recorded)")
-    parser.add_argument("--inference", default="compile", help="eager | channels_last | compile (default)")
-    parser.add_argument("--out", type=_output, required=True,
-                        help="result file (.parquet, or .tsv): a path or an object-store URI (s3://bucket/…)")
+    parser.add_argument(
+        "--mixed-precision",
+        action="store_true",
+        help="autocast the model (faster; trades the fp32 soundness argument; recorded)",
+    )
+    parser.add_argument(
+        "--inference",
+        default=DEFAULT_INFERENCE,
+        help=f"{' | '.join(INFERENCE_MODES)} (default {DEFAULT_INFERENCE}): how the model runs; the same logits",
+    )
+    parser.add_argument(
+        "--out",
+        type=_output,
+        required=True,
+        help="result file (.parquet, or .tsv): a path or an object-store URI (s3://bucket/…)",
+    )
     parser.add_argument("--format", choices=("parquet", "tsv"), default=None, help="default: from --out's suffix")
     if mode == "certify":
-        parser.add_argument("--corruptions", action="store_true",
-                            help="certify the data set's corrupted copy (cifar10 → cifar10_c; with --skip 100 as "
-                                 "the paper) and report per corruption")
-    parser.add_argument("--workers", type=int, default=0,
-                        help="certify on K Ray workers pulling small chunks of images (a GPU each where the cluster "
-                             "has GPUs); 0: in this process")
-    parser.add_argument("--chunk-size", type=int, default=None,
-                        help="images per chunk with --workers (default: the planner's, several chunks per worker)")
+        parser.add_argument(
+            "--corruptions",
+            action="store_true",
+            help="certify the data set's corrupted copy (cifar10 → cifar10_c; with --skip 100 as "
+            "the paper) and report per corruption",
+        )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="certify on K Ray workers pulling small chunks of images (a GPU each where the cluster "
+        "has GPUs); 0: in this process",
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="images per chunk with --workers (default: the planner's, several chunks per worker)",
+    )
     _add_tracking_option(parser)
     _add_data_options(parser)
 
@@ -107,7 +158,11 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train a base classifier with a registered method")
-    train.add_argument("--config", type=Path, help="YAML file of train settings (flags override it)")
+    train.add_argument(
+        "--config",
+        help="YAML file of train settings, or a search space (a file or a shipped name: "
+        "its first point); flags override it",
+    )
     train.add_argument("--method")
     train.add_argument("--dataset")
     train.add_argument("--arch")
@@ -117,18 +172,35 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float)
     train.add_argument("--lr-step", type=int, dest="lr_step")
     train.add_argument("--seed", type=int)
-    train.add_argument("--hold-out-val", action="store_const", const="train_minus_val", dest="train_split",
-                       help="train on train minus the val split, keeping val unseen (as every sweep trial does)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="a method hyper-parameter, e.g. --set lbd=2.0 (repeatable)")
+    train.add_argument(
+        "--hold-out-val",
+        action="store_const",
+        const="train_minus_val",
+        dest="train_split",
+        help="train on train minus the val split, keeping val unseen (as every sweep trial does)",
+    )
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method hyper-parameter, e.g. --set lbd=2.0 (repeatable)",
+    )
     train.add_argument("--out", type=Path, required=True, help="run directory (checkpoint, metrics)")
     _add_cache_option(train)
-    train.add_argument("--workers", type=int, default=0,
-                       help="train with Ray Train on K data-parallel workers (0: in this process, without Ray)")
+    train.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="train with Ray Train on K data-parallel workers (0: in this process, without Ray)",
+    )
     train.add_argument("--gpus-per-worker", type=float, default=0.0)
     train.add_argument("--cpus-per-worker", type=float, default=1.0)
-    train.add_argument("--storage-path", default=None,
-                       help="Ray Train storage for checkpoints: a directory or a cloud URI (default: --out's parent)")
+    train.add_argument(
+        "--storage-path",
+        default=None,
+        help="Ray Train storage for checkpoints: a directory or a cloud URI (default: --out's parent)",
+    )
     _add_tracking_option(train)
     _add_data_options(train)
 
@@ -137,39 +209,75 @@ def _build_parser() -> argparse.ArgumentParser:
         _add_sampling_options(sub, mode)
 
     report = commands.add_parser("report", help="ACR and certified accuracy of result files or MLflow runs")
-    report.add_argument("sources", nargs="*",
-                        help="result files (Parquet or TSV) or MLflow run ids, each as SOURCE or LABEL=SOURCE")
-    report.add_argument("--sweep", action="append", default=[], metavar="[LABEL=]PARENT_RUN_ID",
-                        help="the trade-off report of a finished sweep (its MLflow parent run): frontier, objective "
-                             "by parameter, importances; repeated: the sweeps' frontiers compared (Figure 2(c))")
-    report.add_argument("--radius", type=_non_negative_float, default=0.5,
-                        help="with --sweep: the radius of the certified accuracy on the frontier (default 0.5)")
+    report.add_argument(
+        "sources", nargs="*", help="result files (Parquet or TSV) or MLflow run ids, each as SOURCE or LABEL=SOURCE"
+    )
+    report.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="[LABEL=]PARENT_RUN_ID",
+        help="the trade-off report of a finished sweep (its MLflow parent run): frontier, objective "
+        "by parameter, importances; repeated: the sweeps' frontiers compared (Figure 2(c))",
+    )
+    report.add_argument(
+        "--radius",
+        type=_non_negative_float,
+        default=0.5,
+        help="with --sweep: the radius of the certified accuracy on the frontier (default 0.5)",
+    )
     report.add_argument("--radii", type=_non_negative_float, nargs="+", default=None)
     report.add_argument("--json", action="store_true", help="print one JSON object (one per source)")
     report.add_argument("--linf", action="store_true", help="also show the ℓ∞ radii r/√d")
     report.add_argument("--dataset", default=None, help="data set of a TSV file (for the ℓ∞ view)")
     report.add_argument("--markdown", action="store_true", help="the comparison table as Markdown")
     report.add_argument("--latex", action="store_true", help="the comparison table as LaTeX")
-    report.add_argument("--plot", type=Path, default=None,
-                        help="write the certified-accuracy curves (corruption results: bars per corruption; "
-                             "sweeps: their frontiers) to a PNG")
+    report.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="write the certified-accuracy curves (corruption results: bars per corruption; "
+        "sweeps: their frontiers) to a PNG",
+    )
     _add_tracking_option(report)
 
     tune = commands.add_parser("tune", help="sweep a search space with Ray Tune + Optuna for the best ACR")
     _add_sweep_options(tune)
-    tune.add_argument("space", type=Path, help="a search-space YAML file (see search_spaces/)")
+    tune.add_argument(
+        "space",
+        help="a search-space YAML file, or the name of a shipped one (catrs_cifar10, "
+        "demo_digits, …: the files in catrs/search_spaces/ of the installed package; "
+        "a wrong name lists them all)",
+    )
     tune.add_argument("--resume", action="store_true", help="finish a killed sweep")
+    _add_dry_run_option(tune)
 
     demo = commands.add_parser("demo", help="the embedded default: a small CAT-RS sweep on the digits set")
     _add_sweep_options(demo)
-    demo.add_argument("--space", type=Path, default=DEMO_SPACE, help=f"default: {DEMO_SPACE}")
+    demo.add_argument(
+        "--space",
+        default=DEMO_SPACE,
+        help=f"a search-space YAML file or a shipped space's name (default: {DEMO_SPACE})",
+    )
+    _add_dry_run_option(demo)
     return parser
+
+
+def _add_dry_run_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="resolve and validate the search space, print what would run, and stop (starts neither Ray nor MLflow)",
+    )
 
 
 def _add_sweep_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, default=None, help="trials (default: the file's budget)")
-    parser.add_argument("--storage-path", default=None,
-                        help="Ray Tune storage for trials: a directory or a cloud URI (default: runs/sweeps)")
+    parser.add_argument(
+        "--storage-path",
+        default=None,
+        help="Ray Tune storage for trials: a directory or a cloud URI (default: runs/sweeps)",
+    )
     _add_cache_option(parser)
     _add_tracking_option(parser)
     _add_data_options(parser, device=False)
@@ -186,21 +294,21 @@ def _parse_sets(pairs: list[str]) -> dict[str, str]:
 
 
 def _train_config(args: argparse.Namespace) -> Any:
+    from catrs.search_space import find_search_space, load_search_space, read_yaml_mapping
     from catrs.train import TrainConfig
-
-    from catrs.search_space import load_search_space, read_yaml_mapping
 
     settings: dict[str, Any] = {}
     if args.config:
-        settings = read_yaml_mapping(args.config, "config file")
+        config_file = find_search_space(args.config, "config file")  # a file, else a shipped space of that name
+        settings = read_yaml_mapping(config_file, "config file")
         if "search" in settings:  # a search space: its first point, trained as the sweep trains its choice
-            space = load_search_space(args.config)
+            space = load_search_space(config_file)
             split = "train" if space.selection.refit else "train_minus_val"
-            settings = asdict(space.train_config(space.first_point(), train_split=split))
+            settings = asdict(space.settings(space.first_point(), train_split=split))
         known = {f.name for f in fields(TrainConfig)}
         unknown = sorted(set(settings) - known)
         if unknown:
-            raise UserError(f"{args.config}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(known))}")
+            raise UserError(f"{config_file}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(known))}")
     for name in ("method", "dataset", "arch", "sigma", "epochs", "batch_size", "lr", "lr_step", "seed", "train_split"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
@@ -211,14 +319,15 @@ def _train_config(args: argparse.Namespace) -> Any:
 def _run_train(args: argparse.Namespace) -> None:
     from catrs.tracking import Tracker, run_tags, tracked_run, ui_hint
 
-    config = _train_config(args).resolved()
+    spec = _train_config(args).resolve()
+    config = spec.config
     if args.workers < 0 or args.gpus_per_worker < 0 or args.cpus_per_worker <= 0:
         raise UserError("--workers and --gpus-per-worker must be ≥ 0 and --cpus-per-worker > 0")
     tracker = Tracker(args.tracking_uri, spool=args.out / "mlflow-pending")  # unusable: fails before any work
     tags = run_tags("train", config.method, config.dataset, config.sigma)
     with tracked_run(tracker, args.out.name, tags, asdict(config)) as run_id:
         tracker.log_dataset(run_id, config.dataset, config.train_split, "training", args.data_root)
-        checkpoint = _train_locally_or_on_ray(args, config, tracker, run_id)
+        checkpoint = _train_locally_or_on_ray(args, spec, tracker, run_id)
         tracker.log_artifact(run_id, checkpoint.parent / "metrics.jsonl")
         _log_model(tracker, run_id, checkpoint, config.dataset, args.data_root)
     print(f"checkpoint: {checkpoint}")
@@ -234,12 +343,14 @@ def _log_model(tracker: Any, run_id: str, checkpoint: Path, dataset: str, data_r
     try:
         log_checkpoint_model(tracker, run_id, checkpoint, input_example(get_dataset(dataset, "train", data_root)))
     except Exception as error:  # MLflow raises many kinds for a store that cannot take models
-        print(f"catrs: MLflow did not take the model ({type(error).__name__}); the checkpoint is {checkpoint}",
-              file=sys.stderr)
+        print(
+            f"catrs: MLflow did not take the model ({type(error).__name__}); the checkpoint is {checkpoint}",
+            file=sys.stderr,
+        )
         tracker.log_artifact(run_id, checkpoint, "checkpoint")
 
 
-def _train_locally_or_on_ray(args: argparse.Namespace, config: Any, tracker: Any, run_id: str) -> Path:
+def _train_locally_or_on_ray(args: argparse.Namespace, spec: Any, tracker: Any, run_id: str) -> Path:
     def on_epoch(metrics: dict[str, float]) -> None:
         _print_epoch(metrics)
         tracker.log_metrics(run_id, metrics, step=int(metrics["epoch"]))
@@ -248,17 +359,32 @@ def _train_locally_or_on_ray(args: argparse.Namespace, config: Any, tracker: Any
         from catrs.checkpoint import load_checkpoint
         from catrs.distributed.train import train_distributed
 
-        checkpoint = train_distributed(config, args.out, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                                       cpus_per_worker=args.cpus_per_worker, storage_path=args.storage_path,
-                                       cache_dir=args.cache_dir, data_root=args.data_root, download=args.download)
+        checkpoint = train_distributed(
+            spec,
+            args.out,
+            workers=args.workers,
+            gpus_per_worker=args.gpus_per_worker,
+            cpus_per_worker=args.cpus_per_worker,
+            storage_path=args.storage_path,
+            cache_dir=args.cache_dir,
+            data_root=args.data_root,
+            download=args.download,
+        )
         # Logged from here, the driver, once the workers are done: on a cluster only the head reaches MLflow.
-        for metrics in load_checkpoint(checkpoint).training_state["history"]:
+        for metrics in (load_checkpoint(checkpoint).training_state or {}).get("history", []):
             on_epoch(metrics)
         return checkpoint
     from catrs.train import train
 
-    return train(config, args.out, device=args.device, data_root=args.data_root, download=args.download,
-                 cache_dir=args.cache_dir, on_epoch=on_epoch)
+    return train(
+        spec,
+        args.out,
+        device=args.device,
+        data_root=args.data_root,
+        download=args.download,
+        cache_dir=args.cache_dir,
+        on_epoch=on_epoch,
+    )
 
 
 def _print_epoch(metrics: dict[str, float]) -> None:
@@ -269,20 +395,35 @@ def _print_epoch(metrics: dict[str, float]) -> None:
 def _run_sampling(args: argparse.Namespace) -> None:
     from catrs.certify import CertifyRequest, CertifySettings, prepare_certification, run_certification
     from catrs.results import read_results
+    from catrs.sampling import SamplingProtocol
     from catrs.tracking import Tracker, run_tags, tracked_run, ui_hint
 
-    settings = CertifySettings(n0=getattr(args, "n0", 100), n=args.n, alpha=args.alpha, batch_size=args.batch,
-                               seed=args.seed, mixed_precision=args.mixed_precision, inference=args.inference)
+    # PREDICT has no selection phase: its n0 is the protocol's, checked but never used.
+    protocol = SamplingProtocol(
+        n=args.n, alpha=args.alpha, batch=args.batch, **({"n0": args.n0} if args.command == "certify" else {})
+    )
+    settings = CertifySettings(protocol, seed=args.seed, mixed_precision=args.mixed_precision, inference=args.inference)
     dataset = args.dataset
     if getattr(args, "corruptions", False):
         from catrs.data import corrupted_variant
 
         dataset = corrupted_variant(args.dataset)
-    request = CertifyRequest(checkpoint=_checkpoint_file(args), dataset=dataset, sigma=args.sigma, out=args.out,
-                             checkpoint_source=args.checkpoint,
-                             settings=settings, mode=args.command, split=args.split, skip=args.skip,
-                             max_index=args.max_index, data_root=args.data_root, download=args.download,
-                             output_format=args.format, device=args.device)
+    request = CertifyRequest(
+        checkpoint=_checkpoint_file(args),
+        dataset=dataset,
+        sigma=args.sigma,
+        out=args.out,
+        checkpoint_source=args.checkpoint,
+        settings=settings,
+        mode=args.command,
+        split=args.split,
+        skip=args.skip,
+        max_index=args.max_index,
+        data_root=args.data_root,
+        download=args.download,
+        output_format=args.format,
+        device=args.device,
+    )
     if args.workers < 0:
         raise UserError(f"--workers must be a non-negative integer, got {args.workers}")
     if args.chunk_size is not None and args.chunk_size < 1:
@@ -290,10 +431,13 @@ def _run_sampling(args: argparse.Namespace) -> None:
     prepared = prepare_certification(request)  # every refusal happens here, before MLflow or Ray start
     name = prepared.writer.path.name
     # The journal of records MLflow could not take yet lives on this machine: beside a local output, else here.
-    spool = (Path(args.out).with_name(name + ".mlflow-pending") if prepared.writer.path.local
-             else Path(name + ".mlflow-pending"))
+    spool = (
+        Path(args.out).with_name(name + ".mlflow-pending")
+        if prepared.writer.path.local
+        else Path(name + ".mlflow-pending")
+    )
     tracker = Tracker(args.tracking_uri, spool=spool)
-    tags = run_tags(args.command, prepared.checkpoint.card.method, dataset, args.sigma)
+    tags = run_tags(args.command, prepared.checkpoint.card.method, dataset, prepared.checkpoint.card.sigma)
     with tracked_run(tracker, name, tags, prepared.provenance) as run_id:
         tracker.log_dataset(run_id, dataset, args.split, "evaluation", args.data_root)
         if args.workers:
@@ -306,8 +450,13 @@ def _run_sampling(args: argparse.Namespace) -> None:
         if args.command == "certify":
             tracker.log_results(run_id, frame, out)
         else:
-            tracker.log_metrics(run_id, {"accuracy": float((frame["correct"] == 1).mean()),
-                                         "abstain_rate": float((frame["predict"] == -1).mean())})
+            tracker.log_metrics(
+                run_id,
+                {
+                    "accuracy": float((frame["correct"] == 1).mean()),
+                    "abstain_rate": float((frame["predict"] == -1).mean()),
+                },
+            )
             tracker.log_artifact(run_id, out, "results")
     if "corruption" in frame.columns:
         from catrs.metrics import DEFAULT_RADII
@@ -375,19 +524,34 @@ def _table_style(args: argparse.Namespace) -> str:
 
 def _report_sweeps(args: argparse.Namespace) -> None:
     """Each sweep's trade-off report (also logged to its parent run); several: their frontiers compared."""
-    from catrs.sweep_report import (format_frontier_comparison, format_sweep_report, log_sweep_report,
-                                    plot_frontiers, sweep_report_record, sweep_reports)
+    from catrs.sweep_report import (
+        format_frontier_comparison,
+        format_sweep_report,
+        log_sweep_report,
+        plot_frontiers,
+        sweep_report_record,
+        sweep_reports,
+    )
     from catrs.tracking import Tracker
 
     if args.sources:
         raise UserError("give result files or --sweep PARENT_RUN_ID, not both")
-    result_options = [flag for flag, given in (("--markdown", args.markdown), ("--latex", args.latex),
-                                               ("--linf", args.linf), ("--radii", args.radii),
-                                               ("--dataset", args.dataset)) if given]
+    result_options = [
+        flag
+        for flag, given in (
+            ("--markdown", args.markdown),
+            ("--latex", args.latex),
+            ("--linf", args.linf),
+            ("--radii", args.radii),
+            ("--dataset", args.dataset),
+        )
+        if given
+    ]
     if result_options:
         verb = "applies" if len(result_options) == 1 else "apply"
-        raise UserError(f"{', '.join(result_options)} {verb} to result files, not to --sweep (it takes --radius, "
-                        f"--json and --plot)")
+        raise UserError(
+            f"{', '.join(result_options)} {verb} to result files, not to --sweep (it takes --radius, --json and --plot)"
+        )
     tracker = Tracker(args.tracking_uri)
     try:
         reports = sweep_reports(tracker, args.sweep, args.radius)
@@ -412,8 +576,10 @@ def _report_corruptions(args: argparse.Namespace, frames: dict[str, Any]) -> Non
 
     clean = [label for label, frame in frames.items() if "corruption" not in frame.columns]
     if clean:
-        raise UserError(f"{', '.join(clean)} holds no corruption rows; compare results of `certify --corruptions` "
-                        f"with each other, and clean results with each other")
+        raise UserError(
+            f"{', '.join(clean)} holds no corruption rows; compare results of `certify --corruptions` "
+            f"with each other, and clean results with each other"
+        )
     if args.linf:
         raise UserError("--linf does not apply to corruption results (their table is accuracy at r = 0 and ACR)")
     accuracy, acr = corruption_comparison(frames)
@@ -422,8 +588,10 @@ def _report_corruptions(args: argparse.Namespace, frames: dict[str, Any]) -> Non
 
         plot_corruption_accuracy(accuracy, args.plot)
     if args.json:
-        as_json = {name: table.astype(object).where(table.notna(), None).to_dict()
-                   for name, table in (("accuracy", accuracy), ("acr", acr))}
+        as_json = {
+            name: table.astype(object).where(table.notna(), None).to_dict()
+            for name, table in (("accuracy", accuracy), ("acr", acr))
+        }
         print(json.dumps(as_json))
         return
     style = _table_style(args)
@@ -435,34 +603,73 @@ def _report_corruptions(args: argparse.Namespace, frames: dict[str, Any]) -> Non
 
 
 def _sweep(args: argparse.Namespace, space: Any, resume: bool) -> None:
-    from catrs.distributed.sweep import format_outcome, run_sweep
+    from catrs.distributed.console import format_outcome
+    from catrs.distributed.sweep import run_sweep
     from catrs.tracking import resolve_tracking_uri, ui_hint
 
-    outcome = run_sweep(space, num_samples=args.num_samples, tracking_uri=args.tracking_uri, resume=resume,
-                        storage_path=args.storage_path, cache_dir=args.cache_dir, data_root=args.data_root,
-                        download=args.download)
+    outcome = run_sweep(
+        space,
+        num_samples=args.num_samples,
+        tracking_uri=args.tracking_uri,
+        resume=resume,
+        storage_path=args.storage_path,
+        cache_dir=args.cache_dir,
+        data_root=args.data_root,
+        download=args.download,
+    )
     print(format_outcome(outcome, space, args.tracking_uri, args.data_root))
     print(f"sweep: {outcome.path}  (MLflow parent run {outcome.parent_run_id})")
     print(ui_hint(resolve_tracking_uri(args.tracking_uri), outcome.experiment_id, outcome.parent_run_id))
 
 
-def _run_tune(args: argparse.Namespace) -> None:
-    from catrs.search_space import load_search_space
+def _sweep_space(args: argparse.Namespace) -> Any:
+    """The search space `tune` and `demo` run (and `--dry-run` shows): a file, or a shipped space by name,
+    validated; the demo's is a new sweep each time (teachers and soft labels are cached, so a second demo is
+    quicker)."""
+    from catrs.search_space import find_search_space, load_search_space
 
-    _sweep(args, load_search_space(args.space), args.resume)
+    space = load_search_space(find_search_space(args.space))
+    if args.command == "demo":
+        space = replace(space, name=f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return space
+
+
+def _dry_run(args: argparse.Namespace, space: Any) -> None:
+    """What the sweep would run, in three lines; nothing is started."""
+    trials = space.trials(args.num_samples)
+    arch = f" ({space.arch})" if space.arch else ""
+    print(f"search space: {space.path.resolve()} (valid)")
+    print(
+        f"sweep {space.name}: {space.method} on {space.dataset}{arch} at σ = {space.sigma:g}, searching "
+        f"{', '.join(space.search)}; {trials} trials, {space.budget.max_concurrent} at a time"
+    )
+    print("dry run: nothing started")
+
+
+def _run_tune(args: argparse.Namespace) -> None:
+    space = _sweep_space(args)
+    if args.dry_run:
+        _dry_run(args, space)
+    else:
+        _sweep(args, space, args.resume)
 
 
 def _run_demo(args: argparse.Namespace) -> None:
-    from catrs.search_space import load_search_space
+    space = _sweep_space(args)
+    if args.dry_run:
+        _dry_run(args, space)
+    else:
+        _sweep(args, space, resume=False)
 
-    path = args.space if args.space.exists() else Path(__file__).resolve().parents[2] / DEMO_SPACE
-    space = load_search_space(path)
-    # A new sweep each time (teachers and soft labels are cached, so a second demo is quicker).
-    _sweep(args, replace(space, name=f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"), resume=False)
 
-
-_COMMANDS = {"train": _run_train, "certify": _run_sampling, "predict": _run_sampling, "report": _run_report,
-             "tune": _run_tune, "demo": _run_demo}
+_COMMANDS = {
+    "train": _run_train,
+    "certify": _run_sampling,
+    "predict": _run_sampling,
+    "report": _run_report,
+    "tune": _run_tune,
+    "demo": _run_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -476,8 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"catrs: failed: {error}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print("catrs: interrupted; finished results are saved, run the same command again to resume",
-              file=sys.stderr)
+        print("catrs: interrupted; finished results are saved, run the same command again to resume", file=sys.stderr)
         return 130
     return 0
 

@@ -34,8 +34,9 @@ def inject(point: str, detail: object) -> None:
     name = f"{point}-{str(detail).replace(':', '-')}"
     if f"{point} {detail}" in armed and _first(Path(folder) / f"fired-{name}", ""):
         os._exit(EXIT_CODE)
-    if f"hold {point} {detail}" in armed and _first(Path(folder) / f"held-{name}",
-                                                     os.environ.get("CATRS_FAULTS_NODE", "")):
+    if f"hold {point} {detail}" in armed and _first(
+        Path(folder) / f"held-{name}", os.environ.get("CATRS_FAULTS_NODE", "")
+    ):
         time.sleep(HOLD_SECONDS)
 
 

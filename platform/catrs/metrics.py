@@ -1,7 +1,7 @@
 """Summaries of certification results: ACR, certified accuracy at radii, the curve, abstentions, ℓ∞ view.
 
 Works on any frame with the research columns (`catrs.results.read_results` reads both the research TSV and
-catrs's Parquet). Conventions of the literature (METHODS.md):
+catrs's Parquet). Conventions of the literature (docs/methods.md, "ACR and certified accuracy"):
 
 - ACR is the mean over *all* rows of radius·correct: abstentions and wrong predictions count 0.
 - Approximate certified accuracy at r is the fraction of rows that are correct with radius ≥ r.
@@ -13,7 +13,7 @@ catrs's Parquet). Conventions of the literature (METHODS.md):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,7 @@ def average_certified_radius(frame: pd.DataFrame) -> float:
     return float(_correct_radii(frame).mean()) if len(frame) else 0.0
 
 
-def certified_accuracy(frame: pd.DataFrame, radii: Sequence[float]) -> dict[float, float]:
+def certified_accuracy(frame: pd.DataFrame, radii: Iterable[float]) -> dict[float, float]:
     """{r: fraction of rows correct with radius ≥ r} for each r."""
     if not len(frame):
         return {float(r): 0.0 for r in radii}
@@ -41,8 +41,9 @@ def certified_accuracy(frame: pd.DataFrame, radii: Sequence[float]) -> dict[floa
     return {float(r): float(np.mean(correct & (radius >= r))) for r in radii}
 
 
-def certified_accuracy_curve(frame: pd.DataFrame, max_radius: float | None = None, points: int = 201
-                             ) -> tuple[np.ndarray, np.ndarray]:
+def certified_accuracy_curve(
+    frame: pd.DataFrame, max_radius: float | None = None, points: int = 201
+) -> tuple[np.ndarray, np.ndarray]:
     """(radii, certified accuracy) on an even grid from 0 to `max_radius` (default: the largest radius)."""
     top = max_radius if max_radius is not None else float(frame["radius"].max() if len(frame) else 0.0)
     radii = np.linspace(0.0, max(top, 1e-12), points)
@@ -81,8 +82,11 @@ def summarize(frame: pd.DataFrame, radii: Sequence[float] = DEFAULT_RADII) -> di
 def certification_metrics(frame: pd.DataFrame, radii: Sequence[float] = DEFAULT_RADII) -> dict[str, float]:
     """Flat metric names: `acr`, `abstain_rate`, `clean_accuracy`, `certified_accuracy_R` for each radius."""
     summary = summarize(frame, radii)
-    metrics = {"acr": summary["acr"], "abstain_rate": summary["abstain_rate"],
-               "clean_accuracy": summary["clean_accuracy"]}
+    metrics = {
+        "acr": summary["acr"],
+        "abstain_rate": summary["abstain_rate"],
+        "clean_accuracy": summary["clean_accuracy"],
+    }
     metrics.update({f"certified_accuracy_{r:g}": acc for r, acc in summary["certified_accuracy"].items()})
     return metrics
 
@@ -105,9 +109,11 @@ def corruption_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Per corruption, certified accuracy at r = 0 and ACR, each averaged over severities (the paper's Table 3),
     with a last row `mean` holding mAcc and mACR. Corruptions keep the order of the frame (result files are
     sorted by index, i.e. the data set's order)."""
-    per_severity = frame.groupby(["corruption", "severity"], sort=False).apply(
+    # pandas-stubs 3.1 lacks `include_groups`, a keyword of DataFrameGroupBy.apply since pandas 2.2 (still in 3.x).
+    per_severity = frame.groupby(["corruption", "severity"], sort=False).apply(  # type: ignore[call-overload]
         lambda g: pd.Series({"accuracy": certified_accuracy(g, [0.0])[0.0], "acr": average_certified_radius(g)}),
-        include_groups=False)
+        include_groups=False,
+    )
     table = per_severity.groupby("corruption", sort=False).mean()
     table.loc["mean"] = table.mean()
     return table

@@ -1,6 +1,6 @@
 """A chosen model in MLflow's Model Registry, and `models:/NAME@ALIAS` found again as a catrs checkpoint.
 
-    catrs tune search_spaces/demo_digits.yaml       (registers the sweep's choice as NAME@champion)
+    catrs tune demo_digits                          (registers the sweep's choice as NAME@champion)
     catrs certify --checkpoint models:/NAME@champion --dataset digits --sigma 0.5 --out cert.parquet
 
 The model is logged on a run as an MLflow PyTorch model: the base classifier exported with torch.export
@@ -38,11 +38,21 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 def card_tags(card: ModelCard) -> dict[str, str]:
     """The model card as registry tags: what the model certifies at and how it was trained."""
-    tags = {"sigma": f"{card.sigma:g}", "dataset": card.dataset, "arch": card.arch, "method": card.method,
-            "num_classes": str(card.num_classes)}
+    tags = {
+        "sigma": f"{card.sigma:g}",
+        "dataset": card.dataset,
+        "arch": card.arch,
+        "method": card.method,
+        "num_classes": str(card.num_classes),
+    }
     tags.update(flatten(card.config.get("method_config", {}), "hyper."))
-    tags.update({f"train.{k}": str(card.config[k]) for k in ("epochs", "batch_size", "lr", "lr_step", "seed",
-                                                              "train_split") if k in card.config})
+    tags.update(
+        {
+            f"train.{k}": str(card.config[k])
+            for k in ("epochs", "batch_size", "lr", "lr_step", "seed", "train_split")
+            if k in card.config
+        }
+    )
     return tags
 
 
@@ -66,21 +76,27 @@ def input_example(dataset: Any) -> torch.Tensor:
     return torch.stack([dataset[0][1], dataset[1][1]])
 
 
-def log_checkpoint_model(tracker: Tracker, run_id: str, checkpoint: Path, example: torch.Tensor,
-                         registered_name: str | None = None) -> Any:
+def log_checkpoint_model(
+    tracker: Tracker, run_id: str, checkpoint: Path, example: torch.Tensor, registered_name: str | None = None
+) -> Any:
     """Logs `checkpoint` on `run_id` as an MLflow PyTorch model (signature and input example from `example`,
     the checkpoint as an extra file), registered as `registered_name` if given; MLflow's model info."""
     import mlflow
 
     with _active_run(tracker.uri, run_id):
-        return mlflow.pytorch.log_model(load_checkpoint(checkpoint).model(), name="model",
-                                        input_example=example.numpy(), extra_files=[str(checkpoint)],
-                                        registered_model_name=registered_name,
-                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        return mlflow.pytorch.log_model(
+            load_checkpoint(checkpoint).model(),
+            name="model",
+            input_example=example.numpy(),
+            extra_files=[str(checkpoint)],
+            registered_model_name=registered_name,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )
 
 
-def register_checkpoint(tracker: Tracker, run_id: str, name: str, checkpoint: Path, example: torch.Tensor,
-                        alias: str = ALIAS) -> str | None:
+def register_checkpoint(
+    tracker: Tracker, run_id: str, name: str, checkpoint: Path, example: torch.Tensor, alias: str = ALIAS
+) -> str | None:
     """Logs `checkpoint` on `run_id` as an MLflow PyTorch model, registers it as `name`, points `alias` at the
     new version and tags it with the model card; returns the version. A store that cannot take it only
     costs the registration: the checkpoint itself stays where it is, and a message says so."""
@@ -91,8 +107,11 @@ def register_checkpoint(tracker: Tracker, run_id: str, name: str, checkpoint: Pa
         tracker.client.set_registered_model_alias(name, alias, version)
         return version
     except Exception as error:  # MLflow raises many kinds for a store that cannot register models
-        print(f"catrs: MLflow did not register {name} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-              f"the checkpoint is {checkpoint}", file=sys.stderr)
+        print(
+            f"catrs: MLflow did not register {name} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+            f"the checkpoint is {checkpoint}",
+            file=sys.stderr,
+        )
         return None
 
 
@@ -111,11 +130,14 @@ def checkpoint_of(uri: str, tracking_uri: str, cache_dir: Path) -> Path:
     path = folder / EXTRA_FILES / CHECKPOINT_FILE
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        mlflow.artifacts.download_artifacts(artifact_uri=f"{SCHEME}{name}/{version}", dst_path=str(folder),
-                                            tracking_uri=tracking_uri)
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{SCHEME}{name}/{version}", dst_path=str(folder), tracking_uri=tracking_uri
+        )
     if not path.is_file():
-        raise UserError(f"{uri} holds no catrs checkpoint ({EXTRA_FILES}/{CHECKPOINT_FILE}); register models with "
-                        f"catrs, or pass the checkpoint file")
+        raise UserError(
+            f"{uri} holds no catrs checkpoint ({EXTRA_FILES}/{CHECKPOINT_FILE}); register models with "
+            f"catrs, or pass the checkpoint file"
+        )
     return path
 
 
@@ -123,7 +145,7 @@ def _version_of(uri: str, tracking_uri: str) -> tuple[str, str]:
     """(name, version) of `models:/NAME@ALIAS` or `models:/NAME/VERSION` in the registry at `tracking_uri`."""
     from mlflow.tracking import MlflowClient
 
-    reference = uri[len(SCHEME):]
+    reference = uri[len(SCHEME) :]
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
         if "@" in reference:
@@ -132,5 +154,7 @@ def _version_of(uri: str, tracking_uri: str) -> tuple[str, str]:
         name, version = reference.rsplit("/", 1)
         return name, str(client.get_model_version(name, version).version)
     except Exception:  # an unknown name, alias or version, or a store without a registry
-        raise UserError(f"no registered model {uri} in the MLflow store {tracking_uri}; give models:/NAME@ALIAS or "
-                        f"models:/NAME/VERSION of a registered model") from None
+        raise UserError(
+            f"no registered model {uri} in the MLflow store {tracking_uri}; give models:/NAME@ALIAS or "
+            f"models:/NAME/VERSION of a registered model"
+        ) from None

@@ -1,7 +1,7 @@
 """Reports of result files: what `catrs report` prints.
 
-    catrs report cert.parquet --radii 0 0.25 0.5 --json          # one result: table or JSON
-    catrs report a.parquet b.tsv RUN_ID --markdown --plot c.png  # several: one comparison table, best marked
+catrs report cert.parquet --radii 0 0.25 0.5 --json          # one result: table or JSON
+catrs report a.parquet b.tsv RUN_ID --markdown --plot c.png  # several: one comparison table, best marked
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from catrs.data import dataset_spec
 from catrs.errors import UserError
 from catrs.metrics import corruption_table, linf_radius, summarize
 from catrs.results import IDENTITY_KEYS, read_results
+from catrs.storage import Stored
 
 
 def provenance_of(frame: pd.DataFrame) -> dict[str, Any]:
@@ -27,10 +28,11 @@ def provenance_of(frame: pd.DataFrame) -> dict[str, Any]:
     keys = [k for k in IDENTITY_KEYS + ["checkpoint", "batch"] if k in frame.columns]
     if not keys or not len(frame) or frame[keys].drop_duplicates().shape[0] != 1:
         return {}
-    return {k: (v.item() if hasattr(v, "item") else v) for k, v in frame[keys].iloc[0].items()}
+    first = frame[keys].iloc[0]
+    return {k: (first[k].item() if hasattr(first[k], "item") else first[k]) for k in keys}
 
 
-def build_report(path: str | Path, radii: Sequence[float], dataset: str | None = None) -> dict[str, Any]:
+def build_report(path: str | Path | Stored, radii: Sequence[float], dataset: str | None = None) -> dict[str, Any]:
     """The summary of `path` as a JSON-ready dict; with a data set known, the ℓ∞ radii too."""
     frame = read_results(path)
     summary = summarize(frame, radii)
@@ -39,9 +41,11 @@ def build_report(path: str | Path, radii: Sequence[float], dataset: str | None =
     report["certified_accuracy"] = {repr(float(r)): acc for r, acc in summary["certified_accuracy"].items()}
     if "corruption" in frame.columns and "radius" in frame.columns:
         table = corruption_table(frame)
-        report["corruptions"] = {name: {"accuracy": float(row.accuracy), "acr": float(row.acr)}
-                                 for name, row in table.drop(index="mean").iterrows()}
-        report["mAcc"], report["mACR"] = float(table.loc["mean", "accuracy"]), float(table.loc["mean", "acr"])
+        report["corruptions"] = {
+            name: {"accuracy": float(row.accuracy), "acr": float(row.acr)}
+            for name, row in table.drop(index="mean").iterrows()
+        }
+        report["mAcc"], report["mACR"] = float(table["accuracy"]["mean"]), float(table["acr"]["mean"])
     dataset = dataset or provenance.get("dataset")
     if dataset:
         dim = dataset_spec(dataset).input_dim
@@ -55,21 +59,28 @@ def format_report(report: dict[str, Any], linf: bool = False) -> str:
     lines = [f"{report['path']}: {report['count']} rows"]
     provenance = report["provenance"]
     if provenance:
-        lines.append("  " + "  ".join(f"{k}={provenance[k]}" for k in ("dataset", "sigma", "n0", "n", "alpha", "seed")
-                                    if k in provenance))
+        lines.append(
+            "  "
+            + "  ".join(
+                f"{k}={provenance[k]}" for k in ("dataset", "sigma", "n0", "n", "alpha", "seed") if k in provenance
+            )
+        )
         if provenance.get("mixed_precision"):
             lines.append("  NOTE: certified with mixed precision (not the fp32 soundness argument)")
     if report["acr"] is not None:
-        lines.append(f"ACR {report['acr']:.3f}   clean accuracy {100 * report['clean_accuracy']:.1f}%   "
-                     f"abstain {100 * report['abstain_rate']:.1f}%")
+        lines.append(
+            f"ACR {report['acr']:.3f}   clean accuracy {100 * report['clean_accuracy']:.1f}%   "
+            f"abstain {100 * report['abstain_rate']:.1f}%"
+        )
     radii = list(report["certified_accuracy"])
     if radii:
         width = 7
         lines.append("radius (ℓ2)".ljust(14) + "".join(f"{float(r):>{width}.2f}" for r in radii))
         if linf and "linf_radius" in report:
             lines.append("radius (ℓ∞)".ljust(14) + "".join(f"{report['linf_radius'][r]:>{width}.4f}" for r in radii))
-        lines.append("cert. acc (%)".ljust(14)
-                     + "".join(f"{100 * report['certified_accuracy'][r]:>{width}.1f}" for r in radii))
+        lines.append(
+            "cert. acc (%)".ljust(14) + "".join(f"{100 * report['certified_accuracy'][r]:>{width}.1f}" for r in radii)
+        )
     if "corruptions" in report:
         lines.append("per corruption, averaged over severities:  acc@r=0 (%)    ACR")
         for name, row in report["corruptions"].items():
@@ -92,7 +103,9 @@ def load_source(source: str, tracking_uri: str | None = None) -> tuple[str, pd.D
     tracker = Tracker(tracking_uri)
     try:
         run = tracker.client.get_run(source)
-        files = [a.path for a in tracker.client.list_artifacts(source, "results") if a.path.endswith((".parquet", ".tsv"))]
+        files = [
+            a.path for a in tracker.client.list_artifacts(source, "results") if a.path.endswith((".parquet", ".tsv"))
+        ]
     except Exception:
         raise UserError(f"no MLflow run {source} at {tracker.uri}") from None
     if not files:
@@ -124,8 +137,9 @@ def load_sources(sources: Sequence[str], tracking_uri: str | None = None) -> dic
         if names.count(label) > 1 and not chosen:
             label = f"{Path(source).parent.name}/{label}"
         if label in frames:
-            raise UserError(f"two results are labelled {label} (the second: {source}); give each result once, "
-                            f"under its own label")
+            raise UserError(
+                f"two results are labelled {label} (the second: {source}); give each result once, under its own label"
+            )
         frames[label] = frame
     return frames
 
@@ -161,17 +175,19 @@ class Layout:
     note: str
 
 
-TABLE1 = Layout("column", lambda column: 3 if column == "ACR" else 1,
-                "best in its column; certified accuracy in %, radii in ℓ2")
-TABLE3_ACCURACY = Layout("row", lambda column: 1, "best in its row; certified accuracy at r = 0 in %, averaged over "
-                                                  "severities")
+TABLE1 = Layout(
+    "column", lambda column: 3 if column == "ACR" else 1, "best in its column; certified accuracy in %, radii in ℓ2"
+)
+TABLE3_ACCURACY = Layout(
+    "row", lambda column: 1, "best in its row; certified accuracy at r = 0 in %, averaged over severities"
+)
 TABLE3_ACR = Layout("row", lambda column: 3, "best in its row; ACR averaged over severities")
 
 
 def _cells(table: pd.DataFrame, layout: Layout, mark: Callable[[str], str]) -> list[list[str]]:
     """Formatted cells, the best value along the layout's axis passed through `mark` (ties all marked); a
     result missing a value (a corruption it was not certified on) shows a dash."""
-    best = table.max(axis=0 if layout.best_in == "column" else 1)
+    best = table.max(axis=0 if layout.best_in == "column" else 1).to_dict()  # {column or row label: its best}
     cells = []
     for label, row in table.iterrows():
         line = [str(label)]
@@ -186,8 +202,9 @@ def _cells(table: pd.DataFrame, layout: Layout, mark: Callable[[str], str]) -> l
     return cells
 
 
-def format_comparison(table: pd.DataFrame, style: str = "text", linf: dict[str, float] | None = None,
-                      layout: Layout = TABLE1) -> str:
+def format_comparison(
+    table: pd.DataFrame, style: str = "text", linf: dict[str, float] | None = None, layout: Layout = TABLE1
+) -> str:
     """The table as terminal text (best marked *), Markdown (best in bold) or LaTeX (best in \\textbf)."""
     header = [table.index.name or "", *table.columns]
     if style == "markdown":
@@ -201,11 +218,16 @@ def format_comparison(table: pd.DataFrame, style: str = "text", linf: dict[str, 
         lines += [" & ".join(r.replace("_", "\\_") for r in row) + " \\\\" for row in rows]
         return "\n".join(lines + ["\\bottomrule", "\\end{tabular}"])
     rows = _cells(table, layout, lambda t: t + "*")
-    widths = [max(len(str(c)) for c in column) + 2 for column in zip(header, *rows)]
-    lines = ["".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
-             for line in [header, *rows]]
+    widths = [max(len(str(c)) for c in column) + 2 for column in zip(header, *rows, strict=True)]
+    lines = [
+        "".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
+        for line in [header, *rows]
+    ]
     if linf:
-        lines.insert(1, "ℓ∞ radius".ljust(widths[0] + widths[1]) + "".join(
-            f"{linf[c]:.4f}".rjust(w) for c, w in zip(table.columns[1:], widths[2:])))
+        lines.insert(
+            1,
+            "ℓ∞ radius".ljust(widths[0] + widths[1])
+            + "".join(f"{linf[c]:.4f}".rjust(w) for c, w in zip(table.columns[1:], widths[2:], strict=True)),
+        )
     lines.append(f"* {layout.note}")
     return "\n".join(lines)

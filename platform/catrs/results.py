@@ -17,7 +17,7 @@ import json
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import pyarrow as pa
@@ -35,11 +35,27 @@ COLUMNS = {"certify": CERTIFY_COLUMNS, "predict": PREDICT_COLUMNS, "evaluate": E
 CORRUPTION_COLUMNS = ("corruption", "severity")  # rows of a corruption data set (cifar10_c, mnist_c)
 # Provenance that must match for two runs' rows to belong in one file (batch size and the checkpoint's path
 # are recorded per row but may differ: they do not change what a row certifies).
-IDENTITY_KEYS = ["mode", "dataset", "split", "n0", "n", "alpha", "sigma", "seed", "mixed_precision",
-                 "checkpoint_sha256"]
+IDENTITY_KEYS = [
+    "mode",
+    "dataset",
+    "split",
+    "n0",
+    "n",
+    "alpha",
+    "sigma",
+    "seed",
+    "mixed_precision",
+    "checkpoint_sha256",
+]
 FORMATS = ("parquet", "tsv")
 _PARQUET_MAGIC = b"PAR1"
 FLUSH_SECONDS = 5.0
+
+
+def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """The frame's rows as {column: value}: `DataFrame.to_dict("records")` for a frame whose column names are
+    strings, as every result file's are (pandas types the keys as any hashable label)."""
+    return cast(list[dict[str, Any]], frame.to_dict("records"))
 
 
 def detect_format(path: str | Path | Stored, requested: str | None = None) -> str:
@@ -66,11 +82,15 @@ def read_results(path: str | Path | Stored) -> pd.DataFrame:
         raise UserError(f"result file not found: {path}")
     data = path.read()
     try:
-        frame = (pq.read_table(io.BytesIO(data)).to_pandas() if data[:4] == _PARQUET_MAGIC
-                 else pd.read_csv(io.BytesIO(data), sep="\t"))
+        frame = (
+            pq.read_table(io.BytesIO(data)).to_pandas()
+            if data[:4] == _PARQUET_MAGIC
+            else pd.read_csv(io.BytesIO(data), sep="\t")
+        )
     except Exception as error:  # pyarrow/pandas raise many types for torn or foreign bytes
-        raise UserError(f"could not read result file {path} ({type(error).__name__}): truncated or not a "
-                        f"Parquet/TSV result file") from None
+        raise UserError(
+            f"could not read result file {path} ({type(error).__name__}): truncated or not a Parquet/TSV result file"
+        ) from None
     missing = [c for c in ("idx", "label", "predict", "correct") if c not in frame.columns]
     if missing:
         raise UserError(f"{path} is not a result file: it lacks the column(s) {', '.join(missing)}")
@@ -92,8 +112,13 @@ class ResultWriter:
     must equal those of the rows already in the file, or the writer refuses to touch it.
     """
 
-    def __init__(self, path: str | Path | Stored, provenance: dict[str, Any], fmt: str | None = None,
-                 extra_columns: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        path: str | Path | Stored,
+        provenance: dict[str, Any],
+        fmt: str | None = None,
+        extra_columns: tuple[str, ...] = (),
+    ) -> None:
         self.path = stored(path)
         self.format = detect_format(self.path, fmt)
         self.provenance = provenance
@@ -121,19 +146,21 @@ class ResultWriter:
         else:
             recorded = self._provenance_of_sidecar()
         self._check_identity(recorded)
-        return frame[self.columns].to_dict("records")
+        return records(frame[self.columns])
 
     def _provenance_of_frame(self, frame: pd.DataFrame) -> list[dict[str, Any]]:
         missing = [key for key in IDENTITY_KEYS if key not in frame.columns]
         if missing:
-            raise UserError(f"{self.path} exists but was not written by catrs certify (no provenance); "
-                            f"choose another --out")
-        return frame[IDENTITY_KEYS].drop_duplicates().to_dict("records")
+            raise UserError(
+                f"{self.path} exists but was not written by catrs certify (no provenance); choose another --out"
+            )
+        return records(frame[IDENTITY_KEYS].drop_duplicates())
 
     def _provenance_of_sidecar(self) -> list[dict[str, Any]]:
         if not self._sidecar.exists():
-            raise UserError(f"{self.path} exists but has no {self._sidecar.name} (not written by catrs); "
-                            f"choose another --out")
+            raise UserError(
+                f"{self.path} exists but has no {self._sidecar.name} (not written by catrs); choose another --out"
+            )
         try:
             return [json.loads(self._sidecar.read())]
         except ValueError:
@@ -145,8 +172,10 @@ class ResultWriter:
             differing = [key for key in IDENTITY_KEYS if not _same(row.get(key), wanted[key])]
             if differing:
                 details = ", ".join(f"{k}: file {row.get(k)!r} vs request {wanted[k]!r}" for k in differing)
-                raise UserError(f"{self.path} holds results with other provenance ({details}); "
-                                f"choose another --out or repeat the original settings to resume")
+                raise UserError(
+                    f"{self.path} holds results with other provenance ({details}); "
+                    f"choose another --out or repeat the original settings to resume"
+                )
 
     def add(self, rows: list[dict[str, Any]]) -> None:
         self._rows.extend(rows)

@@ -1,6 +1,6 @@
 """Sweep definitions: one YAML file per sweep, validated before anything starts.
 
-    catrs tune search_spaces/demo_digits.yaml
+    catrs tune demo_digits          (a shipped space, by name: `find_search_space`; or any FILE.yaml)
 
 A file names the method, data set, architecture and σ; the fixed training settings (`train`) and method
 hyper-parameters (`fixed`); the ranges to search (`search`: loguniform / uniform / int / choice); the points
@@ -25,14 +25,30 @@ from typing import Any
 import yaml
 
 import trainables
-from catrs.certify import CertifySettings
 from catrs.data import dataset_names
 from catrs.errors import UserError
 from catrs.models import model_names
-from catrs.train import TrainConfig
+from catrs.sampling import SamplingProtocol
+from catrs.train import RunSpec, TrainConfig
 
-TOP_LEVEL = {"name", "method", "dataset", "arch", "sigma", "seed", "train", "fixed", "search", "points_to_evaluate",
-             "objective", "proxy", "selection", "final", "budget", "resources"}
+TOP_LEVEL = {
+    "name",
+    "method",
+    "dataset",
+    "arch",
+    "sigma",
+    "seed",
+    "train",
+    "fixed",
+    "search",
+    "points_to_evaluate",
+    "objective",
+    "proxy",
+    "selection",
+    "final",
+    "budget",
+    "resources",
+}
 # Keys of earlier versions of the format, and what became of them.
 MOVED = {
     "objective.proxy": "the proxy is the top-level section `proxy` now, and certifies the val split, not test",
@@ -41,13 +57,14 @@ MOVED = {
     "proxy.every": "the proxy runs at ASHA's rungs (`budget.first_rung`) and at the last epoch",
     "final.shards": "renamed `workers`: how many Ray workers certify chunks of the test split at once",
     "budget.grace_period": "replaced by `first_rung`, counted in epochs: ASHA compares trials at epochs "
-                           "first_rung·reduction_factor^k",
+    "first_rung·reduction_factor^k",
 }
 SEARCHABLE_TRAIN_KEYS = {"lr", "batch_size", "lr_step", "momentum", "weight_decay", "epochs"}
 FIXED_TRAIN_KEYS = SEARCHABLE_TRAIN_KEYS | {"lr_gamma"}
 DOMAIN_KINDS = ("loguniform", "uniform", "int", "choice")
 OBJECTIVE = re.compile(r"^(acr|certified_accuracy_(\d+(\.\d+)?)|auc_(\d+(\.\d+)?))$")
 TEACHER_KEY = "sigma0"  # each value trains a teacher: it must come from a finite choice
+SOFT_LABEL_KEYS = {"soft_labels", "teacher_noises", "teacher_checkpoint"}  # one value per sweep
 
 
 @dataclass(frozen=True)
@@ -67,22 +84,7 @@ class Domain:
 
 
 @dataclass(frozen=True)
-class Protocol:
-    """A sampling protocol of CERTIFY: n0 selection and n estimation samples, failure probability α, and
-    the noisy samples per forward pass."""
-
-    n0: int = 100
-    n: int = 100_000
-    alpha: float = 0.001
-    batch: int = 1000
-
-    def settings(self, seed: int, **extra: Any) -> CertifySettings:
-        """The protocol as certification settings, sampling from the sweep's `seed`."""
-        return CertifySettings(n0=self.n0, n=self.n, alpha=self.alpha, batch_size=self.batch, seed=seed, **extra)
-
-
-@dataclass(frozen=True)
-class Proxy(Protocol):
+class Proxy(SamplingProtocol):
     """The cheap certification each trial reports at ASHA's rungs and its last epoch: `images` val images
     spread evenly over the split, small n; images whose selected class is wrong get no estimation samples."""
 
@@ -92,7 +94,7 @@ class Proxy(Protocol):
 
 
 @dataclass(frozen=True)
-class Selection(Protocol):
+class Selection(SamplingProtocol):
     """How the winner is chosen among the trials trained to their end: the `top_k` by their last proxy are
     certified on `images` val images (0: all) with this protocol (by default the final one), and the best
     wins. `refit` trains the winning setting again on the whole training split before the test
@@ -106,7 +108,7 @@ class Selection(Protocol):
 
 
 @dataclass(frozen=True)
-class Final(Protocol):
+class Final(SamplingProtocol):
     """The certification of the winner on the test split: every `skip`-th image below `max`, by `workers` Ray
     workers pulling chunks of images (1: in the driver's process)."""
 
@@ -164,31 +166,46 @@ class SearchSpace:
         """What trials report and the sweep maximises: the objective on the val split (`val_acr`)."""
         return f"val_{self.objective}"
 
+    def trials(self, num_samples: int | None = None) -> int:
+        """How many trials the sweep runs: `--num-samples` where given, else the file's budget."""
+        trials = self.budget.num_samples if num_samples is None else num_samples
+        if trials < 1:
+            raise UserError(f"--num-samples must be a positive integer, got {trials}")
+        return trials
+
     @property
     def epochs(self) -> int:
-        return self.train_config(self.first_point()).epochs
+        return self.resolve(self.first_point()).config.epochs
 
-    def train_config(self, point: dict[str, Any], train_split: str = "train_minus_val") -> TrainConfig:
-        """The training run of one point of the space (sampled values over the fixed ones). Trials keep the
-        val split unseen; the winner's refit (`train_split="train"`) trains on all of the training split."""
+    def settings(self, point: dict[str, Any], train_split: str = "train_minus_val") -> TrainConfig:
+        """The training settings of one point of the space (sampled values over the fixed ones)."""
         train = {**self.train, **{k: v for k, v in point.items() if k in SEARCHABLE_TRAIN_KEYS}}
         hyper = {**self.fixed, **{k: v for k, v in point.items() if k not in SEARCHABLE_TRAIN_KEYS}}
-        return TrainConfig(method=self.method, dataset=self.dataset, arch=self.arch, sigma=self.sigma,
-                           seed=self.seed, method_config=hyper, train_split=train_split, **train).resolved()
+        return TrainConfig(
+            method=self.method,
+            dataset=self.dataset,
+            arch=self.arch,
+            sigma=self.sigma,
+            seed=self.seed,
+            method_config=hyper,
+            train_split=train_split,
+            **train,
+        )
+
+    def resolve(self, point: dict[str, Any], train_split: str = "train_minus_val") -> RunSpec:
+        """The training run of one point. Trials keep the val split unseen; the winner's refit
+        (`train_split="train"`) trains on all of the training split. A run that needs soft labels gets them
+        from a teacher trained on the first point's schedule at its own σ0, so trials that share a σ0 share
+        one teacher, whatever else (learning rate, batch size) they vary."""
+        return self.settings(point, train_split).resolve(
+            teacher_schedule=self.settings(self.first_point(), train_split)
+        )
 
     def first_point(self) -> dict[str, Any]:
         """The first point evaluated: the first of `points_to_evaluate`, else each range's middle or first choice."""
         if self.points_to_evaluate:
             return dict(self.points_to_evaluate[0])
         return {key: _middle(domain) for key, domain in self.search.items()}
-
-    def soft_label_config(self, point: dict[str, Any], train_split: str = "train_minus_val") -> TrainConfig:
-        """The run whose soft labels `point` trains on: the first point's schedule with `point`'s σ0.
-
-        Trials that share a σ0 thus share one teacher, whatever else (learning rate, batch size) they vary.
-        """
-        teacher_point = {**self.first_point(), **{k: v for k, v in point.items() if k == TEACHER_KEY}}
-        return self.train_config(teacher_point, train_split)
 
     def teacher_points(self) -> list[dict[str, Any]]:
         """One point per σ0 a trial may ask for (each needs its own teacher)."""
@@ -284,6 +301,40 @@ def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+SHIPPED_FOLDER = "search_spaces"  # package data of `catrs`: the published settings, the demo, the trade-off sweeps
+
+
+def _shipped_folder() -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("catrs") / SHIPPED_FOLDER))  # a wheel installs unzipped: a real folder
+
+
+def shipped_spaces() -> list[str]:
+    """The names of the search spaces that ship with catrs (`catrs tune NAME`)."""
+    folder = _shipped_folder()
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def find_search_space(name_or_path: str | Path, what: str = "search space") -> Path:
+    """The file `catrs tune` reads: an existing file wins; otherwise the shipped space of that name (with or
+    without `.yaml`). Anything else is a `UserError` ("WHAT not found") naming the shipped spaces."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    text = str(name_or_path)
+    name = text[: -len(".yaml")] if text.endswith(".yaml") else text
+    shipped = shipped_spaces()
+    if name in shipped:
+        return _shipped_folder() / f"{name}.yaml"
+    if len(path.parts) > 1:  # a path, not a name: no shipped space is meant
+        raise UserError(f"{what} not found: {path}")
+    raise UserError(
+        f"{what} not found: {text!r} is neither a file nor a shipped space; shipped: "
+        f"{', '.join(shipped) or 'none (is catrs installed without its package data?)'}"
+    )
+
+
 def load_search_space(path: str | Path) -> SearchSpace:
     """Reads and validates a sweep file."""
     path = Path(path)
@@ -301,17 +352,31 @@ def load_search_space(path: str | Path) -> SearchSpace:
     fixed = check.mapping(raw.get("fixed"), "fixed")
     _check_method_values(check, method, fixed, "fixed")
     search = _search(check, raw["search"], method, train, fixed)
-    space = SearchSpace(path=path, name=str(raw.get("name", path.stem)), method=method, dataset=raw["dataset"],
-                        arch=raw.get("arch"), sigma=float(raw["sigma"]), seed=raw.get("seed", 0), train=train,
-                        fixed=fixed, search=search, points_to_evaluate=_points(check, raw, search),
-                        objective=_objective(check, raw["objective"]), **_run_sections(check, raw))
+    space = SearchSpace(
+        path=path,
+        name=str(raw.get("name", path.stem)),
+        method=method,
+        dataset=raw["dataset"],
+        arch=raw.get("arch"),
+        sigma=float(raw["sigma"]),
+        seed=raw.get("seed", 0),
+        train=train,
+        fixed=fixed,
+        search=search,
+        points_to_evaluate=_points(check, raw, search),
+        objective=_objective(check, raw["objective"]),
+        **_run_sections(check, raw),
+    )
     try:
         epochs = space.epochs
     except UserError as error:
         check.fail("train", str(error))
     if space.budget.scheduler == "asha" and not space.budget.rungs(epochs):
-        check.fail("budget.first_rung", f"{space.budget.first_rung} is not below the last epoch ({epochs}): ASHA "
-                                        f"would never compare trials; lower it, or set scheduler: none")
+        check.fail(
+            "budget.first_rung",
+            f"{space.budget.first_rung} is not below the last epoch ({epochs}): ASHA "
+            f"would never compare trials; lower it, or set scheduler: none",
+        )
     return space
 
 
@@ -340,8 +405,7 @@ def _check_identity(check: _Checker, raw: dict[str, Any]) -> None:
         check.fail("seed", f"must be a non-negative integer, got {seed!r}")
 
 
-def _search(check: _Checker, raw: Any, method: str, train: dict[str, Any], fixed: dict[str, Any]
-            ) -> dict[str, Domain]:
+def _search(check: _Checker, raw: Any, method: str, train: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Domain]:
     """The ranges: each over a method hyper-parameter or a searchable training setting, given in one place."""
     method_keys = {f.name for f in fields(trainables.get(method).config_type)}
     search_raw = check.mapping(raw, "search")
@@ -358,6 +422,8 @@ def _search(check: _Checker, raw: Any, method: str, train: dict[str, Any], fixed
         search[key] = _domain(check, f"search.{key}", spec)
     if TEACHER_KEY in search and search[TEACHER_KEY].kind != "choice":
         check.fail(f"search.{TEACHER_KEY}", "must be a choice: each value trains (and caches) one teacher")
+    for key in SOFT_LABEL_KEYS & set(search):
+        check.fail(f"search.{key}", "decides the soft labels every trial shares; give it in `fixed`")
     return search
 
 
@@ -389,8 +455,9 @@ def _run_sections(check: _Checker, raw: dict[str, Any]) -> dict[str, Any]:
     final = _protocol(check, Final, raw.get("final"), "final", ("skip", "workers"))
     # The selection certifies val with the final protocol unless it says otherwise.
     inherited = {name: getattr(final, name) for name in ("n0", "n", "alpha", "batch")}
-    selection = _protocol(check, Selection, {**inherited, **check.mapping(raw.get("selection"), "selection")},
-                          "selection", ("top_k",))
+    selection = _protocol(
+        check, Selection, {**inherited, **check.mapping(raw.get("selection"), "selection")}, "selection", ("top_k",)
+    )
     if selection.images < 0:
         check.fail("selection.images", f"must be 0 (all) or more, got {selection.images}")
     budget = check.section(Budget, raw.get("budget"), "budget")
@@ -409,9 +476,9 @@ def _run_sections(check: _Checker, raw: dict[str, Any]) -> dict[str, Any]:
 def _protocol(check: _Checker, cls: type, raw: Any, key: str, positive: tuple[str, ...]) -> Any:
     """A section holding a sampling protocol, read and checked."""
     section = check.section(cls, raw, key)
-    _check_positive(check, section, key, ("n0", "n", "batch") + positive)
-    if not 0 < section.alpha < 1:
-        check.fail(f"{key}.alpha", f"must lie strictly between 0 and 1, got {section.alpha}")
+    for name, problem in section.protocol().problems():
+        check.fail(f"{key}.{name}", problem)
+    _check_positive(check, section, key, positive)
     return section
 
 

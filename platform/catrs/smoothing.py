@@ -12,7 +12,7 @@ an accelerator with one input's noise); noise is drawn on the model's device fro
 (seed, dataset index, phase), so any sharding of a data set gives the same rows as one unsplit run; counts
 stay on the device until one host read per batch of inputs.
 
-Used by `catrs certify` / `catrs predict` (see `catrs.certify`).
+Used by `catrs certify` / `catrs predict` (see `catrs.certify`). The math: docs/methods.md, "Certification".
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from scipy.stats import binomtest, norm
 from statsmodels.stats.proportion import proportion_confint
 
 from catrs.inference import Classifier, model_device, prepare_for_inference
+from catrs.sampling import DEFAULT_INFERENCE
 
 ABSTAIN = -1
 
@@ -72,7 +73,8 @@ def _forward_plan(num_inputs: int, num: int, batch_size: int) -> Iterator[list[t
     """
     chunk = min(num, batch_size)
     sizes = [chunk] * (num // chunk) + ([num % chunk] if num % chunk else [])
-    pieces, filled = [], 0
+    pieces: list[tuple[int, int]] = []
+    filled = 0
     for item in itertools.product(range(num_inputs), sizes):
         if filled + item[1] > batch_size:
             yield pieces
@@ -101,7 +103,7 @@ class Smooth:
         *,
         seed: int = 0,
         mixed_precision: bool = False,
-        inference: str = "eager",
+        inference: str = DEFAULT_INFERENCE,
     ) -> None:
         if not sigma > 0:
             raise ValueError(f"sigma must be positive, got {sigma}")
@@ -131,9 +133,7 @@ class Smooth:
         """
         return self.certify_batch(x.unsqueeze(0), n0, n, alpha, batch_size, indices=self._keys(1, index))[0]
 
-    def predict(
-        self, x: torch.Tensor, n: int, alpha: float, batch_size: int, *, index: int | None = None
-    ) -> int:
+    def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int, *, index: int | None = None) -> int:
         """Cohen's PREDICT on one input: the smoothed prediction, or ABSTAIN.
 
         With probability at least 1 − alpha over the noise, a returned class is the smoothed classifier's
@@ -186,9 +186,10 @@ class Smooth:
         rows = [(int(c), 0.0, False) for c in guess]
         right = np.flatnonzero(guess == np.asarray(labels))
         if len(right):
-            estimated = self._estimate(xs[right], torch.from_numpy(guess[right]), n, alpha, batch_size,
-                                       [keys[i] for i in right])
-            for i, (predicted, radius) in zip(right, estimated):
+            estimated = self._estimate(
+                xs[right], torch.from_numpy(guess[right]), n, alpha, batch_size, [keys[i] for i in right]
+            )
+            for i, (predicted, radius) in zip(right, estimated, strict=True):
                 rows[i] = (predicted, radius, True)
         return rows
 
@@ -197,14 +198,15 @@ class Smooth:
         selection = self.sample_counts(xs, n0, batch_size, indices=keys, stream=NoiseStream.SELECTION)
         return selection.argmax(dim=1)
 
-    def _estimate(self, xs: torch.Tensor, guess: torch.Tensor, n: int, alpha: float, batch_size: int,
-                  keys: list[int]) -> list[tuple[int, float]]:
+    def _estimate(
+        self, xs: torch.Tensor, guess: torch.Tensor, n: int, alpha: float, batch_size: int, keys: list[int]
+    ) -> list[tuple[int, float]]:
         """CERTIFY's second phase: (guess, radius) from n fresh samples, or (ABSTAIN, 0.0)."""
         estimation = self.sample_counts(xs, n, batch_size, indices=keys, stream=NoiseStream.ESTIMATION)
         n_a = estimation.gather(1, guess.to(estimation.device)[:, None]).squeeze(1)
         guess_host, n_a_host = guess.cpu().numpy(), n_a.cpu().numpy()  # the one host read of the phase
         radii = certified_radius(clopper_pearson_lower(n_a_host, n, alpha), self.sigma)
-        return [(int(c), float(r)) if r > 0 else (ABSTAIN, 0.0) for c, r in zip(guess_host, radii)]
+        return [(int(c), float(r)) if r > 0 else (ABSTAIN, 0.0) for c, r in zip(guess_host, radii, strict=True)]
 
     def predict_batch(
         self,
@@ -217,12 +219,13 @@ class Smooth:
     ) -> list[int]:
         """PREDICT for each of the k inputs xs (k, C, H, W), sharing forward passes; same guarantee per input."""
         _check_sampling(n, alpha, batch_size)
-        counts = self.sample_counts(xs, n, batch_size, indices=self._keys(len(xs), indices),
-                                    stream=NoiseStream.PREDICTION)
+        counts = self.sample_counts(
+            xs, n, batch_size, indices=self._keys(len(xs), indices), stream=NoiseStream.PREDICTION
+        )
         top2_counts, top2_labels = (t.cpu().numpy() for t in counts.topk(2, dim=1))
         return [
             ABSTAIN if binomtest(int(c1), int(c1 + c2), 0.5).pvalue > alpha else int(label)
-            for (c1, c2), label in zip(top2_counts, top2_labels[:, 0])
+            for (c1, c2), label in zip(top2_counts, top2_labels[:, 0], strict=True)
         ]
 
     def sample_counts(

@@ -4,9 +4,9 @@
     catrs report --sweep CAT-RS=ID1 --sweep Consistency=ID2 --radius 2.0 --plot frontiers.png
 
 Per trial (its last proxy certification of the val split): clean accuracy (certified accuracy at r = 0)
-against certified accuracy at r, with the Pareto-optimal trials marked (no other trial is at least as good on both and better on
-one); the objective against each searched hyper-parameter; and the hyper-parameters' importances for the
-objective, by Optuna's fANOVA evaluator over the finished trials. Plots go to the parent run
+against certified accuracy at r, with the Pareto-optimal trials marked (no other trial is at least as good on
+both and better on one); the objective against each searched hyper-parameter; and the hyper-parameters'
+importances for the objective, by Optuna's fANOVA evaluator over the finished trials. Plots go to the parent run
 (`sweep_report/`), the table to the terminal.
 
 Several sweeps (say, one per method, each varying that method's trade-off knob as the paper's λ and η) are
@@ -59,7 +59,7 @@ class SweepReport:
 
 def pareto_optimal(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Which points no other point dominates (≥ on both coordinates, > on one); both are maximised."""
-    dominated = [(np.any((x >= xi) & (y >= yi) & ((x > xi) | (y > yi)))) for xi, yi in zip(x, y)]
+    dominated = [(np.any((x >= xi) & (y >= yi) & ((x > xi) | (y > yi)))) for xi, yi in zip(x, y, strict=True)]
     return ~np.array(dominated, dtype=bool)
 
 
@@ -84,22 +84,28 @@ def importances(trials: pd.DataFrame, params: list[str], objective: str) -> dict
     varied = [p for p in params if trials[p].nunique() > 1]
     if len(trials) < 3 or not varied or trials[objective].nunique() < 2:  # nothing to explain
         return {}
-    distributions = {}
+    distributions: dict[str, optuna.distributions.BaseDistribution] = {}
     for p in varied:
         numeric = _numeric(trials[p])
-        distributions[p] = (optuna.distributions.FloatDistribution(float(numeric.min()), float(numeric.max()))
-                            if numeric is not None else
-                            optuna.distributions.CategoricalDistribution(sorted(trials[p].astype(str).unique())))
+        distributions[p] = (
+            optuna.distributions.FloatDistribution(float(numeric.min()), float(numeric.max()))
+            if numeric is not None
+            else optuna.distributions.CategoricalDistribution(sorted(trials[p].astype(str).unique()))
+        )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize")
     for _, row in trials.iterrows():
-        values = {p: (float(row[p]) if isinstance(distributions[p], optuna.distributions.FloatDistribution)
-                      else str(row[p])) for p in varied}
-        study.add_trial(optuna.trial.create_trial(params=values, distributions=distributions,
-                                                  value=float(row[objective])))
+        values = {
+            p: (float(row[p]) if isinstance(distributions[p], optuna.distributions.FloatDistribution) else str(row[p]))
+            for p in varied
+        }
+        study.add_trial(
+            optuna.trial.create_trial(params=values, distributions=distributions, value=float(row[objective]))
+        )
     try:
         scores = optuna.importance.get_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+        )
     except RuntimeError:  # fANOVA finds no variance its trees can split
         return {}
     return {name.removeprefix("param:"): float(score) for name, score in scores.items()}
@@ -119,16 +125,23 @@ def sweep_report(tracker: Tracker, parent_run_id: str, radius: float = 0.5, labe
         metrics = child.data.metrics
         if objective not in metrics or certified not in metrics:
             continue
-        params = {k: v for k, v in child.data.params.items() if not kinds or k in kinds}
-        rows.append({"trial": child.data.tags.get("catrs.trial_id", child.info.run_id),
-                     "stopped_at_epoch": child.data.tags.get("catrs.stopped_at_epoch", ""),
-                     "final_val": metrics.get("final_" + objective, np.nan),
-                     **{f"param:{k}": v for k, v in params.items()},
-                     "clean": metrics.get("val_certified_accuracy_0", metrics.get("val_clean_accuracy")),
-                     "certified": metrics[certified], objective: metrics[objective]})
+        searched = {k: v for k, v in child.data.params.items() if not kinds or k in kinds}
+        rows.append(
+            {
+                "trial": child.data.tags.get("catrs.trial_id", child.info.run_id),
+                "stopped_at_epoch": child.data.tags.get("catrs.stopped_at_epoch", ""),
+                "final_val": metrics.get("final_" + objective, np.nan),
+                **{f"param:{k}": v for k, v in searched.items()},
+                "clean": metrics.get("val_certified_accuracy_0", metrics.get("val_clean_accuracy")),
+                "certified": metrics[certified],
+                objective: metrics[objective],
+            }
+        )
     if not rows:
-        raise UserError(f"run {parent_run_id} has no trials with {objective} and {certified} "
-                        f"(is it a sweep's parent run? is r={radius:g} among the logged radii?)")
+        raise UserError(
+            f"run {parent_run_id} has no trials with {objective} and {certified} "
+            f"(is it a sweep's parent run? is r={radius:g} among the logged radii?)"
+        )
     trials = pd.DataFrame(rows).sort_values(objective, ascending=False).reset_index(drop=True)
     for column in [c for c in trials.columns if c.startswith("param:")]:  # MLflow keeps params as strings
         numeric = _numeric(trials[column])
@@ -163,8 +176,13 @@ def plot_frontiers(reports: Sequence[SweepReport], path: Path) -> Path:
         for colour, report in enumerate(reports):
             axes.scatter(report.trials["clean"], report.trials["certified"], color=f"C{colour}", alpha=0.35)
             style = "o-" if len(report.front) > 1 else "o"
-            axes.plot(report.front["clean"], report.front["certified"], style, color=f"C{colour}",
-                      label=f"{report.name}: Pareto-optimal")
+            axes.plot(
+                report.front["clean"],
+                report.front["certified"],
+                style,
+                color=f"C{colour}",
+                label=f"{report.name}: Pareto-optimal",
+            )
         axes.set_title("trials' last proxy on val (faint: all trials)", fontsize="medium")
         axes.set_xlabel("clean accuracy (certified at r = 0)")
         axes.set_ylabel(f"certified accuracy at r = {reports[0].radius:g}")
@@ -181,7 +199,7 @@ def plot_objective_by_param(report: SweepReport, path: Path) -> Path:
     trials = report.trials
     stopped = trials.get("stopped_at_epoch", pd.Series("", index=trials.index)).astype(str) != ""
     with png_figure(path, ncols=len(params), figsize=(3.4 * len(params), 3.2), squeeze=False) as axes:
-        for axis, param in zip(axes[0], params):
+        for axis, param in zip(axes[0], params, strict=True):
             kind = report.kinds.get(param.removeprefix("param:"), "choice" if param == "trial" else "uniform")
             x = trials[param].astype(str) if kind == "choice" else trials[param]
             if kind == "choice":  # categories in a stable order, evenly spaced
@@ -190,8 +208,13 @@ def plot_objective_by_param(report: SweepReport, path: Path) -> Path:
                 axis.set_xticks(range(len(order)), order)
             axis.scatter(x[~stopped], trials.loc[~stopped, report.objective], label="proxy, trained out")
             if stopped.any():
-                axis.scatter(x[stopped], trials.loc[stopped, report.objective], facecolors="none", edgecolors="grey",
-                             label="proxy, stopped early")
+                axis.scatter(
+                    x[stopped],
+                    trials.loc[stopped, report.objective],
+                    facecolors="none",
+                    edgecolors="grey",
+                    label="proxy, stopped early",
+                )
             if "final_val" in trials and trials["final_val"].notna().any():
                 axis.scatter(x, trials["final_val"], marker="*", s=90, color="C3", label="shortlist, final protocol")
             if kind == "loguniform":
@@ -219,20 +242,27 @@ def plot_importances(report: SweepReport, path: Path) -> Path:
 def sweep_report_record(report: SweepReport) -> dict[str, Any]:
     """The report as plain JSON values: the sweep, its front's area, importances and every trial."""
     trials = report.trials.rename(columns=lambda c: c.removeprefix("param:"))
-    return {"parent_run_id": report.parent_run_id, "objective": report.objective, "radius": report.radius,
-            "area": report.front_area, "importances": report.importances,
-            "trials": json.loads(trials.to_json(orient="records"))}
+    return {
+        "parent_run_id": report.parent_run_id,
+        "objective": report.objective,
+        "radius": report.radius,
+        "area": report.front_area,
+        "importances": report.importances,
+        "trials": json.loads(trials.to_json(orient="records")),
+    }
 
 
 def log_sweep_report(tracker: Tracker, report: SweepReport) -> None:
-    with tempfile.TemporaryDirectory() as folder:
-        folder = Path(folder)
+    with tempfile.TemporaryDirectory() as temporary:
+        folder = Path(temporary)
         tracker.log_artifact(report.parent_run_id, plot_frontiers([report], folder / "frontier.png"), "sweep_report")
-        tracker.log_artifact(report.parent_run_id, plot_objective_by_param(report, folder / "objective_by_param.png"),
-                             "sweep_report")
+        tracker.log_artifact(
+            report.parent_run_id, plot_objective_by_param(report, folder / "objective_by_param.png"), "sweep_report"
+        )
         if report.importances:
-            tracker.log_artifact(report.parent_run_id, plot_importances(report, folder / "importances.png"),
-                                 "sweep_report")
+            tracker.log_artifact(
+                report.parent_run_id, plot_importances(report, folder / "importances.png"), "sweep_report"
+            )
         report.trials.to_csv(folder / "trials.csv", index=False)
         tracker.log_artifact(report.parent_run_id, folder / "trials.csv", "sweep_report")
     # One chart, not one per key: MLflow draws a chart for every metric, so they are params.
@@ -241,16 +271,28 @@ def log_sweep_report(tracker: Tracker, report: SweepReport) -> None:
 
 def format_sweep_report(report: SweepReport) -> str:
     shown = report.trials.rename(columns=lambda c: c.removeprefix("param:")).rename(
-        columns={"final_val": "final_" + report.objective, "stopped_at_epoch": "stopped at epoch"})
+        columns={"final_val": "final_" + report.objective, "stopped_at_epoch": "stopped at epoch"}
+    )
     shown["pareto"] = shown["pareto"].map({True: "*", False: ""})
-    shown = shown.drop(columns=[c for c in ("stopped at epoch", "final_" + report.objective)
-                                if c in shown and not shown[c].replace("", np.nan).notna().any()])
-    lines = [f"sweep {report.name} ({report.parent_run_id}): {len(shown)} trials; clean vs certified accuracy at "
-             f"r = {report.radius:g} (* Pareto-optimal)",
-             shown.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="")]
+    shown = shown.drop(
+        columns=[
+            c
+            for c in ("stopped at epoch", "final_" + report.objective)
+            if c in shown and not shown[c].replace("", np.nan).notna().any()
+        ]
+    )
+    lines = [
+        f"sweep {report.name} ({report.parent_run_id}): {len(shown)} trials; clean vs certified accuracy at "
+        f"r = {report.radius:g} (* Pareto-optimal)",
+        shown.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep=""),
+    ]
     if report.importances:
-        lines.append("importance for " + report.objective + ": " +
-                     ", ".join(f"{k} {v:.2f}" for k, v in sorted(report.importances.items(), key=lambda kv: -kv[1])))
+        lines.append(
+            "importance for "
+            + report.objective
+            + ": "
+            + ", ".join(f"{k} {v:.2f}" for k, v in sorted(report.importances.items(), key=lambda kv: -kv[1]))
+        )
     return "\n".join(lines)
 
 
@@ -258,11 +300,23 @@ def format_frontier_comparison(reports: Sequence[SweepReport]) -> str:
     """One row per sweep: its trials, the area its Pareto front dominates (the largest marked) and the front."""
     rows = []
     for report in reports:
-        front = " ".join(f"({c:.3f}, {r:.3f})" for c, r in zip(report.front["clean"], report.front["certified"]))
-        rows.append({"sweep": report.name, "trials": len(report.trials), "area": report.front_area,
-                     "front (clean, certified)": front})
+        front = " ".join(
+            f"({c:.3f}, {r:.3f})" for c, r in zip(report.front["clean"], report.front["certified"], strict=True)
+        )
+        rows.append(
+            {
+                "sweep": report.name,
+                "trials": len(report.trials),
+                "area": report.front_area,
+                "front (clean, certified)": front,
+            }
+        )
     table = pd.DataFrame(rows)
     table.insert(3, "", np.where(table["area"] == table["area"].max(), "*", ""))
-    return "\n".join([f"trade-off frontiers at r = {reports[0].radius:g}: area dominated by each sweep's Pareto "
-                      f"front (* the largest: the higher frontier)",
-                      table.to_string(index=False, float_format=lambda v: f"{v:.4f}")])
+    return "\n".join(
+        [
+            f"trade-off frontiers at r = {reports[0].radius:g}: area dominated by each sweep's Pareto "
+            f"front (* the largest: the higher frontier)",
+            table.to_string(index=False, float_format=lambda v: f"{v:.4f}"),
+        ]
+    )

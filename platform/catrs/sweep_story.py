@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from catrs.metrics import DEFAULT_RADII
 from catrs.search_space import SearchSpace
 from catrs.tracking import flatten
 
@@ -44,18 +45,25 @@ def parent_name(space: SearchSpace, test: float) -> str:
 def shared_params(space: SearchSpace, num_samples: int) -> dict[str, str]:
     """What every trial of the sweep shares, flattened: the resolved run of the file's first point without the
     searched keys, the protocols of proxy, selection and final certification, and the budget."""
-    run = {key: value for key, value in asdict(space.train_config(space.first_point())).items()
-           if key != "method_config" and key not in space.search}
-    method = {key: value for key, value in space.train_config(space.first_point()).method_config.items()
-              if key not in space.search}
-    return {**flatten(run), **flatten(method, "method_config."), **flatten(asdict(space.proxy), "proxy."),
-            **flatten(asdict(space.selection), "selection."), **flatten(asdict(space.final), "final."),
-            **flatten(asdict(space.budget), "budget."), "budget.num_samples": str(num_samples),
-            "search_space": str(space.path), "objective": space.objective}
+    config = space.resolve(space.first_point()).config
+    run = {key: value for key, value in asdict(config).items() if key != "method_config" and key not in space.search}
+    method = {key: value for key, value in config.method_config.items() if key not in space.search}
+    return {
+        **flatten(run),
+        **flatten(method, "method_config."),
+        **flatten(asdict(space.proxy), "proxy."),
+        **flatten(asdict(space.selection), "selection."),
+        **flatten(asdict(space.final), "final."),
+        **flatten(asdict(space.budget), "budget."),
+        "budget.num_samples": str(num_samples),
+        "search_space": str(space.path),
+        "objective": space.objective,
+    }
 
 
 def markdown_table(table: pd.DataFrame) -> str:
     """A data frame as a Markdown table (numbers to 4 significant digits, missing values blank)."""
+
     def cell(value: Any) -> str:
         if isinstance(value, float):
             return "" if math.isnan(value) else f"{value:.4g}"
@@ -66,19 +74,27 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join([header, "|" + "---|" * len(table.columns), *rows])
 
 
-def sweep_note(space: SearchSpace, table: pd.DataFrame, winner: Mapping[str, Any], winner_link: str,
-               test: Mapping[str, float]) -> str:
+def sweep_note(
+    space: SearchSpace, table: pd.DataFrame, winner: Mapping[str, Any], winner_link: str, test: Mapping[str, float]
+) -> str:
     """The parent run's description: the choice and its test figures, how it was made, and every trial."""
     refit = " (re-trained on the whole training split)" if space.selection.refit else ""
     figures = ", ".join(f"{key} {test[key]:.3f}" for key in (space.objective, "clean_accuracy") if key in test)
-    return "\n".join([
-        f"## {space.method} on {space.dataset}, σ = {space.sigma:g}: sweep {space.name}",
-        "",
-        f"**Winner: [{trial_name(winner)}]({winner_link})**{refit} — on the test split: {figures}.",
-        "",
-        f"Trials trained on `train_minus_val` and reported `{space.metric}` (the proxy) on `val`; the top "
-        f"{space.selection.top_k} by it were certified on `val` again (`final_val_{space.objective}`), the best "
-        f"was chosen, and only then was `test` read, once, for the winner (`test_{space.objective}`).",
-        "",
-        markdown_table(table),
-    ])
+    return "\n".join(
+        [
+            f"## {space.method} on {space.dataset}, σ = {space.sigma:g}: sweep {space.name}",
+            "",
+            f"**Winner: [{trial_name(winner)}]({winner_link})**{refit} — on the test split: {figures}.",
+            "",
+            f"Trials trained on `train_minus_val` and reported `{space.metric}` (the proxy) on `val`; the top "
+            f"{space.selection.top_k} by it were certified on `val` again (`final_val_{space.objective}`), the best "
+            f"was chosen, and only then was `test` read, once, for the winner (`test_{space.objective}`).",
+            "",
+            markdown_table(table),
+        ]
+    )
+
+
+def nearest_logged_radius(sigma: float) -> float:
+    """The radius of the logged certified accuracies nearest σ."""
+    return min(DEFAULT_RADII[1:], key=lambda r: abs(r - sigma))

@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from catrs.checkpoint import Checkpoint, file_sha256, load_checkpoint
+from catrs.data import Indexed, get_dataset
 from catrs.errors import UserError
 from catrs.smoothing import NoiseStream, Smooth, derived_seed
 from catrs.storage import Stored, stored
@@ -63,29 +64,45 @@ class SoftLabelSpec:
     dataset: str
     arch: str
     sigma0: float
-    num_noises: int
+    votes: int  # N: noisy votes per training image
     seed: int
     teacher_training: dict[str, Any] = field(default_factory=dict)  # the Gaussian teacher's schedule
     teacher_checkpoint_sha256: str = ""  # set instead when a trained teacher is given
 
+    def record(self) -> dict[str, Any]:
+        """The spec as the cache records and hashes it. The vote count keeps the name it had when the first
+        entries were written (`num_noises`), so that their keys, and their teachers' folders, stay valid."""
+        data = asdict(self)
+        data["num_noises"] = data.pop("votes")
+        return data
+
     def key(self) -> str:
-        canonical = json.dumps(asdict(self), sort_keys=True, default=str)
+        canonical = json.dumps(self.record(), sort_keys=True, default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:20]
 
 
-def vote_histograms(model: nn.Module, dataset: Dataset, indices: list[int], sigma: float, num_noises: int,
-                    *, seed: int, batch_size: int = 1000, progress: bool = False) -> torch.Tensor:
-    """Vote counts (len(indices), C) of `model` under `num_noises` Gaussian draws per image, on the CPU."""
+def vote_histograms(
+    model: nn.Module,
+    dataset: Dataset,
+    indices: list[int],
+    sigma: float,
+    votes: int,
+    *,
+    seed: int,
+    batch_size: int = 1000,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Vote counts (len(indices), C) of `model` under `votes` Gaussian draws per image, on the CPU."""
     num_classes = _num_outputs(model, dataset)
     smooth = Smooth(model, num_classes, sigma, seed=seed)
-    group = max(1, batch_size // num_noises)
+    group = max(1, batch_size // votes)
     rows = []
-    for start in tqdm(range(0, len(indices), group), desc="soft labels", unit="group", disable=not progress,
-                      file=sys.stderr):
+    for start in tqdm(
+        range(0, len(indices), group), desc="soft labels", unit="group", disable=not progress, file=sys.stderr
+    ):
         items = [_augmented_view(dataset, i, seed) for i in indices[start : start + group]]
         xs = torch.stack([x for _, x, _ in items])
-        counts = smooth.sample_counts(xs, num_noises, batch_size, indices=[i for i, _, _ in items],
-                                      stream=NoiseStream.VOTES)
+        counts = smooth.sample_counts(xs, votes, batch_size, indices=[i for i, _, _ in items], stream=NoiseStream.VOTES)
         rows.append(counts.cpu())
     return torch.cat(rows) if rows else torch.zeros(0, num_classes, dtype=torch.long)
 
@@ -109,7 +126,7 @@ class VoteJob:
     checkpoint: Checkpoint
     dataset: str
     sigma: float
-    num_noises: int
+    votes: int
     seed: int
     indices: tuple[int, ...] | None = None  # None: the whole training split
     data_root: Path | None = None
@@ -117,9 +134,8 @@ class VoteJob:
     device: str | None = None
 
 
-def teacher_and_train_set(job: VoteJob) -> tuple[nn.Module, Dataset]:
+def teacher_and_train_set(job: VoteJob) -> tuple[nn.Module, Indexed]:
     """The job's teacher on its device, and the training split it votes on."""
-    from catrs.data import get_dataset
     from catrs.inference import pick_device
 
     return job.checkpoint.model(pick_device(job.device)), get_dataset(job.dataset, "train", job.data_root, job.download)
@@ -129,25 +145,13 @@ def count_votes(job: VoteJob, progress: bool = False) -> torch.Tensor:
     """Vote counts (len(indices), C) for `job`, in this process."""
     model, train_set = teacher_and_train_set(job)
     indices = list(job.indices) if job.indices is not None else list(range(len(train_set)))
-    return vote_histograms(model, train_set, indices, job.sigma, job.num_noises, seed=job.seed, progress=progress)
+    return vote_histograms(model, train_set, indices, job.sigma, job.votes, seed=job.seed, progress=progress)
 
 
 VoteFunction = Callable[[VoteJob], torch.Tensor]
-# (teacher's config, its place in the cache, device, data root, download, progress) → a local checkpoint file
-TeacherTrainer = Callable[..., Path]
-
-
-def train_teacher_here(config: Any, folder: Stored, device: str | None, data_root: Path | None, download: bool,
-                       progress: bool) -> Path:
-    """Trains the teacher in this process, in its cache folder when that is on a local disk, else in this
-    machine's (`local_cache_dir`), its checkpoint then copied to the cache; a killed run resumes in either."""
-    from catrs.train import CHECKPOINT_NAME, train
-
-    local = Path(folder.uri) if folder.local else local_cache_dir() / "teachers" / folder.name
-    checkpoint = train(config, local, device=device, data_root=data_root, download=download, progress=progress)
-    if not folder.local:
-        folder.child(CHECKPOINT_NAME).upload(checkpoint)
-    return checkpoint
+# (the soft labels' spec, the teacher's place in the cache, device, data root, download, progress) → a local
+# checkpoint of the trained Gaussian teacher (`catrs.train.train_teacher_here`, or the cluster's)
+TeacherTrainer = Callable[["SoftLabelSpec", Stored, "str | None", "Path | None", bool, bool], Path]
 
 
 def file_lock(entry: Stored) -> ContextManager:
@@ -163,16 +167,25 @@ def file_lock(entry: Stored) -> ContextManager:
 @dataclass(frozen=True)
 class Producer:
     """How a missing cache entry is made: where the teacher trains, where its votes are counted, and who owns
-    a key while it is computed. The default is this process; `catrs.distributed.cache` has the cluster's."""
+    a key while it is computed: this process (`catrs.train.local_producer`) or the cluster
+    (`catrs.distributed.train.cluster_producer`)."""
 
-    train_teacher: TeacherTrainer = train_teacher_here
-    vote: VoteFunction = count_votes
-    exclusive: Callable[[Stored], ContextManager] = file_lock
+    train_teacher: TeacherTrainer
+    vote: VoteFunction
+    exclusive: Callable[[Stored], ContextManager]
 
 
-def soft_labels(spec: SoftLabelSpec, cache: str | Path | Stored, *, teacher_checkpoint: Path | None = None,
-                device: str | None = None, data_root: Path | None = None, download: bool = False,
-                progress: bool = True, producer: Producer = Producer()) -> torch.Tensor:
+def soft_labels(
+    spec: SoftLabelSpec,
+    cache: str | Path | Stored,
+    *,
+    teacher_checkpoint: Path | None = None,
+    device: str | None = None,
+    data_root: Path | None = None,
+    download: bool = False,
+    progress: bool = True,
+    producer: Producer,
+) -> torch.Tensor:
     """ŷ (len(train split), C), float32, rows in dataset-index order: from the cache (a directory or an
     object-store URI), or computed by `producer` and cached. The entry is written whole once computed, so a
     crash mid-way leaves no entry that looks complete."""
@@ -183,27 +196,33 @@ def soft_labels(spec: SoftLabelSpec, cache: str | Path | Stored, *, teacher_chec
         if entry.exists():  # computed by the owner we waited for
             return _load(entry, spec)
         table = _compute(spec, stored(cache), teacher_checkpoint, device, data_root, download, progress, producer)
-        entry.write(lambda stream: torch.save({"format": FORMAT, "spec": asdict(spec), "soft_labels": table},
-                                              stream))
+        entry.write(lambda stream: torch.save({"format": FORMAT, "spec": spec.record(), "soft_labels": table}, stream))
     return table
 
 
-def _compute(spec: SoftLabelSpec, cache: Stored, teacher_checkpoint: Path | None, device: str | None,
-             data_root: Path | None, download: bool, progress: bool, producer: Producer) -> torch.Tensor:
-    from catrs.train import TrainConfig
-
+def _compute(
+    spec: SoftLabelSpec,
+    cache: Stored,
+    teacher_checkpoint: Path | None,
+    device: str | None,
+    data_root: Path | None,
+    download: bool,
+    progress: bool,
+    producer: Producer,
+) -> torch.Tensor:
     if teacher_checkpoint is None:
-        config = TrainConfig(method="gaussian", dataset=spec.dataset, arch=spec.arch, sigma=spec.sigma0,
-                             seed=spec.seed, **spec.teacher_training)
-        teacher_checkpoint = producer.train_teacher(config, cache.child(f"teacher-{spec.key()}"), device, data_root,
-                                                    download, progress)
+        teacher_checkpoint = producer.train_teacher(
+            spec, cache.child(f"teacher-{spec.key()}"), device, data_root, download, progress
+        )
     checkpoint = load_checkpoint(teacher_checkpoint)
     if checkpoint.card.dataset != spec.dataset:
-        raise UserError(f"teacher {teacher_checkpoint} was trained on {checkpoint.card.dataset!r}, "
-                        f"not {spec.dataset!r}")
-    counts = producer.vote(VoteJob(checkpoint, spec.dataset, spec.sigma0, spec.num_noises, spec.seed, None,
-                                   data_root, download, device))
-    return counts.float() / spec.num_noises
+        raise UserError(
+            f"teacher {teacher_checkpoint} was trained on {checkpoint.card.dataset!r}, not {spec.dataset!r}"
+        )
+    counts = producer.vote(
+        VoteJob(checkpoint, spec.dataset, spec.sigma0, spec.votes, spec.seed, None, data_root, download, device)
+    )
+    return counts.float() / spec.votes
 
 
 def _load(path: Stored, spec: SoftLabelSpec) -> torch.Tensor:
@@ -211,7 +230,7 @@ def _load(path: Stored, spec: SoftLabelSpec) -> torch.Tensor:
         payload = torch.load(io.BytesIO(path.read()), map_location="cpu", weights_only=True)
     except Exception:
         raise UserError(f"soft-label cache {path} is unreadable; delete it to recompute") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("spec") != asdict(spec):
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("spec") != spec.record():
         raise UserError(f"soft-label cache {path} does not hold what its name says; delete it to recompute")
     return payload["soft_labels"]
 

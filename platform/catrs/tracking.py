@@ -40,9 +40,9 @@ DEFAULT_EXPERIMENT = "catrs"
 EXPERIMENT_TAGS = {
     "mlflow.experimentKind": "custom_model_development",
     "mlflow.note.content": "Runs of **catrs**: certifiably robust classifiers by randomized smoothing. "
-                           "A sweep is a parent run (its description holds the trials table and links its winner) "
-                           "with a child run per trial; `catrs train` and `catrs certify` log a run each. "
-                           "Filter with the tags `catrs.kind`, `catrs.method`, `catrs.dataset`, `catrs.sigma`.",
+    "A sweep is a parent run (its description holds the trials table and links its winner) "
+    "with a child run per trial; `catrs train` and `catrs certify` log a run each. "
+    "Filter with the tags `catrs.kind`, `catrs.method`, `catrs.dataset`, `catrs.sigma`.",
 }
 
 
@@ -51,7 +51,7 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
     uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+        uri = prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
 
 
@@ -60,11 +60,11 @@ def ui_hint(uri: str, experiment_id: str | None = None, run_id: str | None = Non
     the UI's model-training view (MLflow 3 opens on its GenAI view unless the link asks otherwise)."""
     page = ""
     if experiment_id is not None:
-        page = f"/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "") + \
-               "?workflowType=machine_learning"
+        page = (
+            f"/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "") + "?workflowType=machine_learning"
+        )
     if uri.startswith("sqlite:"):
-        return (f"MLflow: mlflow ui --backend-store-uri {uri} --host 127.0.0.1  "
-                f"(then open http://127.0.0.1:5000{page})")
+        return f"MLflow: mlflow ui --backend-store-uri {uri} --host 127.0.0.1  (then open http://127.0.0.1:5000{page})"
     if uri.startswith(("http://", "https://")):
         return f"MLflow: open {uri.rstrip('/')}{page}"
     return f"MLflow: mlflow ui --backend-store-uri {uri}"
@@ -78,13 +78,17 @@ def source_tags() -> dict[str, str]:
 
     import catrs
 
-    tags = {"catrs.version": catrs.__version__, "mlflow.source.type": "LOCAL",
-            "mlflow.source.name": "catrs " + " ".join(sys.argv[1:2])}
+    tags = {
+        "catrs.version": catrs.__version__,
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": "catrs " + " ".join(sys.argv[1:2]),
+    }
     with contextlib.suppress(Exception):
         tags["mlflow.user"] = getpass.getuser()
     with contextlib.suppress(Exception):
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(catrs.__file__).parent, capture_output=True,
-                                text=True, timeout=5)
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(catrs.__file__).parent, capture_output=True, text=True, timeout=5
+        )
         if commit.returncode == 0:
             tags["mlflow.source.git.commit"] = commit.stdout.strip()
     return tags
@@ -126,8 +130,7 @@ class Tracker:
     Writes go through a journal in `spool` when the store does not answer (see the module docstring).
     """
 
-    def __init__(self, uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
-                 spool: Path | None = None) -> None:
+    def __init__(self, uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT, spool: Path | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
         for name in ("mlflow", "alembic"):  # their INFO lines (schema migrations) would bury catrs's output
@@ -138,19 +141,26 @@ class Tracker:
         self._pending: list[dict[str, Any]] = []
         try:
             found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = found.experiment_id if found else self.client.create_experiment(
-                experiment, artifact_location=self._artifact_location(experiment), tags=EXPERIMENT_TAGS)
+            self.experiment_id = (
+                found.experiment_id
+                if found
+                else self.client.create_experiment(
+                    experiment, artifact_location=self._artifact_location(experiment), tags=EXPERIMENT_TAGS
+                )
+            )
             if found:  # an experiment of an earlier catrs: open it on its runs too
                 for key, value in EXPERIMENT_TAGS.items():
                     if key not in found.tags:
                         self.client.set_experiment_tag(self.experiment_id, key, value)
         except Exception as error:  # MLflow raises many kinds for an unreachable or broken store
-            raise UserError(f"cannot use the MLflow tracking store {self.uri}: {str(error).splitlines()[0][:200]}") from None
+            raise UserError(
+                f"cannot use the MLflow tracking store {self.uri}: {str(error).splitlines()[0][:200]}"
+            ) from None
 
     def _artifact_location(self, experiment: str) -> str | None:
         """Beside the SQLite file for a local store; the server's default for a remote one."""
         if self.uri.startswith("sqlite:///"):
-            return (Path(self.uri[len("sqlite:///"):]).parent / "mlruns" / experiment).as_uri()
+            return (Path(self.uri[len("sqlite:///") :]).parent / "mlruns" / experiment).as_uri()
         return None
 
     def start(self, name: str, tags: dict[str, str], parent: str | None = None) -> str:
@@ -166,30 +176,50 @@ class Tracker:
         from catrs.data import split_digest
 
         digest, size = split_digest(dataset, split, root)
-        self._deliver({"op": "input", "run_id": run_id, "name": f"{dataset}/{split}", "digest": digest,
-                       "source": json.dumps({"dataset": dataset, "split": split}),
-                       "profile": json.dumps({"num_rows": size}), "context": context})
+        self._deliver(
+            {
+                "op": "input",
+                "run_id": run_id,
+                "name": f"{dataset}/{split}",
+                "digest": digest,
+                "source": json.dumps({"dataset": dataset, "split": split}),
+                "profile": json.dumps({"num_rows": size}),
+                "context": context,
+            }
+        )
 
     def find(self, tags: dict[str, str]) -> str | None:
         """The newest run with all these tags, if any (to resume a run rather than duplicate it)."""
         query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-        runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1,
-                                       order_by=["attributes.start_time DESC"])
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=query, max_results=1, order_by=["attributes.start_time DESC"]
+        )
         return runs[0].info.run_id if runs else None
 
     def children(self, parent: str) -> list[Any]:
-        return self.client.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'",
-                                       max_results=10_000)
+        return self.client.search_runs(
+            [self.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=10_000
+        )
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         self._deliver({"op": "params", "run_id": run_id, "params": flatten(params)})
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
-        values = {metric_key(k): float(v) for k, v in metrics.items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+        values = {
+            metric_key(k): float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+        }
         if values:
-            self._deliver({"op": "metrics", "run_id": run_id, "metrics": values, "step": step or 0,
-                           "timestamp": int(time.time() * 1000)})
+            self._deliver(
+                {
+                    "op": "metrics",
+                    "run_id": run_id,
+                    "metrics": values,
+                    "step": step or 0,
+                    "timestamp": int(time.time() * 1000),
+                }
+            )
 
     def log_artifact(self, run_id: str, path: str | Path | Stored, folder: str | None = None) -> None:
         """Logs a file: a local one, or one in run storage (fetched first: MLflow uploads local files)."""
@@ -214,8 +244,11 @@ class Tracker:
         """Sends what is queued; if the store is still away, says where the journal keeps it."""
         self._flush()
         if self._pending:
-            print(f"catrs: MLflow at {self.uri} is still unreachable: {len(self._pending)} records are kept in "
-                  f"{self._journal()} and nothing else was lost", file=sys.stderr)
+            print(
+                f"catrs: MLflow at {self.uri} is still unreachable: {len(self._pending)} records are kept in "
+                f"{self._journal()} and nothing else was lost",
+                file=sys.stderr,
+            )
 
     def _apply(self, record: dict[str, Any]) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
@@ -227,16 +260,19 @@ class Tracker:
             for start in range(0, len(fresh), 100):
                 self.client.log_batch(run_id, params=fresh[start : start + 100])
         elif op == "metrics":
-            self.client.log_batch(run_id, metrics=[Metric(k, v, record["timestamp"], record["step"])
-                                                   for k, v in record["metrics"].items()])
+            self.client.log_batch(
+                run_id,
+                metrics=[Metric(k, v, record["timestamp"], record["step"]) for k, v in record["metrics"].items()],
+            )
         elif op == "artifact":
             self.client.log_artifact(run_id, record["path"], record["folder"])
         elif op == "tags":
             self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
         elif op == "input":
             dataset = Dataset(record["name"], record["digest"], "catrs", record["source"], profile=record["profile"])
-            self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context",
-                                                                            record["context"])])])
+            self.client.log_inputs(
+                run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", record["context"])])]
+            )
         else:
             self.client.set_terminated(run_id, record["status"])
 
@@ -247,8 +283,11 @@ class Tracker:
                 self._apply(record)
                 return
             except Exception as error:  # any failure to reach the store: queue, warn once, carry on
-                print(f"catrs: MLflow at {self.uri} did not answer ({type(error).__name__}); logging is queued "
-                      f"in {self._journal()} and continues when it returns", file=sys.stderr)
+                print(
+                    f"catrs: MLflow at {self.uri} did not answer ({type(error).__name__}); logging is queued "
+                    f"in {self._journal()} and continues when it returns",
+                    file=sys.stderr,
+                )
         self._queue(record)
 
     def _queue(self, record: dict[str, Any]) -> None:
@@ -280,13 +319,19 @@ class Tracker:
         journal.parent.mkdir(parents=True, exist_ok=True)
         journal.write_text("".join(json.dumps(record) + "\n" for record in self._pending))
 
-    def log_results(self, run_id: str, frame: pd.DataFrame, result_file: str | Path | Stored | None,
-                    radii: Sequence[float] = DEFAULT_RADII, prefix: str = "") -> dict[str, float]:
+    def log_results(
+        self,
+        run_id: str,
+        frame: pd.DataFrame,
+        result_file: str | Path | Stored | None,
+        radii: Sequence[float] = DEFAULT_RADII,
+        prefix: str = "",
+    ) -> dict[str, float]:
         """ACR, abstain rate and certified accuracy at radii as metrics; the file and a curve plot as artifacts."""
         metrics = certification_metrics(frame, radii)
         if "corruption" in frame.columns:
             table = corruption_table(frame)
-            metrics.update(mAcc=float(table.loc["mean", "accuracy"]), mACR=float(table.loc["mean", "acr"]))
+            metrics.update(mAcc=float(table["accuracy"]["mean"]), mACR=float(table["acr"]["mean"]))
             metrics.update({f"accuracy_0/{name}": float(row.accuracy) for name, row in table.iterrows()})
             metrics.update({f"acr/{name}": float(row.acr) for name, row in table.iterrows()})
         self.log_metrics(run_id, {prefix + k: v for k, v in metrics.items()})
@@ -358,9 +403,11 @@ def png_figure(path: Path, **subplots: Any) -> Iterator[Any]:
 def plot_corruption_accuracy(accuracy: pd.DataFrame, path: Path) -> Path:
     """Certified accuracy at r = 0 (%) per corruption and the mean (rows of `accuracy`), one bar per result (its
     columns, unnamed for a single result), as a PNG: the paper's Table 3 at a glance."""
-    colours = [f"C{i}" for i in reversed(range(len(accuracy.columns)))]  # the first result in the first colour
     with png_figure(path, figsize=(6, 1.2 + 0.3 * len(accuracy) * len(accuracy.columns) ** 0.5)) as axes:
-        accuracy.iloc[::-1, ::-1].plot.barh(ax=axes, width=0.8, legend=False, color=colours)  # barh fills upwards
+        # barh fills upwards, so rows and columns go in reversed, and so do the colours: the first result in C0
+        accuracy.iloc[::-1, ::-1].plot.barh(
+            ax=axes, width=0.8, legend=False, color=[f"C{i}" for i in reversed(range(len(accuracy.columns)))]
+        )
         if len(accuracy.columns) > 1 or accuracy.columns[0]:
             handles, labels = axes.get_legend_handles_labels()
             axes.legend(handles[::-1], labels[::-1], loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)

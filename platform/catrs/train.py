@@ -35,13 +35,23 @@ from tqdm import tqdm
 
 import trainables
 from catrs.checkpoint import Checkpoint, ModelCard, load_checkpoint, save_checkpoint
-from catrs.data import TRAINING_SPLITS, dataset_spec, get_dataset
+from catrs.data import TRAINING_SPLITS, DatasetSpec, dataset_spec, get_dataset
 from catrs.errors import UserError
 from catrs.faults import inject
 from catrs.inference import pick_device
 from catrs.models import model_names
 from catrs.smoothing import derived_seed
-from catrs.teacher import Producer, SoftLabelSpec, default_cache_dir, soft_labels, teacher_sha
+from catrs.storage import Stored
+from catrs.teacher import (
+    Producer,
+    SoftLabelSpec,
+    count_votes,
+    default_cache_dir,
+    file_lock,
+    local_cache_dir,
+    soft_labels,
+    teacher_sha,
+)
 from trainables.base import Batch, Method, StepContext
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -51,7 +61,7 @@ EVALUATION_NAME = "evaluation.parquet"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """A training run; the schedule defaults are the paper's CIFAR ones (METHODS.md, "Schedules")."""
+    """A training run; the schedule defaults are the paper's CIFAR ones (docs/methods.md, "Training schedules")."""
 
     method: str = "gaussian"
     dataset: str = "digits"
@@ -73,9 +83,11 @@ class TrainConfig:
         """Where the run's per-epoch noisy accuracy is measured: `val` when it is held out, else `test`."""
         return "val" if self.train_split == "train_minus_val" else "test"
 
-    def resolved(self) -> TrainConfig:
-        """Validated, with the default architecture filled in and the method's config complete."""
-        spec = dataset_spec(self.dataset)
+    def resolve(self, teacher_schedule: TrainConfig | None = None) -> RunSpec:
+        """The run, validated once and typed: default architecture and batch size filled in, the method's
+        hyper-parameters parsed. `teacher_schedule`: the settings whose schedule trains the run's Gaussian
+        teacher, if it needs one (default: its own; a sweep's trials share their first point's)."""
+        data = dataset_spec(self.dataset)
         checks = [
             (self.sigma > 0, f"--sigma must be positive, got {self.sigma}"),
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
@@ -83,17 +95,31 @@ class TrainConfig:
             (self.lr > 0, f"--lr must be positive, got {self.lr}"),
             (self.lr_step >= 1, f"--lr-step must be at least 1, got {self.lr_step}"),
             (self.seed >= 0, f"--seed must be non-negative, got {self.seed}"),
-            (self.train_split in TRAINING_SPLITS,
-             f"train_split must be one of {', '.join(TRAINING_SPLITS)}, got {self.train_split!r}"),
+            (
+                self.train_split in TRAINING_SPLITS,
+                f"train_split must be one of {', '.join(TRAINING_SPLITS)}, got {self.train_split!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
-        arch = self.arch or spec.default_arch
+        arch = self.arch or data.default_arch
         if arch not in model_names():
             raise UserError(f"unknown architecture {arch!r}; choose one of: {', '.join(model_names())}")
-        return replace(self, arch=arch, method_config=asdict(method_config(self)),
-                       batch_size=self.batch_size or training_method(self.method).default_batch_size)
+        method = training_method(self.method)
+        try:
+            hyper = method.make_config(self.method_config)
+        except (KeyError, ValueError, TypeError) as error:
+            raise UserError(str(error.args[0] if error.args else error)) from None
+        config = replace(
+            self, arch=arch, method_config=asdict(hyper), batch_size=self.batch_size or method.default_batch_size
+        )
+        teacher = (
+            config
+            if teacher_schedule is None
+            else replace(teacher_schedule, batch_size=teacher_schedule.batch_size or method.default_batch_size)
+        )
+        return RunSpec(config, method, hyper, data, teacher_schedule=teacher)
 
 
 def training_method(name: str) -> Method:
@@ -103,18 +129,75 @@ def training_method(name: str) -> Method:
         raise UserError(error.args[0]) from None
 
 
-def method_config(config: TrainConfig) -> Any:
-    try:
-        return training_method(config.method).make_config(config.method_config)
-    except (KeyError, ValueError, TypeError) as error:
-        raise UserError(str(error.args[0] if error.args else error)) from None
+TEACHER_SCHEDULE_KEYS = ("epochs", "batch_size", "lr", "lr_step", "lr_gamma", "momentum", "weight_decay")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A training run resolved once (`TrainConfig.resolve`): its complete settings (`config`, what checkpoints
+    record and a resume compares), the method with its typed hyper-parameters, and the data set's spec. The
+    loop, the model card, the soft-label cache key and a sweep's trial all read this one object."""
+
+    config: TrainConfig
+    method: Method
+    hyper: Any  # the method's config dataclass
+    data: DatasetSpec
+    teacher_schedule: TrainConfig  # whose schedule trains the Gaussian teacher of the soft labels
+
+    @property
+    def arch(self) -> str:
+        return str(self.config.arch)
+
+    def card(self) -> ModelCard:
+        """What rebuilds the run's model, and what it was trained for."""
+        return ModelCard(
+            arch=self.arch,
+            dataset=self.data.name,
+            num_classes=self.data.num_classes,
+            input_shape=self.data.input_shape,
+            normalization=self.data.normalization,
+            sigma=self.config.sigma,
+            method=self.method.name,
+            config=asdict(self.config),
+        )
+
+    def soft_labels(self) -> SoftLabelSpec | None:
+        """What determines the soft labels the run trains on (the cache key): its teacher and the votes; None
+        for a method that needs none. The one place that decides."""
+        if not self.method.needs_soft_labels(self.hyper):
+            return None
+        teacher = self.hyper.teacher_checkpoint
+        schedule: dict[str, Any] = {key: getattr(self.teacher_schedule, key) for key in TEACHER_SCHEDULE_KEYS}
+        if self.teacher_schedule.train_split != "train":  # the teacher keeps `val` unseen too
+            schedule["train_split"] = self.teacher_schedule.train_split
+        return SoftLabelSpec(
+            dataset=self.data.name,
+            arch=self.arch,
+            sigma0=self.hyper.sigma0,
+            votes=self.hyper.teacher_noises,
+            seed=self.config.seed,
+            teacher_training={} if teacher else schedule,
+            teacher_checkpoint_sha256=teacher_sha(teacher) if teacher else "",
+        )
+
+
+def teacher_run(spec: SoftLabelSpec) -> RunSpec:
+    """The Gaussian run that trains the teacher of `spec`'s soft labels."""
+    return TrainConfig(
+        method="gaussian",
+        dataset=spec.dataset,
+        arch=spec.arch,
+        sigma=spec.sigma0,
+        seed=spec.seed,
+        **spec.teacher_training,
+    ).resolve()
 
 
 @dataclass
 class TrainingRun:
     """The mutable state of a run: what a checkpoint holds and a resume restores."""
 
-    config: TrainConfig
+    spec: RunSpec
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.StepLR
@@ -122,13 +205,19 @@ class TrainingRun:
     history: list[dict[str, float]] = field(default_factory=list)
 
     @classmethod
-    def create(cls, config: TrainConfig, device: torch.device) -> TrainingRun:
+    def create(cls, spec: RunSpec, device: torch.device) -> TrainingRun:
+        config = spec.config
         torch.manual_seed(config.seed)
-        model = model_card(config).build_model().to(device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                    weight_decay=config.weight_decay)
+        model = spec.card().build_model().to(device)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
-        return cls(config, model, optimizer, scheduler)
+        return cls(spec, model, optimizer, scheduler)
+
+    @property
+    def config(self) -> TrainConfig:
+        return self.spec.config
 
     def state(self) -> dict[str, Any]:
         return {
@@ -157,31 +246,54 @@ class TrainingRun:
         self.history = list(state["history"])
 
     def write(self, directory: Path, evaluation: pd.DataFrame | None = None) -> Path:
-        """The run as files in `directory`: checkpoint, metric history, and the last evaluation's rows."""
+        """The run as files in `directory` (`RunFolder`): checkpoint, metric history, the last evaluation's rows."""
+        folder = RunFolder(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        path = save_checkpoint(directory / CHECKPOINT_NAME, self.model, model_card(self.config), self.state())
-        (directory / METRICS_NAME).write_text("".join(json.dumps(row) + "\n" for row in self.history))
+        path = save_checkpoint(folder.checkpoint, self.model, self.spec.card(), self.state())
+        folder.history_file.write_text("".join(json.dumps(row) + "\n" for row in self.history))
         if evaluation is not None:
-            evaluation.to_parquet(directory / EVALUATION_NAME, index=False)
+            evaluation.to_parquet(folder.evaluation_file, index=False)
         return path
 
 
-def model_card(config: TrainConfig) -> ModelCard:
-    spec = dataset_spec(config.dataset)
-    return ModelCard(arch=config.arch or spec.default_arch, dataset=config.dataset, num_classes=spec.num_classes,
-                     input_shape=spec.input_shape, normalization=spec.normalization, sigma=config.sigma,
-                     method=config.method, config=asdict(config))
+@dataclass(frozen=True)
+class RunFolder:
+    """The files of a training run's folder (what `TrainingRun.write` leaves), for whoever reads them."""
+
+    path: Path
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT_NAME
+
+    @property
+    def history_file(self) -> Path:
+        """One JSON object of metrics per finished epoch."""
+        return self.path / METRICS_NAME
+
+    @property
+    def evaluation_file(self) -> Path:
+        """The rows of the last evaluation (a sweep's proxy), when the run had one."""
+        return self.path / EVALUATION_NAME
+
+    def history(self) -> list[dict[str, float]]:
+        """The metrics of every finished epoch (none before the first)."""
+        if not self.history_file.exists():
+            return []
+        return [json.loads(line) for line in self.history_file.read_text().splitlines()]
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, method: Method, hyper: Any,
-               context: StepContext, batch: Batch) -> list[dict[str, torch.Tensor]]:
+def train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, method: Method, hyper: Any, context: StepContext, batch: Batch
+) -> list[dict[str, torch.Tensor]]:
     """One loader batch: split into the method's chunks, each taking its own optimizer step (as released).
 
     Returns each chunk's detached loss and scalars, still on the device (no host synchronisation).
     """
-    chunks = method.chunks(hyper)
-    pieces = zip(*(t.chunk(chunks) if t is not None else [None] * chunks
-                   for t in (batch.x, batch.y, batch.index, batch.soft_labels)))
+    count = method.chunks(hyper)
+    xs = batch.x.chunk(count)  # fewer than `count` pieces for a batch smaller than that
+    others = [t.chunk(count) if t is not None else [None] * len(xs) for t in (batch.y, batch.index, batch.soft_labels)]
+    pieces = zip(xs, *others, strict=True)
     logged = []
     for x, y, index, soft in pieces:
         output = method.loss(model, Batch(x=x, y=y, index=index, soft_labels=soft), hyper, context)
@@ -192,27 +304,37 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, method: Metho
     return logged
 
 
-def train_epoch(run: TrainingRun, loader: DataLoader, device: torch.device, progress: bool = False,
-                soft_labels: torch.Tensor | None = None, model: nn.Module | None = None) -> dict[str, float]:
+def train_epoch(
+    run: TrainingRun,
+    loader: DataLoader,
+    device: torch.device,
+    progress: bool = False,
+    soft_labels: torch.Tensor | None = None,
+    model: nn.Module | None = None,
+) -> dict[str, float]:
     """One pass over `loader`; returns the epoch's mean loss and method scalars (one host read at the end).
 
     `soft_labels` (training-set size × classes, on `device`) is indexed by each item's dataset index;
     `model` is what the steps train (the run's model, or its data-parallel wrapper).
     """
     model = model or run.model
-    config, method = run.config, training_method(run.config.method)
-    hyper = method.make_config(config.method_config)
-    context = StepContext(sigma=config.sigma, epoch=run.next_epoch,
-                          num_classes=dataset_spec(config.dataset).num_classes,
-                          lr_drops=run.next_epoch // config.lr_step)
+    config, method, hyper = run.config, run.spec.method, run.spec.hyper
+    context = StepContext(
+        sigma=config.sigma,
+        epoch=run.next_epoch,
+        num_classes=run.spec.data.num_classes,
+        lr_drops=run.next_epoch // config.lr_step,
+    )
     sums: dict[str, torch.Tensor] = {}
     steps = 0
     model.train()
-    for index, x, y in tqdm(loader, desc=f"epoch {run.next_epoch + 1}/{config.epochs}", leave=False,
-                            disable=not progress, file=sys.stderr):
+    for index, x, y in tqdm(
+        loader, desc=f"epoch {run.next_epoch + 1}/{config.epochs}", leave=False, disable=not progress, file=sys.stderr
+    ):
         index = index.to(device)
-        batch = Batch(x=x.to(device), y=y.to(device), index=index,
-                      soft_labels=None if soft_labels is None else soft_labels[index])
+        batch = Batch(
+            x=x.to(device), y=y.to(device), index=index, soft_labels=None if soft_labels is None else soft_labels[index]
+        )
         for logged in train_step(model, run.optimizer, method, hyper, context, batch):
             for name, value in logged.items():
                 sums[name] = sums.get(name, 0) + value
@@ -222,8 +344,9 @@ def train_epoch(run: TrainingRun, loader: DataLoader, device: torch.device, prog
 
 
 @torch.no_grad()
-def noisy_accuracy(model: nn.Module, dataset: Dataset, sigma: float, device: torch.device,
-                   batch_size: int = 512, seed: int = 0) -> float:
+def noisy_accuracy(
+    model: nn.Module, dataset: Dataset, sigma: float, device: torch.device, batch_size: int = 512, seed: int = 0
+) -> float:
     """Accuracy of the base classifier on one noise draw per image (eval mode): a cheap progress signal."""
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -305,17 +428,26 @@ class Evaluation(Protocol):
         """Metrics, and the rows they were computed from."""
 
 
-def fit(config: TrainConfig, session: Session, device: torch.device, *, data_root: Path | None = None,
-        download: bool = False, soft_labels: torch.Tensor | None = None, evaluation: Evaluation | None = None,
-        progress: bool = False) -> TrainingRun:
-    """Trains `config` (resolved) to its last epoch, resuming from the session's latest checkpoint.
+def fit(
+    spec: RunSpec,
+    session: Session,
+    device: torch.device,
+    *,
+    data_root: Path | None = None,
+    download: bool = False,
+    soft_labels: torch.Tensor | None = None,
+    evaluation: Evaluation | None = None,
+    progress: bool = False,
+) -> TrainingRun:
+    """Trains the run `spec` to its last epoch, resuming from the session's latest checkpoint.
 
     Reports every epoch, or with an `evaluation` only at its epochs (with its metrics added), so that a
     scheduler comparing trials sees the same metrics at every report.
     """
+    config = spec.config
     train_set = get_dataset(config.dataset, config.train_split, data_root, download)
     evaluation_set = get_dataset(config.dataset, config.evaluation_split, data_root, download)
-    run = TrainingRun.create(config, device)
+    run = TrainingRun.create(spec, device)
     if (checkpoint := session.latest()) is not None:
         run.restore(checkpoint, "the run's latest checkpoint")
     trained = session.prepare_model(run.model)
@@ -324,67 +456,103 @@ def fit(config: TrainConfig, session: Session, device: torch.device, *, data_roo
         epoch, began = run.next_epoch, time.perf_counter()
         torch.manual_seed(derived_seed(config.seed, epoch, session.rank))
         metrics = session.reduce(
-            train_epoch(run, session.loader(train_set, config, epoch), device, progress, table, model=trained))
+            train_epoch(run, session.loader(train_set, config, epoch), device, progress, table, model=trained)
+        )
         inject("train.epoch", f"{epoch}:{session.rank}")
         due = evaluation is None or evaluation.due(epoch, config.epochs)
         rows = None
         if session.rank == 0:  # only rank 0's report is kept: the others skip the evaluations
             metrics[f"{config.evaluation_split}_noisy_accuracy"] = noisy_accuracy(
-                run.model, evaluation_set, config.sigma, device, seed=config.seed)
+                run.model, evaluation_set, config.sigma, device, seed=config.seed
+            )
             if evaluation is not None and due:
                 extra, rows = evaluation.run(run.model)
                 metrics.update(extra)
-        metrics.update(epoch=epoch + 1, lr=run.scheduler.get_last_lr()[0], seconds=time.perf_counter() - began)
+        metrics.update(epoch=epoch + 1, lr=float(run.scheduler.get_last_lr()[0]), seconds=time.perf_counter() - began)
         run.history.append(metrics)
         run.next_epoch += 1
         if due:
             session.report(metrics, run, rows)
         if not all(math.isfinite(v) for v in metrics.values()):
-            raise UserError(f"training diverged at epoch {epoch + 1} (non-finite metrics); "
-                            f"lower --lr and start a new --out")
+            raise UserError(
+                f"training diverged at epoch {epoch + 1} (non-finite metrics); lower --lr and start a new --out"
+            )
     return run
 
 
-def soft_label_spec(config: TrainConfig) -> SoftLabelSpec:
-    """What determines the soft labels a (resolved) CAT-RS run trains on: its teacher and the votes."""
-    hyper = method_config(config)
-    teacher = getattr(hyper, "teacher_checkpoint", "")
-    schedule = {k: getattr(config, k) for k in ("epochs", "batch_size", "lr", "lr_step", "lr_gamma", "momentum",
-                                                "weight_decay")}
-    if config.train_split != "train":  # the teacher keeps `val` unseen too; other runs keep their cache keys
-        schedule["train_split"] = config.train_split
-    return SoftLabelSpec(dataset=config.dataset, arch=config.arch or dataset_spec(config.dataset).default_arch,
-                         sigma0=hyper.sigma0, num_noises=hyper.teacher_noises, seed=config.seed,
-                         teacher_training={} if teacher else schedule,
-                         teacher_checkpoint_sha256=teacher_sha(teacher) if teacher else "")
-
-
-def soft_labels_for(config: TrainConfig, cache_dir: str | Path | None = None, *, device: str | None = None,
-                    data_root: Path | None = None, download: bool = False, progress: bool = True,
-                    producer: Producer = Producer()) -> torch.Tensor | None:
-    """The soft labels a (resolved) run needs, from the cache or computed into it by `producer`; None if it
-    needs none."""
-    if not training_method(config.method).needs_soft_labels(method_config(config)):
+def soft_labels_for(
+    spec: RunSpec,
+    cache_dir: str | Path | None = None,
+    *,
+    device: str | None = None,
+    data_root: Path | None = None,
+    download: bool = False,
+    progress: bool = True,
+    producer: Producer | None = None,
+) -> torch.Tensor | None:
+    """The soft labels the run needs, from the cache or computed into it by `producer` (default: in this
+    process); None if it needs none."""
+    labels = spec.soft_labels()
+    if labels is None:
         return None
-    teacher = getattr(method_config(config), "teacher_checkpoint", "")
-    return soft_labels(soft_label_spec(config), cache_dir or default_cache_dir(),
-                       teacher_checkpoint=Path(teacher) if teacher else None, device=device, data_root=data_root,
-                       download=download, progress=progress, producer=producer)
+    teacher = spec.hyper.teacher_checkpoint
+    return soft_labels(
+        labels,
+        cache_dir or default_cache_dir(),
+        teacher_checkpoint=Path(teacher) if teacher else None,
+        device=device,
+        data_root=data_root,
+        download=download,
+        progress=progress,
+        producer=producer or local_producer(),
+    )
 
 
-def train(config: TrainConfig, out: str | Path, *, device: str | None = None, data_root: Path | None = None,
-          download: bool = False, progress: bool = True, cache_dir: str | Path | None = None,
-          on_epoch: Callable[[dict[str, float]], None] | None = None) -> Path:
+def train_teacher_here(
+    spec: SoftLabelSpec, folder: Stored, device: str | None, data_root: Path | None, download: bool, progress: bool
+) -> Path:
+    """Trains the teacher of `spec` in this process, in its cache folder when that is on a local disk, else in
+    this machine's (`local_cache_dir`), its checkpoint then copied to the cache; a killed run resumes in either."""
+    local = Path(folder.uri) if folder.local else local_cache_dir() / "teachers" / folder.name
+    checkpoint = train(
+        teacher_run(spec), local, device=device, data_root=data_root, download=download, progress=progress
+    )
+    if not folder.local:
+        folder.child(CHECKPOINT_NAME).upload(checkpoint)
+    return checkpoint
+
+
+def local_producer() -> Producer:
+    """Soft labels made in this process: the teacher trained here, the votes counted here, a file lock per key."""
+    return Producer(train_teacher=train_teacher_here, vote=count_votes, exclusive=file_lock)
+
+
+def train(
+    spec: RunSpec,
+    out: str | Path,
+    *,
+    device: str | None = None,
+    data_root: Path | None = None,
+    download: bool = False,
+    progress: bool = True,
+    cache_dir: str | Path | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> Path:
     """Trains (or resumes) the run in `out` in this process; returns the path of its checkpoint.
 
     A method that needs soft labels (CAT-RS) gets them from the cache in `cache_dir` (default
     `$CATRS_CACHE` or ~/.cache/catrs), training its Gaussian teacher there first if no run did yet.
     """
-    config = config.resolved()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = soft_labels_for(config, cache_dir, device=device, data_root=data_root, download=download,
-                            progress=progress)
-    fit(config, LocalSession(out, on_epoch), pick_device(device), data_root=data_root, download=download,
-        soft_labels=table, progress=progress)
+    table = soft_labels_for(spec, cache_dir, device=device, data_root=data_root, download=download, progress=progress)
+    fit(
+        spec,
+        LocalSession(out, on_epoch),
+        pick_device(device),
+        data_root=data_root,
+        download=download,
+        soft_labels=table,
+        progress=progress,
+    )
     return out / CHECKPOINT_NAME

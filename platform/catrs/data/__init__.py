@@ -23,9 +23,8 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import Dataset
 
-from catrs.data.base import SPLITS, TRAINING_SPLITS, DatasetSpec, Indexed
+from catrs.data.base import SPLITS, TRAINING_SPLITS, DatasetSpec, ImageSet, Indexed
 from catrs.data.corruptions import load_cifar10_c, load_mnist_c
 from catrs.data.digits import load_digits_split
 from catrs.data.digits_c import load_digits_c
@@ -37,36 +36,112 @@ from catrs.data.torchvision_sets import load_torchvision_split
 from catrs.errors import UserError
 from catrs.models.normalize import Normalization
 
-__all__ = ["SPLITS", "TRAINING_SPLITS", "DatasetSpec", "Indexed", "SealedSplitError", "corrupted_variant",
-           "dataset_names", "dataset_spec", "default_root", "get_dataset", "sealed"]
+__all__ = [
+    "SPLITS",
+    "TRAINING_SPLITS",
+    "DatasetSpec",
+    "Indexed",
+    "SealedSplitError",
+    "corrupted_variant",
+    "dataset_names",
+    "dataset_spec",
+    "default_root",
+    "get_dataset",
+    "sealed",
+]
 
 _SPECS: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in (
-        DatasetSpec("digits", 10, (1, 8, 8), None, "digits_cnn", load_digits_split,
-                    "scikit-learn's 8×8 digits, embedded", val_per_class=30),
-        DatasetSpec("synthetic", SYNTHETIC_CLASSES, (1, 8, 8), None, "digits_cnn", load_synthetic_split,
-                    "generated class prototypes, for tests", val_per_class=32),
-        DatasetSpec("mnist", 10, (1, 28, 28), None, "lenet", partial(load_torchvision_split, "mnist"),
-                    val_per_class=500),
-        DatasetSpec("fashion_mnist", 10, (1, 28, 28), None, "lenet",
-                    partial(load_torchvision_split, "fashion_mnist"), val_per_class=500),
-        DatasetSpec("cifar10", 10, (3, 32, 32),
-                    Normalization((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)), "cifar_resnet110",
-                    partial(load_torchvision_split, "cifar10"), val_per_class=500),
-        DatasetSpec("cifar100", 100, (3, 32, 32),
-                    Normalization((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)), "cifar_resnet110",
-                    partial(load_torchvision_split, "cifar100"), val_per_class=50),
-        DatasetSpec("imagenet", 1000, (3, 224, 224),
-                    Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "resnet50",
-                    load_imagenet_split, val_per_class=10),
-        DatasetSpec("cifar10_c", 10, (3, 32, 32),
-                    Normalization((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)), "cifar_resnet110",
-                    load_cifar10_c, "CIFAR-10-C: 15 corruptions × 5 severities of the test set", base="cifar10"),
-        DatasetSpec("mnist_c", 10, (1, 28, 28), None, "lenet", load_mnist_c,
-                    "MNIST-C: 16 corruptions of the test set", base="mnist"),
-        DatasetSpec("digits_c", 10, (1, 8, 8), None, "digits_cnn", load_digits_c,
-                    "12 generated corruptions × 5 severities of the digits test set, catrs's own", base="digits"),
+        DatasetSpec(
+            "digits",
+            10,
+            (1, 8, 8),
+            None,
+            "digits_cnn",
+            load_digits_split,
+            "scikit-learn's 8×8 digits, embedded",
+            val_per_class=30,
+        ),
+        DatasetSpec(
+            "synthetic",
+            SYNTHETIC_CLASSES,
+            (1, 8, 8),
+            None,
+            "digits_cnn",
+            load_synthetic_split,
+            "generated class prototypes, for tests",
+            val_per_class=32,
+        ),
+        DatasetSpec(
+            "mnist", 10, (1, 28, 28), None, "lenet", partial(load_torchvision_split, "mnist"), val_per_class=500
+        ),
+        DatasetSpec(
+            "fashion_mnist",
+            10,
+            (1, 28, 28),
+            None,
+            "lenet",
+            partial(load_torchvision_split, "fashion_mnist"),
+            val_per_class=500,
+        ),
+        DatasetSpec(
+            "cifar10",
+            10,
+            (3, 32, 32),
+            Normalization((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+            "cifar_resnet110",
+            partial(load_torchvision_split, "cifar10"),
+            val_per_class=500,
+        ),
+        DatasetSpec(
+            "cifar100",
+            100,
+            (3, 32, 32),
+            Normalization((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+            "cifar_resnet110",
+            partial(load_torchvision_split, "cifar100"),
+            val_per_class=50,
+        ),
+        DatasetSpec(
+            "imagenet",
+            1000,
+            (3, 224, 224),
+            Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+            "resnet50",
+            load_imagenet_split,
+            val_per_class=10,
+        ),
+        DatasetSpec(
+            "cifar10_c",
+            10,
+            (3, 32, 32),
+            Normalization((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+            "cifar_resnet110",
+            load_cifar10_c,
+            "CIFAR-10-C: 15 corruptions × 5 severities of the test set",
+            base="cifar10",
+        ),
+        DatasetSpec(
+            "mnist_c",
+            10,
+            (1, 28, 28),
+            None,
+            "lenet",
+            load_mnist_c,
+            "MNIST-C: 16 corruptions of the test set",
+            base="mnist",
+        ),
+        DatasetSpec(
+            "digits_c",
+            10,
+            (1, 8, 8),
+            None,
+            "digits_cnn",
+            load_digits_c,
+            "12 generated corruptions × 5 severities of the digits test set, catrs's own",
+            base="digits",
+        ),
     )
 }
 
@@ -136,9 +211,9 @@ def get_dataset(name: str, split: str, root: str | Path | None = None, download:
 _HELD_OUT: dict[tuple[str, str, int], np.ndarray] = {}  # (data set, root, training size) -> `val` indices
 
 
-def _split_keys(spec: DatasetSpec, split: str, train_files: Dataset, root: Path) -> np.ndarray:
+def _split_keys(spec: DatasetSpec, split: str, train_files: ImageSet, root: Path) -> np.ndarray:
     """The training indices of `val` or of `train_minus_val` (labels are read once per process)."""
-    size = len(train_files)  # type: ignore[arg-type]
+    size = len(train_files)
     key = (spec.name, str(root), size)
     if key not in _HELD_OUT:
         _HELD_OUT[key] = holdout_indices(labels_of(train_files), spec.val_per_class)
@@ -153,11 +228,14 @@ def _check_shape(dataset: Indexed, spec: DatasetSpec, root: Path) -> None:
     try:
         shape = tuple(dataset[0][1].shape)
     except Exception as error:  # torchvision raises many kinds for unreadable files
-        raise UserError(f"{spec.name} under {root} cannot be read ({type(error).__name__}): "
-                        f"replace the files or pass --download") from None
+        raise UserError(
+            f"{spec.name} under {root} cannot be read ({type(error).__name__}): replace the files or pass --download"
+        ) from None
     if shape != spec.input_shape:
-        raise UserError(f"{spec.name} under {root} has images of shape {shape}, expected {spec.input_shape}: "
-                        f"wrong files in the data directory?")
+        raise UserError(
+            f"{spec.name} under {root} has images of shape {shape}, expected {spec.input_shape}: "
+            f"wrong files in the data directory?"
+        )
 
 
 @functools.lru_cache(maxsize=32)

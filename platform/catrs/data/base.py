@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -22,9 +23,19 @@ from catrs.models.normalize import Normalization
 SPLITS = ("train", "val", "test", "train_minus_val")
 TRAINING_SPLITS = ("train", "train_minus_val")
 
+
+class ImageSet(Protocol):
+    """A base data set: `len` images, item `i` an `(x, y)`. torchvision's sets, `TensorImages` and
+    `CorruptedImages` are ones (torch's `Dataset` does not promise a length, so it is not one)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]: ...
+
+
 # (files, root, download, augment) -> the base data set: files is "train" or "test"; augment applies the
 # training transforms (random crops and flips), which images held out for validation never get.
-Loader = Callable[[str, Path, bool, bool], Dataset]
+Loader = Callable[[str, Path, bool, bool], ImageSet]
 
 
 @dataclass(frozen=True)
@@ -57,9 +68,9 @@ class Indexed(Dataset):
     """Wraps a data set of `(x, y)` into one of `(index, x, y)`; `keys` picks which items, in order (default:
     all). Item `i` is `base[keys[i]]`, and its index is `keys[i]`."""
 
-    def __init__(self, base: Dataset, keys: Sequence[int] | None = None) -> None:
+    def __init__(self, base: ImageSet, keys: Sequence[int] | np.ndarray | None = None) -> None:
         self.base = base
-        self.keys = np.arange(len(base)) if keys is None else np.asarray(keys, dtype=np.int64)  # type: ignore[arg-type]
+        self.keys: np.ndarray = np.arange(len(base)) if keys is None else np.asarray(keys, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.keys)

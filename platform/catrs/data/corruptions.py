@@ -21,11 +21,41 @@ from torch.utils.data import Dataset
 
 from catrs.errors import UserError
 
-CIFAR10_C = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-             "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
-             "jpeg_compression")
-MNIST_C = ("shot_noise", "impulse_noise", "glass_blur", "motion_blur", "shear", "scale", "rotate", "brightness",
-           "translate", "stripe", "fog", "spatter", "dotted_line", "zigzag", "canny_edges", "identity")
+CIFAR10_C = (
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "defocus_blur",
+    "glass_blur",
+    "motion_blur",
+    "zoom_blur",
+    "snow",
+    "frost",
+    "fog",
+    "brightness",
+    "contrast",
+    "elastic_transform",
+    "pixelate",
+    "jpeg_compression",
+)
+MNIST_C = (
+    "shot_noise",
+    "impulse_noise",
+    "glass_blur",
+    "motion_blur",
+    "shear",
+    "scale",
+    "rotate",
+    "brightness",
+    "translate",
+    "stripe",
+    "fog",
+    "spatter",
+    "dotted_line",
+    "zigzag",
+    "canny_edges",
+    "identity",
+)
 
 
 @dataclass(frozen=True)
@@ -73,32 +103,44 @@ def load_cifar10_c(split: str, root: Path, download: bool, augment: bool = False
     folder = root / "CIFAR-10-C"
     found = [c for c in CIFAR10_C if (folder / f"{c}.npy").exists()]
     if download or not found or not (folder / "labels.npy").exists():
-        raise UserError(f"CIFAR-10-C is read, never downloaded: expected {folder}/labels.npy "
-                        f"and {folder}/<corruption>.npy for corruptions among {', '.join(CIFAR10_C)}")
+        raise UserError(
+            f"CIFAR-10-C is read, never downloaded: expected {folder}/labels.npy "
+            f"and {folder}/<corruption>.npy for corruptions among {', '.join(CIFAR10_C)}"
+        )
     labels = _load(folder / "labels.npy")
     blocks = []
     for corruption in found:
         images = _load(folder / f"{corruption}.npy")
         if images.shape[1:] != (32, 32, 3) or len(images) != len(labels) or len(images) % 5:
-            raise UserError(f"{folder / f'{corruption}.npy'} has shape {images.shape}; expected (5·N, 32, 32, 3) "
-                            f"matching labels.npy")
+            raise UserError(
+                f"{folder / f'{corruption}.npy'} has shape {images.shape}; expected (5·N, 32, 32, 3) "
+                f"matching labels.npy"
+            )
         size = len(images) // 5
-        blocks += [Block(corruption, s + 1, images[s * size:(s + 1) * size], labels[s * size:(s + 1) * size])
-                   for s in range(5)]
+        blocks += [
+            Block(corruption, s + 1, images[s * size : (s + 1) * size], labels[s * size : (s + 1) * size])
+            for s in range(5)
+        ]
     return CorruptedImages(blocks)
 
 
 def load_mnist_c(split: str, root: Path, download: bool, augment: bool = False) -> CorruptedImages:
     folder = root / "mnist_c"
-    found = [c for c in MNIST_C if (folder / c / "test_images.npy").exists() and (folder / c / "test_labels.npy").exists()]
+    found = [
+        c for c in MNIST_C if (folder / c / "test_images.npy").exists() and (folder / c / "test_labels.npy").exists()
+    ]
     if download or not found:
-        raise UserError(f"MNIST-C is read, never downloaded: expected "
-                        f"{folder}/<corruption>/test_images.npy and test_labels.npy for corruptions among "
-                        f"{', '.join(MNIST_C)}")
+        raise UserError(
+            f"MNIST-C is read, never downloaded: expected "
+            f"{folder}/<corruption>/test_images.npy and test_labels.npy for corruptions among "
+            f"{', '.join(MNIST_C)}"
+        )
     blocks = []
     for corruption in found:
         images, labels = _load(folder / corruption / "test_images.npy"), _load(folder / corruption / "test_labels.npy")
         if images.shape[1:] != (28, 28, 1) or len(images) != len(labels):
-            raise UserError(f"{folder / corruption / 'test_images.npy'} has shape {images.shape}; expected (N, 28, 28, 1)")
+            raise UserError(
+                f"{folder / corruption / 'test_images.npy'} has shape {images.shape}; expected (N, 28, 28, 1)"
+            )
         blocks.append(Block(corruption, 1, images, labels))
     return CorruptedImages(blocks)

@@ -43,7 +43,7 @@ def _impulse_noise(x: torch.Tensor, amount: float, rng: torch.Generator) -> torc
 
 def _gaussian_blur(x: torch.Tensor, std: float, rng: torch.Generator) -> torch.Tensor:
     taps = torch.arange(-3, 4, dtype=torch.float32)
-    kernel = torch.exp(-taps**2 / (2 * std**2))
+    kernel = torch.exp(-(taps**2) / (2 * std**2))
     kernel = torch.outer(kernel, kernel) / kernel.sum() ** 2
     return F.conv2d(F.pad(x, (3, 3, 3, 3), mode="replicate"), kernel[None, None])
 

@@ -13,7 +13,8 @@ of a data set). The test split is untouched, so results on it stay comparable wi
 from __future__ import annotations
 
 import numpy as np
-from torch.utils.data import Dataset
+
+from catrs.data.base import ImageSet
 
 HOLDOUT_SEED = 20231  # fixed forever: changing it changes every data set's `val` split
 
@@ -42,10 +43,10 @@ def holdout_indices(labels: np.ndarray, per_class: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 
-def labels_of(dataset: Dataset) -> np.ndarray:
+def labels_of(dataset: ImageSet) -> np.ndarray:
     """Every label of a base data set, without reading its images where it keeps them apart."""
     for attribute in ("targets", "labels"):  # torchvision's sets and ImageFolder; catrs's TensorImages
         labels = getattr(dataset, attribute, None)
         if labels is not None:
             return np.asarray(labels, dtype=np.int64)
-    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)  # type: ignore[arg-type]
+    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)

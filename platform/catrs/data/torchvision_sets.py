@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
+from catrs.data.base import ImageSet
 from catrs.errors import UserError
 
 _CLASSES = {
@@ -29,7 +29,7 @@ def _transform(name: str, augment: bool) -> transforms.Compose:
     return transforms.Compose([transforms.ToTensor()])
 
 
-def load_torchvision_split(name: str, split: str, root: Path, download: bool, augment: bool = False) -> Dataset:
+def load_torchvision_split(name: str, split: str, root: Path, download: bool, augment: bool = False) -> ImageSet:
     """The `split` files ("train" or "test"), with the training augmentations if `augment`."""
     cls = _CLASSES[name]
     try:

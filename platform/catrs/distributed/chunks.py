@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import ray
 import torch
@@ -69,8 +69,14 @@ def plan_chunks(items: list[int], workers: int, smallest: int = 1, size: int | N
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 
-def run_queue(launch: Callable[[list[int]], ray.ObjectRef], chunks: list[list[int]], workers: int,
-              on_done: Callable[[list[int], Any], None], desc: str, progress: bool) -> None:
+def run_queue(
+    launch: Callable[[list[int]], ray.ObjectRef],
+    chunks: list[list[int]],
+    workers: int,
+    on_done: Callable[[list[int], Any], None],
+    desc: str,
+    progress: bool,
+) -> None:
     """Runs `launch(chunk)` for every chunk, `workers` at a time (a queued task would be bound to a worker
     before it is free, and a slow one would hold it), calling `on_done(chunk, value)` in the driver as each
     finishes; a chunk that fails after its retries stops the queue.
@@ -80,7 +86,7 @@ def run_queue(launch: Callable[[list[int]], ray.ObjectRef], chunks: list[list[in
     index, the first to finish counts and the other is cancelled. So a slow node's last chunk does not set
     the makespan.
     """
-    started, backed_up = 0, set()
+    started, backed_up = 0, set[int]()
     running: dict[ray.ObjectRef, int] = {}  # a task → the number of its chunk
     with tqdm(total=sum(map(len, chunks)), desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
         while started < len(chunks) or running:
@@ -104,9 +110,11 @@ def run_queue(launch: Callable[[list[int]], ray.ObjectRef], chunks: list[list[in
                     for other in running:
                         ray.cancel(other)
                     chunk = chunks[number]
-                    raise JobFailed(f"{desc}: the chunk of images {chunk[0]}…{chunk[-1]} failed after "
-                                    f"{MAX_RETRIES} retries: {str(error).splitlines()[0][:300]}; finished chunks "
-                                    f"are kept, re-run to resume") from None
+                    raise JobFailed(
+                        f"{desc}: the chunk of images {chunk[0]}…{chunk[-1]} failed after "
+                        f"{MAX_RETRIES} retries: {str(error).splitlines()[0][:300]}; finished chunks "
+                        f"are kept, re-run to resume"
+                    ) from None
                 for copy in [other for other, n in running.items() if n == number]:
                     ray.cancel(copy)
                     del running[copy]
@@ -116,24 +124,28 @@ def run_queue(launch: Callable[[list[int]], ray.ObjectRef], chunks: list[list[in
 
 # --- certification ---------------------------------------------------------------------------------------------
 
+
 @lru_cache(maxsize=1)
 def _certifier(request: CertifyRequest, checkpoint_ref: ray.ObjectRef) -> tuple[Any, Smooth]:
     """The request's data set and smoothed model (compiled, where asked), built once per worker process and
     kept for its next chunks (the last request's only)."""
     from catrs.data import get_dataset
 
-    return (get_dataset(request.dataset, request.split, request.data_root, request.download),
-            smoothed_model(request, ray.get(checkpoint_ref)))
+    return (
+        get_dataset(request.dataset, request.split, request.data_root, request.download),
+        smoothed_model(request, ray.get(checkpoint_ref)),
+    )
 
 
-@ray.remote(max_retries=MAX_RETRIES, retry_exceptions=RETRIED)
-def _certify_chunk(request: CertifyRequest, checkpoint: list[ray.ObjectRef], positions: list[int]
-                   ) -> list[dict[str, Any]]:
+# Ray's overloads type `retry_exceptions` as a bool; its documentation and runtime also take exception types.
+@ray.remote(max_retries=MAX_RETRIES, retry_exceptions=RETRIED)  # type: ignore[call-overload]
+def _certify_chunk(
+    request: CertifyRequest, checkpoint: list[ray.ObjectRef], positions: list[int]
+) -> list[dict[str, Any]]:
     inject("certify.chunk", positions[0])
     began = time.perf_counter()
     dataset, smooth = _certifier(request, checkpoint[0])  # the ref in a list: fetched here, once per process
-    rows = [row for group in certify_rows(smooth, dataset, positions, request.settings, request.mode)
-            for row in group]
+    rows = [row for group in certify_rows(smooth, dataset, positions, request.settings, request.mode) for row in group]
     straggle("certify.chunk", time.perf_counter() - began)
     return rows
 
@@ -152,8 +164,9 @@ def _readable_chunks(folder: Stored, provenance: dict[str, Any], extra: tuple[st
     return found
 
 
-def certify_distributed(request: CertifyRequest, workers: int | None = None, chunk_size: int | None = None,
-                        progress: bool = True) -> Stored:
+def certify_distributed(
+    request: CertifyRequest, workers: int | None = None, chunk_size: int | None = None, progress: bool = True
+) -> Stored:
     """Certifies the request as a queue of chunks on up to `workers` Ray workers at once (default: every GPU,
     or CPU, of the cluster); resumable chunk by chunk; returns the merged output."""
     if workers is not None and workers < 1:
@@ -165,19 +178,26 @@ def certify_distributed(request: CertifyRequest, workers: int | None = None, chu
     extra = tuple(c for c in prepared.writer.columns if c in CORRUPTION_COLUMNS)
     earlier = _readable_chunks(folder, prepared.provenance, extra)
     todo = prepared.unfinished(prepared.selected, prepared.writer.done, *(chunk.done for chunk in earlier))
-    smallest = inputs_per_pass(request.settings, request.mode)
+    smallest = inputs_per_pass(request.settings.protocol, request.mode)
     checkpoint = [ray.put(prepared.checkpoint)]
     task = _certify_chunk.options(**_resources())
 
     def save(positions: list[int], rows: list[dict[str, Any]]) -> None:
-        writer = ResultWriter(folder.child(f"chunk-{positions[0]:09d}-{positions[-1]:09d}.parquet"),
-                              prepared.provenance, "parquet", extra)
+        writer = ResultWriter(
+            folder.child(f"chunk-{positions[0]:09d}-{positions[-1]:09d}.parquet"), prepared.provenance, "parquet", extra
+        )
         writer.add(rows)
         writer.flush()
         earlier.append(writer)
 
-    run_queue(lambda positions: task.remote(request, checkpoint, positions),
-              plan_chunks(todo, workers, smallest, chunk_size), workers, save, request.mode, progress)
+    run_queue(
+        lambda positions: task.remote(request, checkpoint, positions),
+        plan_chunks(todo, workers, smallest, chunk_size),
+        workers,
+        save,
+        request.mode,
+        progress,
+    )
     _merge(prepared.writer, earlier)
     folder.delete_folder()
     return prepared.writer.path
@@ -188,7 +208,7 @@ def _merge(output: ResultWriter, chunks: list[ResultWriter]) -> None:
     then removes the chunks."""
     merged = output.done
     for chunk in chunks:
-        rows = read_results(chunk.path)[output.columns].to_dict("records")
+        rows = cast(list[dict[str, Any]], read_results(chunk.path)[output.columns].to_dict("records"))
         output.add([row for row in rows if row["idx"] not in merged])
         merged |= chunk.done
     output.flush()
@@ -198,6 +218,7 @@ def _merge(output: ResultWriter, chunks: list[ResultWriter]) -> None:
 
 # --- soft-label votes ------------------------------------------------------------------------------------------
 
+
 @lru_cache(maxsize=1)
 def _voter(job_ref: ray.ObjectRef) -> tuple[VoteJob, torch.nn.Module, Any]:
     """The job, its teacher on this worker's device and the training split, once per worker process."""
@@ -205,11 +226,12 @@ def _voter(job_ref: ray.ObjectRef) -> tuple[VoteJob, torch.nn.Module, Any]:
     return (job, *teacher_and_train_set(job))
 
 
-@ray.remote(max_retries=MAX_RETRIES, retry_exceptions=RETRIED)
+# Ray's overloads type `retry_exceptions` as a bool; its documentation and runtime also take exception types.
+@ray.remote(max_retries=MAX_RETRIES, retry_exceptions=RETRIED)  # type: ignore[call-overload]
 def _vote_chunk(job_ref: list[ray.ObjectRef], indices: list[int]) -> torch.Tensor:
     inject("votes.chunk", indices[0])
     job, teacher, train_set = _voter(job_ref[0])
-    return vote_histograms(teacher, train_set, indices, job.sigma, job.num_noises, seed=job.seed)
+    return vote_histograms(teacher, train_set, indices, job.sigma, job.votes, seed=job.seed)
 
 
 def distributed_votes(job: VoteJob, workers: int | None = None, progress: bool = True) -> torch.Tensor:
@@ -224,6 +246,12 @@ def distributed_votes(job: VoteJob, workers: int | None = None, progress: bool =
     counts: dict[int, torch.Tensor] = {}
     workers = workers or cluster_workers()
     chunks = plan_chunks(indices, workers)
-    run_queue(lambda chunk: task.remote(job_ref, chunk), chunks, workers,
-              lambda chunk, value: counts.__setitem__(chunk[0], value), "soft labels", progress)
+    run_queue(
+        lambda chunk: task.remote(job_ref, chunk),
+        chunks,
+        workers,
+        lambda chunk, value: counts.__setitem__(chunk[0], value),
+        "soft labels",
+        progress,
+    )
     return torch.cat([counts[chunk[0]] for chunk in chunks])

@@ -17,7 +17,7 @@ def connect(address: str | None = None) -> None:
     # user for nothing, so it is not shown.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # Worker output stays in Ray's logs; catrs prints its own progress on the driver.
-    ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level="WARNING")
+    ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
 
 
 def cluster_has_gpus() -> bool:

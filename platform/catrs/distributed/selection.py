@@ -8,7 +8,7 @@ wrong), and the best of them wins: the proxy only shortlists, the validation pro
 setting is then, if `selection.refit`, trained again on the whole training split, and — the test split
 unsealed only now — certified on test with the final protocol.
 
-    catrs tune search_spaces/demo_digits.yaml      (the sweep driver calls these after its trials)
+    catrs tune demo_digits                         (the sweep driver calls these after its trials)
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 import ray
 
-from catrs.certify import CertifyRequest, evaluation_metrics, run_certification, spread
+from catrs.certify import CertifyRequest, CertifySettings, evaluation_metrics, run_certification, spread
 from catrs.data import get_dataset
 from catrs.distributed.chunks import certify_distributed
 from catrs.distributed.train import train_distributed
@@ -31,7 +31,7 @@ from catrs.results import read_results
 from catrs.search_space import SearchSpace
 from catrs.storage import Stored, stored
 from catrs.teacher import default_cache_dir
-from catrs.train import CHECKPOINT_NAME, TrainConfig, train
+from catrs.train import RunFolder, RunSpec, train
 
 VAL_PREFIX = "final_val_"  # the selection's figures on val, apart from the proxy's `val_…` per epoch
 TEST_PREFIX = "test_"
@@ -69,61 +69,100 @@ def certify(request: CertifyRequest, workers: int, progress: bool) -> Stored:
     return stored(run_certification(request, progress=progress))
 
 
-def validate(candidate: Candidate, space: SearchSpace, folder: Path, data_root: Path | None, download: bool,
-             progress: bool) -> None:
+def validate(
+    candidate: Candidate, space: SearchSpace, folder: Path, data_root: Path | None, download: bool, progress: bool
+) -> None:
     """Certifies the candidate on val with the selection protocol; its figures go to `candidate.val_metrics`."""
     local = folder / "trials" / candidate.trial_id
     candidate.checkpoint.to_directory(str(local))
     selection = space.selection
     skip, max_index = spread(len(get_dataset(space.dataset, "val", data_root, download)), selection.images)
-    request = CertifyRequest(checkpoint=local / CHECKPOINT_NAME, dataset=space.dataset, sigma=space.sigma,
-                             out=folder / "selection" / f"{candidate.trial_id}.parquet",
-                             settings=selection.settings(space.seed, inference="channels_last"), mode="evaluate",
-                             split="val", skip=skip, max_index=max_index, data_root=data_root, download=download)
-    request.out.parent.mkdir(parents=True, exist_ok=True)
+    out = folder / "selection" / f"{candidate.trial_id}.parquet"
+    request = CertifyRequest(
+        checkpoint=RunFolder(local).checkpoint,
+        dataset=space.dataset,
+        sigma=space.sigma,
+        out=out,
+        settings=CertifySettings(selection.protocol(), seed=space.seed),
+        mode="evaluate",
+        split="val",
+        skip=skip,
+        max_index=max_index,
+        data_root=data_root,
+        download=download,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
     frame = read_results(certify(request, space.final.workers, progress))
     candidate.val_metrics = evaluation_metrics(frame, space.objective, VAL_PREFIX)
 
 
 @ray.remote(max_retries=1)
-def _train_task(config: TrainConfig, cache_dir: str | Path | None, data_root: Path | None, download: bool) -> bytes:
+def _train_task(spec: RunSpec, cache_dir: str | Path | None, data_root: Path | None, download: bool) -> bytes:
     """Trains on whichever node Ray picks, in a scratch folder there; the checkpoint comes back as bytes, since
     that folder is not one the driver can read."""
     with tempfile.TemporaryDirectory() as scratch:
-        return train(config, Path(scratch), cache_dir=cache_dir, data_root=data_root, download=download,
-                     progress=False).read_bytes()
+        return train(
+            spec, Path(scratch), cache_dir=cache_dir, data_root=data_root, download=download, progress=False
+        ).read_bytes()
 
 
-def refit(space: SearchSpace, point: dict[str, Any], out: Path, cache_dir: str | Path | None,
-          data_root: Path | None, download: bool) -> Path:
+def refit(
+    space: SearchSpace,
+    point: dict[str, Any],
+    out: Path,
+    cache_dir: str | Path | None,
+    data_root: Path | None,
+    download: bool,
+) -> Path:
     """The winning setting trained again on the whole training split, where the trials trained; its checkpoint."""
-    config = space.train_config(point, train_split="train")
+    spec = space.resolve(point, train_split="train")
     resources = space.resources
     if resources.workers > 1:
-        return train_distributed(config, out, workers=resources.workers, gpus_per_worker=resources.gpus_per_worker,
-                                 cpus_per_worker=resources.cpus_per_worker, cache_dir=cache_dir,
-                                 data_root=data_root, download=download)
+        return train_distributed(
+            spec,
+            out,
+            workers=resources.workers,
+            gpus_per_worker=resources.gpus_per_worker,
+            cpus_per_worker=resources.cpus_per_worker,
+            cache_dir=cache_dir,
+            data_root=data_root,
+            download=download,
+        )
     task = _train_task.options(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker)
     try:  # the driver's cache, not the worker node's default: it is where this sweep's teachers are
-        checkpoint = ray.get(task.remote(config, cache_dir or default_cache_dir(), data_root, download))
+        checkpoint = ray.get(task.remote(spec, cache_dir or default_cache_dir(), data_root, download))
     except ray.exceptions.RayError as error:
-        raise JobFailed(f"re-training the winner of {space.name} on the whole training split failed: "
-                        f"{str(error).splitlines()[0][:300]}") from None
-    stored(out / CHECKPOINT_NAME).write_bytes(checkpoint)
-    return out / CHECKPOINT_NAME
+        raise JobFailed(
+            f"re-training the winner of {space.name} on the whole training split failed: "
+            f"{str(error).splitlines()[0][:300]}"
+        ) from None
+    path = RunFolder(out).checkpoint
+    stored(path).write_bytes(checkpoint)
+    return path
 
 
-def certify_on_test(space: SearchSpace, checkpoint: Path, out: Path, data_root: Path | None, download: bool,
-                    progress: bool) -> Path:
+def certify_on_test(
+    space: SearchSpace, checkpoint: Path, out: Path, data_root: Path | None, download: bool, progress: bool
+) -> Path:
     """The winner on the test split with the file's final protocol: the sweep's one look at it."""
     final = space.final
-    request = CertifyRequest(checkpoint=checkpoint, dataset=space.dataset, sigma=space.sigma, out=out,
-                             settings=final.settings(space.seed, inference="channels_last"), skip=final.skip,
-                             max_index=final.max, data_root=data_root, download=download)
-    return certify(request, final.workers, progress)
+    request = CertifyRequest(
+        checkpoint=checkpoint,
+        dataset=space.dataset,
+        sigma=space.sigma,
+        out=out,
+        settings=CertifySettings(final.protocol(), seed=space.seed),
+        skip=final.skip,
+        max_index=final.max,
+        data_root=data_root,
+        download=download,
+    )
+    certify(request, final.workers, progress)
+    return out
 
 
 def selection_table(candidates: list[Candidate], objective: str) -> pd.DataFrame:
     """trial, proxy and validation figure of the shortlisted candidates."""
-    return pd.DataFrame([{"trial": c.trial_id, "proxy": c.proxy, VAL_PREFIX + objective: c.val(objective)}
-                         for c in candidates])
+    return pd.DataFrame(
+        [{"trial": c.trial_id, "proxy": c.proxy, VAL_PREFIX + objective: c.val(objective)} for c in candidates]
+    )

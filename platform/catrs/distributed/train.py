@@ -6,13 +6,12 @@ and each of its chunks is one synchronised optimizer step, so the released per-n
 Checkpoints go to the run's storage (`--storage-path`, a local directory or a cloud URI; default the run
 directory's parent, so the run's own directory is its storage); a worker failure restarts the group from the
 latest checkpoint (`FailureConfig`), and the same command resumes a stopped run. Soft labels are made
-by the cluster (`cache.cluster_producer`) and handed to the workers through the object store.
+by the cluster (`cluster_producer`, below) and handed to the workers through the object store.
 """
 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +25,23 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from catrs.checkpoint import Checkpoint, load_checkpoint
 from catrs.data import sealed
-from catrs.distributed.runtime import connect
-from catrs.distributed.cache import cluster_producer
-from catrs.errors import JobFailed, UserError
-from catrs.train import (CHECKPOINT_NAME, Evaluation, TrainConfig, TrainingRun, fit, shuffled_loader,
-                         soft_labels_for)
+from catrs.distributed.cache import cluster_exclusive
+from catrs.distributed.chunks import distributed_votes
+from catrs.distributed.runtime import cluster_has_gpus, connect
+from catrs.errors import JobFailed
+from catrs.storage import Stored
+from catrs.teacher import Producer, SoftLabelSpec, local_cache_dir
+from catrs.train import (
+    Evaluation,
+    RunFolder,
+    RunSpec,
+    TrainConfig,
+    TrainingRun,
+    fit,
+    shuffled_loader,
+    soft_labels_for,
+    teacher_run,
+)
 
 MAX_FAILURES = 3
 
@@ -40,7 +51,7 @@ def from_ray_checkpoint(checkpoint: ray.train.Checkpoint | None) -> Checkpoint |
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
-        return load_checkpoint(Path(folder) / CHECKPOINT_NAME)
+        return load_checkpoint(RunFolder(Path(folder)).checkpoint)
 
 
 class RayTrainSession:
@@ -60,8 +71,9 @@ class RayTrainSession:
     def loader(self, dataset: Dataset, config: TrainConfig, epoch: int) -> DataLoader:
         if self.world_size == 1:
             return shuffled_loader(dataset, config, epoch)
-        sampler = DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True,
-                                     seed=config.seed)
+        sampler: DistributedSampler[int] = DistributedSampler(
+            dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=config.seed
+        )
         sampler.set_epoch(epoch)
         return DataLoader(dataset, batch_size=max(1, config.batch_size // self.world_size), sampler=sampler)
 
@@ -70,7 +82,7 @@ class RayTrainSession:
             return metrics
         values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=ray.train.torch.get_device())
         dist.all_reduce(values)
-        return dict(zip(metrics, (values / self.world_size).tolist()))
+        return dict(zip(metrics, (values / self.world_size).tolist(), strict=True))
 
     def report(self, metrics: dict[str, float], run: TrainingRun, evaluation) -> None:
         with tempfile.TemporaryDirectory() as folder:
@@ -81,22 +93,39 @@ class RayTrainSession:
             ray.train.report(metrics, checkpoint=checkpoint)  # a barrier: every rank calls it
 
 
-def worker_settings(config: TrainConfig, soft_labels: ray.ObjectRef | None, data_root: Path | None, download: bool,
-                    evaluation: Evaluation | None = None, sealed: tuple[str, ...] = ()) -> dict[str, Any]:
+def worker_settings(
+    spec: RunSpec,
+    soft_labels: ray.ObjectRef | None,
+    data_root: Path | None,
+    download: bool,
+    evaluation: Evaluation | None = None,
+    sealed: tuple[str, ...] = (),
+) -> dict[str, Any]:
     """`worker_loop`'s argument: the run, and its soft labels as a reference into the object store (each worker
     fetches them there, so no node needs a shared file system); `sealed`: splits the workers must not read."""
-    return {"config": asdict(config), "soft_labels": soft_labels,
-            "data_root": None if data_root is None else str(data_root), "download": download,
-            "evaluation": evaluation, "sealed": sealed}
+    return {
+        "run": spec,
+        "soft_labels": soft_labels,
+        "data_root": None if data_root is None else str(data_root),
+        "download": download,
+        "evaluation": evaluation,
+        "sealed": sealed,
+    }
 
 
 def worker_loop(settings: dict[str, Any]) -> None:
     """What each Ray Train worker runs: `fit` with a `RayTrainSession`."""
-    config = TrainConfig(**settings["config"])
     table = ray.get(settings["soft_labels"]) if settings["soft_labels"] is not None else None
     with sealed(*settings["sealed"]):
-        fit(config, RayTrainSession(), ray.train.torch.get_device(), data_root=settings["data_root"],
-            download=settings["download"], soft_labels=table, evaluation=settings["evaluation"])
+        fit(
+            settings["run"],
+            RayTrainSession(),
+            ray.train.torch.get_device(),
+            data_root=settings["data_root"],
+            download=settings["download"],
+            soft_labels=table,
+            evaluation=settings["evaluation"],
+        )
 
 
 def scaling(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> ray.train.ScalingConfig:
@@ -104,32 +133,69 @@ def scaling(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> ray
     return ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources)
 
 
-def train_distributed(config: TrainConfig, out: Path, *, workers: int, gpus_per_worker: float = 0.0,
-                      cpus_per_worker: float = 1.0, storage_path: str | None = None,
-                      max_failures: int = MAX_FAILURES, cache_dir: str | Path | None = None,
-                      data_root: Path | None = None, download: bool = False) -> Path:
-    """Trains (or resumes) `config` on `workers` Ray Train workers; copies the final checkpoint into `out`."""
-    if workers < 1:
-        raise UserError(f"--workers must be a positive integer, got {workers}")
-    if gpus_per_worker < 0 or cpus_per_worker <= 0:
-        raise UserError("--gpus-per-worker must be ≥ 0 and --cpus-per-worker > 0")
-    config = config.resolved()
+def train_distributed(
+    spec: RunSpec,
+    out: Path,
+    *,
+    workers: int,
+    gpus_per_worker: float = 0.0,
+    cpus_per_worker: float = 1.0,
+    storage_path: str | None = None,
+    max_failures: int = MAX_FAILURES,
+    cache_dir: str | Path | None = None,
+    data_root: Path | None = None,
+    download: bool = False,
+) -> Path:
+    """Trains (or resumes) the run `spec` on `workers` Ray Train workers; copies the final checkpoint into `out`."""
     out = Path(out).resolve()
     connect()
-    table = soft_labels_for(config, cache_dir, data_root=data_root, download=download, producer=cluster_producer())
-    settings = worker_settings(config, None if table is None else ray.put(table), data_root, download)
+    table = soft_labels_for(spec, cache_dir, data_root=data_root, download=download, producer=cluster_producer())
+    settings = worker_settings(spec, None if table is None else ray.put(table), data_root, download)
     trainer = TorchTrainer(
-        worker_loop, train_loop_config=settings, scaling_config=scaling(workers, gpus_per_worker, cpus_per_worker),
+        worker_loop,
+        train_loop_config=settings,
+        scaling_config=scaling(workers, gpus_per_worker, cpus_per_worker),
         run_config=ray.train.RunConfig(
-            name=out.name, storage_path=storage_path or str(out.parent),
+            name=out.name,
+            storage_path=storage_path or str(out.parent),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as error:
-        raise JobFailed(f"distributed training of {out} failed after {max_failures} restarts: "
-                        f"{str(error).splitlines()[0][:300]}; the same command resumes from the latest "
-                        f"checkpoint") from None
+        raise JobFailed(
+            f"distributed training of {out} failed after {max_failures} restarts: "
+            f"{str(error).splitlines()[0][:300]}; the same command resumes from the latest "
+            f"checkpoint"
+        ) from None
+    if result.checkpoint is None:  # every epoch reports one: only a run with no epoch to train gets here
+        raise JobFailed(f"distributed training of {out} ended without a checkpoint")
     out.mkdir(parents=True, exist_ok=True)
     result.checkpoint.to_directory(str(out))
-    return out / CHECKPOINT_NAME
+    return RunFolder(out).checkpoint
+
+
+def train_teacher_on_workers(
+    spec: SoftLabelSpec, folder: Stored, device: str | None, data_root: Path | None, download: bool, progress: bool
+) -> Path:
+    """The teacher of `spec` as a one-worker Ray Train job (a GPU where there are GPUs), checkpointed in the
+    cache's `teachers/` folder."""
+    storage = folder.sibling("teachers")
+    local = local_cache_dir() / "teacher-checkpoints" / folder.name  # the driver's copy of the final one
+    return train_distributed(
+        teacher_run(spec),
+        local,
+        workers=1,
+        gpus_per_worker=1.0 if cluster_has_gpus() else 0.0,
+        storage_path=str(Path(storage.uri).resolve()) if storage.local else storage.uri,
+        data_root=data_root,
+        download=download,
+    )
+
+
+def cluster_producer() -> Producer:
+    """Soft labels made by the cluster: the teacher on the workers, the votes on the chunk queue, and one owner
+    per cache key cluster-wide (`catrs.distributed.cache`)."""
+    return Producer(train_teacher=train_teacher_on_workers, vote=distributed_votes, exclusive=cluster_exclusive)

@@ -30,6 +30,9 @@ class Normalization:
 class Normalize(nn.Module):
     """(x - mean) / std per channel; the identity when built without statistics."""
 
+    mean: torch.Tensor | None  # buffers, (1, C, 1, 1)
+    std: torch.Tensor | None
+
     def __init__(self, normalization: Normalization | None) -> None:
         super().__init__()
         self.normalization = normalization
@@ -43,6 +46,6 @@ class Normalize(nn.Module):
             self.register_buffer("std", torch.tensor(normalization.std).view(shape), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mean is None:
+        if self.mean is None or self.std is None:
             return x
         return (x - self.mean) / self.std

@@ -1,0 +1,42 @@
+"""What a certification samples, and how it runs the model: the one definition of each, with its defaults.
+
+Kept free of torch so that the command line takes its defaults from here without paying for the import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# How the base classifier is run for noise sampling (`catrs.inference`); all give the same logits.
+INFERENCE_MODES = ("eager", "channels_last", "compile")
+# The default for every certification: see `catrs.inference` for the measurements behind it.
+DEFAULT_INFERENCE = "channels_last"
+
+
+@dataclass(frozen=True)
+class SamplingProtocol:
+    """CERTIFY's sampling protocol: `n0` selection and `n` estimation samples per image, failure probability
+    `alpha`, and `batch` noisy samples per forward pass. The defaults are the published protocol (Cohen et al.;
+    docs/methods.md, "Certification"): those of `catrs certify` and of a sweep's final certification. A sweep
+    file's `proxy`, `selection` and `final` sections are this type with their own extras."""
+
+    n0: int = 100
+    n: int = 100_000
+    alpha: float = 0.001
+    batch: int = 1000
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(field, what is wrong with it) for every value out of range: the one check of a protocol, whether it
+        comes from the command line or from a sweep file."""
+        found = [
+            (name, f"must be a positive integer, got {getattr(self, name)}")
+            for name in ("n0", "n", "batch")
+            if getattr(self, name) < 1
+        ]
+        if not 0 < self.alpha < 1:
+            found.append(("alpha", f"must lie strictly between 0 and 1, got {self.alpha}"))
+        return found
+
+    def protocol(self) -> SamplingProtocol:
+        """Just the protocol (a sweep section without its extras)."""
+        return SamplingProtocol(self.n0, self.n, self.alpha, self.batch)
