@@ -17,6 +17,13 @@ from catrs.data import dataset_spec
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE_TSV = FIXTURES / "cifar10_sigma0.5_catrs_certify.tsv"
+# `catrs train` of a small Gaussian run on the generated data set (add --epochs, --out, …).
+QUICK_TRAIN = ("train", "--method", "gaussian", "--dataset", "synthetic", "--sigma", "0.25")
+
+
+def certify_digits(checkpoint: object, *options: object) -> list[object]:
+    """`catrs certify` arguments for a digits checkpoint, at its own σ (the default), then `options`."""
+    return ["certify", "--checkpoint", checkpoint, "--dataset", "digits", *options]
 
 
 def make_card(dataset: str = "digits", sigma: float = 0.5, arch: str | None = None) -> ModelCard:

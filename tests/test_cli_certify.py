@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from catrs.results import CERTIFY_COLUMNS, read_results
+from tests.helpers import certify_digits
 
 FAST = ["--n0", "20", "--n", "200", "--batch", "400", "--inference", "eager"]
 
@@ -150,13 +151,7 @@ def test_existing_output_with_other_provenance_is_left_untouched(run_cli, digits
     certify(run_cli, digits_checkpoint, out, "--max", "3")
     before = out.read_bytes()
     code, _, err = run_cli(
-        "certify",
-        "--checkpoint",
-        digits_checkpoint,
-        "--dataset",
-        "digits",
-        "--sigma",
-        "0.5",
+        *certify_digits(digits_checkpoint),
         "--out",
         out,
         "--n0",

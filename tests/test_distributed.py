@@ -14,6 +14,7 @@ from catrs.results import read_results
 from catrs.sampling import SamplingProtocol
 from catrs.teacher import VoteJob, count_votes
 from catrs.train import TrainConfig, train
+from tests.helpers import certify_digits
 
 pytestmark = pytest.mark.slow
 RESEARCH = ["idx", "label", "predict", "radius", "correct"]
@@ -156,13 +157,7 @@ def test_the_cli_certifies_into_an_object_store_and_logs_the_table_to_mlflow(
     monkeypatch.chdir(tmp_path)
     out = object_store.uri("cli/cert.parquet")
     code, stdout, err = run_cli(
-        "certify",
-        "--checkpoint",
-        digits_checkpoint,
-        "--dataset",
-        "digits",
-        "--sigma",
-        "0.5",
+        *certify_digits(digits_checkpoint),
         "--n0",
         "20",
         "--n",

@@ -18,7 +18,7 @@ from catrs.metrics import (
     linf_radius,
 )
 from catrs.results import read_results
-from tests.helpers import REFERENCE_TSV
+from tests.helpers import REFERENCE_TSV, certify_digits
 
 # The paper's Table 1, CIFAR-10 σ = 0.5, CAT-RS: certified accuracy (%) at r = 0, 0.25, …, 1.75.
 TABLE1_ROW = [62.3, 56.8, 50.5, 44.6, 38.5, 32.7, 27.1, 20.6]
@@ -142,13 +142,7 @@ def test_report_reads_an_mlflow_run(run_cli, digits_checkpoint, tmp_path):
 
     out = tmp_path / "cert.parquet"
     run_cli(
-        "certify",
-        "--checkpoint",
-        digits_checkpoint,
-        "--dataset",
-        "digits",
-        "--sigma",
-        "0.5",
+        *certify_digits(digits_checkpoint),
         "--n0",
         "10",
         "--n",

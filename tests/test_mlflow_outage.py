@@ -6,7 +6,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from catrs.checkpoint import load_checkpoint
-from tests.helpers import MlflowServer, free_port
+from tests.helpers import QUICK_TRAIN, MlflowServer, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -52,13 +52,7 @@ def test_training_survives_the_store_going_away_and_logs_everything_when_it_retu
 
     monkeypatch.setattr(cli, "_print_epoch", print_and_disrupt)
     code, out, err = run_cli(
-        "train",
-        "--method",
-        "gaussian",
-        "--dataset",
-        "synthetic",
-        "--sigma",
-        "0.25",
+        *QUICK_TRAIN,
         "--epochs",
         "4",
         "--batch",
@@ -96,13 +90,7 @@ def test_what_cannot_be_sent_stays_in_the_run_directory_with_a_message(run_cli, 
 
     monkeypatch.setattr(cli, "_print_epoch", print_and_stop)
     code, out, err = run_cli(
-        "train",
-        "--method",
-        "gaussian",
-        "--dataset",
-        "synthetic",
-        "--sigma",
-        "0.25",
+        *QUICK_TRAIN,
         "--epochs",
         "2",
         "--batch",

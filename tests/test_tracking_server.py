@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from catrs.metrics import average_certified_radius
 from catrs.results import read_results
-from tests.helpers import MlflowServer, Postgres
+from tests.helpers import MlflowServer, Postgres, certify_digits
 
 pytestmark = pytest.mark.slow
 
@@ -32,13 +32,7 @@ def test_records_and_artifacts_outlive_the_tracking_server(
     head.start()
     try:
         code, _, err = run_cli(
-            "certify",
-            "--checkpoint",
-            digits_checkpoint,
-            "--dataset",
-            "digits",
-            "--sigma",
-            "0.5",
+            *certify_digits(digits_checkpoint),
             "--n0",
             "10",
             "--n",

@@ -12,6 +12,7 @@ from catrs.checkpoint import load_checkpoint
 from catrs.results import read_results
 from catrs.teacher import SoftLabelSpec, soft_labels
 from catrs.train import TrainConfig, local_producer, train
+from tests.helpers import QUICK_TRAIN
 
 QUICK = dict(dataset="synthetic", sigma=0.25, batch_size=64, lr=0.05, lr_step=2)
 
@@ -71,13 +72,7 @@ def test_a_run_that_holds_out_val_never_trains_or_evaluates_on_it(run_cli, tmp_p
     assert "val_noisy_accuracy" in run.history[0] and "test_noisy_accuracy" not in run.history[0]
 
     code, out, err = run_cli(
-        "train",
-        "--method",
-        "gaussian",
-        "--dataset",
-        "synthetic",
-        "--sigma",
-        "0.25",
+        *QUICK_TRAIN,
         "--epochs",
         "1",
         "--hold-out-val",
@@ -216,13 +211,7 @@ def test_a_killed_catrs_train_resumes_with_the_same_command(faults, tmp_path):
         sys.executable,
         "-m",
         "catrs.cli",
-        "train",
-        "--method",
-        "gaussian",
-        "--dataset",
-        "synthetic",
-        "--sigma",
-        "0.25",
+        *QUICK_TRAIN,
         "--epochs",
         "3",
         "--batch",

@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Any, cast
+from typing import Any
 
 import ray
 import torch
@@ -37,7 +37,7 @@ from catrs.certify import CertifyRequest, certify_rows, inputs_per_pass, prepare
 from catrs.distributed.runtime import cluster_has_gpus, connect
 from catrs.errors import JobFailed, UserError
 from catrs.faults import inject, straggle
-from catrs.results import CORRUPTION_COLUMNS, ResultWriter, read_results
+from catrs.results import CORRUPTION_COLUMNS, ResultWriter, read_results, records
 from catrs.smoothing import Smooth
 from catrs.storage import Stored, stored
 from catrs.teacher import VoteJob, teacher_and_train_set, vote_histograms
@@ -208,7 +208,7 @@ def _merge(output: ResultWriter, chunks: list[ResultWriter]) -> None:
     then removes the chunks."""
     merged = output.done
     for chunk in chunks:
-        rows = cast(list[dict[str, Any]], read_results(chunk.path)[output.columns].to_dict("records"))
+        rows = records(read_results(chunk.path)[output.columns])
         output.add([row for row in rows if row["idx"] not in merged])
         merged |= chunk.done
     output.flush()
