@@ -27,6 +27,7 @@ import torch
 
 from catrs.certify import CertifyRequest, CertifySettings, inputs_per_pass, run_certification
 from catrs.checkpoint import ModelCard, save_checkpoint
+from catrs.context import RunContext
 from catrs.distributed.chunks import certify_distributed, plan_chunks
 from catrs.results import read_results
 from catrs.sampling import SamplingProtocol
@@ -58,6 +59,7 @@ def main() -> None:
     os.environ["CATRS_FAULTS_DIR"] = str(faults)  # before Ray starts, so its workers see it
     ray.init(num_cpus=max(counts) if device.type == "cpu" else None, log_to_driver=False)
     settings = CertifySettings(SamplingProtocol(n0=100, n=args.n, batch=1000), inference="eager")
+    context = RunContext.create(device=str(device), progress=False)
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         checkpoint = digits_checkpoint(folder)
@@ -66,18 +68,18 @@ def main() -> None:
             return CertifyRequest(checkpoint, "digits", 0.5, out, settings, max_index=images)
 
         torch.set_num_threads(1)
-        run_certification(request(folder / "warm-up.parquet", 20), progress=False)  # this process's one-time costs
-        runs = {SINGLE: lambda out: run_certification(request(out), progress=False)}
+        run_certification(request(folder / "warm-up.parquet", 20), context)  # this process's one-time costs
+        runs = {SINGLE: lambda out: run_certification(request(out), context)}
         for workers in counts:
             runs[f"--workers {workers}"] = lambda out, k=workers: certify_distributed(
-                request(out), k, args.chunk_size, progress=False
+                request(out), context, k, args.chunk_size
             )
         straggler = f"--workers {max(counts)}, one {SLOWDOWN:g}× slower"
 
         def slowed(out: Path) -> None:
             (faults / "armed").write_text(f"slow certify.chunk {SLOWDOWN}\n")
             try:
-                certify_distributed(request(out), max(counts), args.chunk_size, progress=False)
+                certify_distributed(request(out), context, max(counts), args.chunk_size)
             finally:  # the next runs at full speed, whichever process was slowed
                 for marker in faults.iterdir():
                     marker.unlink()

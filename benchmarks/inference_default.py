@@ -26,7 +26,7 @@ def one_mode(mode: str, evaluations: int, images: int, n: int) -> None:
     from catrs.certify import CertifySettings, certify_rows
     from catrs.data import get_dataset
     from catrs.models import create_model
-    from catrs.sampling import SamplingProtocol
+    from catrs.sampling import Mode, SamplingProtocol
 
     model = create_model("digits_cnn", 10).eval()
     val = get_dataset("digits", "val")
@@ -35,7 +35,7 @@ def one_mode(mode: str, evaluations: int, images: int, n: int) -> None:
     for _ in range(evaluations):
         began = time.perf_counter()
         smooth = settings.smoothed(model, 10, 0.5)
-        for _rows in certify_rows(smooth, val, list(range(min(images, len(val)))), settings, "evaluate"):
+        for _rows in certify_rows(smooth, val, list(range(min(images, len(val)))), settings, Mode.EVALUATE):
             pass
         seconds.append(time.perf_counter() - began)
     print(

@@ -29,13 +29,15 @@ import torch
 import yaml
 from scipy.stats import spearmanr
 
-from catrs.certify import CertifyRequest, CertifySettings, evaluation_metrics, run_certification
+from catrs.certify import CertifyRequest, CertifySettings, run_certification
+from catrs.context import RunContext
 from catrs.distributed.runtime import connect
-from catrs.distributed.trial import proxy_of
 from catrs.inference import pick_device
 from catrs.metrics import average_certified_radius
 from catrs.results import read_results
-from catrs.search_space import SearchSpace, find_search_space, load_search_space
+from catrs.sampling import Mode
+from catrs.sweep.proxy import evaluation_metrics, proxy_of
+from catrs.sweep.space import SearchSpace, find_search_space, load_search_space
 from catrs.train import LocalSession, RunFolder, fit, soft_labels_for
 
 DEMO = find_search_space("demo_digits")
@@ -55,7 +57,7 @@ class EveryEpoch(LocalSession):
     """A local run that keeps each reported epoch's metrics."""
 
     def __init__(self, out: Path) -> None:
-        super().__init__(out)
+        super().__init__(out, pick_device(None))
         self.reports: list[dict[str, float]] = []
 
     def report(self, metrics, run, evaluation) -> None:
@@ -68,13 +70,14 @@ def measure(space: SearchSpace, point: dict, folder: Path) -> dict:
     """One run: the proxy after every epoch, then the final protocol on val and on test."""
     torch.set_num_threads(1)
     spec = space.resolve(point)
-    soft = soft_labels_for(spec, folder.parent / "cache", progress=False)
+    context = RunContext.create(cache=folder.parent / "cache", progress=False)
+    soft = soft_labels_for(spec, context)
     session = EveryEpoch(folder)
-    every_epoch = replace(proxy_of(space, None, False), epochs=tuple(range(1, spec.config.epochs + 1)))
-    fit(spec, session, pick_device(None), soft_labels=soft, evaluation=every_epoch)
+    every_epoch = replace(proxy_of(space, context), epochs=tuple(range(1, spec.config.epochs + 1)))
+    fit(spec, session, context, soft, every_epoch)
     figures = {f"proxy@{int(m['epoch'])}": m[space.metric] for m in session.reports}
     settings = CertifySettings(space.final.protocol(), seed=space.seed)
-    for split, mode in (("val", "evaluate"), ("test", "certify")):
+    for split, mode in (("val", Mode.EVALUATE), ("test", Mode.CERTIFY)):
         request = CertifyRequest(
             checkpoint=RunFolder(folder).checkpoint,
             dataset=space.dataset,
@@ -84,9 +87,9 @@ def measure(space: SearchSpace, point: dict, folder: Path) -> dict:
             mode=mode,
             split=split,
         )
-        frame = read_results(run_certification(request, progress=False))
+        frame = read_results(run_certification(request, context))
         figures[split] = (
-            evaluation_metrics(frame, "acr", "")["acr"] if mode == "evaluate" else average_certified_radius(frame)
+            evaluation_metrics(frame, "acr", "")["acr"] if mode is Mode.EVALUATE else average_certified_radius(frame)
         )
     return figures
 

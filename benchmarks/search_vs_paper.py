@@ -34,13 +34,16 @@ import ray
 import yaml
 from scipy.stats import spearmanr
 
-from catrs.certify import CertifyRequest, CertifySettings, evaluation_metrics, run_certification
+from catrs.certify import CertifyRequest, CertifySettings, run_certification
+from catrs.context import RunContext
+from catrs.distributed.chunks import certify_distributed
 from catrs.distributed.runtime import connect
-from catrs.distributed.selection import certify
-from catrs.distributed.sweep import run_sweep
 from catrs.metrics import average_certified_radius
 from catrs.results import read_results
-from catrs.search_space import SearchSpace, find_search_space, load_search_space
+from catrs.sampling import Mode
+from catrs.sweep.proxy import evaluation_metrics
+from catrs.sweep.run import SweepOptions, run_sweep
+from catrs.sweep.space import SearchSpace, find_search_space, load_search_space
 from catrs.tracking import Tracker
 from catrs.train import train
 
@@ -98,22 +101,22 @@ def typed_point(space: SearchSpace, params: dict[str, str]) -> dict:
 
 
 @ray.remote(num_cpus=1)
-def final_val_acr(space: SearchSpace, point: dict, folder: Path, cache: Path) -> float:
+def final_val_acr(space: SearchSpace, point: dict, folder: Path, context: RunContext) -> float:
     """`point` trained to its end as a trial trains, then its ACR on val with the final protocol."""
-    checkpoint = train(space.resolve(point), folder, cache_dir=cache, progress=False)
+    checkpoint = train(space.resolve(point), folder, context)
     request = CertifyRequest(
         checkpoint=checkpoint,
         dataset=space.dataset,
         sigma=space.sigma,
         out=folder / "val.parquet",
         settings=CertifySettings(space.final.protocol(), seed=space.seed),
-        mode="evaluate",
+        mode=Mode.EVALUATE,
         split="val",
     )
-    return evaluation_metrics(read_results(run_certification(request, progress=False)), "acr", "")["acr"]
+    return evaluation_metrics(read_results(run_certification(request, context)), "acr", "")["acr"]
 
 
-def test_acr(space: SearchSpace, checkpoint: Path, out: Path, n: int) -> float:
+def test_acr(space: SearchSpace, checkpoint: Path, out: Path, n: int, context: RunContext) -> float:
     settings = CertifySettings(replace(space.final.protocol(), n=n), seed=space.seed)
     request = CertifyRequest(
         checkpoint=checkpoint,
@@ -124,23 +127,23 @@ def test_acr(space: SearchSpace, checkpoint: Path, out: Path, n: int) -> float:
         skip=space.final.skip,
         max_index=space.final.max,
     )
-    return average_certified_radius(read_results(certify(request, space.final.workers, progress=False)))
+    return average_certified_radius(read_results(certify_distributed(request, context, space.final.workers)))
 
 
 def one_seed(space: SearchSpace, folder: Path, test_n: int) -> dict:
     """The sweep of `space` and everything measured around it (see the module docstring)."""
-    cache = folder / "cache"
+    context = RunContext.create(cache=folder / "cache", progress=False)
     began = time.perf_counter()
-    outcome = run_sweep(space, local_dir=folder / "sweeps", cache_dir=cache, progress=False)
+    outcome = run_sweep(space, SweepOptions(local_dir=folder / "sweeps"), context)
     sweep_seconds = time.perf_counter() - began
     began = time.perf_counter()  # (a): the paper's point, trained as the sweep trains its choice, in this process
     split = "train" if space.selection.refit else "train_minus_val"
-    paper = train(space.resolve(space.first_point(), split), folder / "paper", cache_dir=cache, progress=False)
+    paper = train(space.resolve(space.first_point(), split), folder / "paper", context)
     train_seconds = time.perf_counter() - began
     trials = trial_histories(Tracker(), outcome.parent_run_id, space.metric)
     finals = ray.get(
         [
-            final_val_acr.remote(space, typed_point(space, params), folder / "trained_out" / trial, cache)
+            final_val_acr.remote(space, typed_point(space, params), folder / "trained_out" / trial, context)
             for trial, params in zip(trials["trial"], trials["params"], strict=True)
         ]
     )
@@ -150,8 +153,8 @@ def one_seed(space: SearchSpace, folder: Path, test_n: int) -> dict:
         reached = trials.dropna(subset=[f"proxy@{epoch}"])[[f"proxy@{epoch}", "final_val_acr"]]
         ranked = len(reached) > 2 and (reached.nunique() > 1).all()  # a tie throughout has no ranking
         rho[f"rho@{epoch}"] = spearmanr(reached.iloc[:, 0], reached.iloc[:, 1])[0] if ranked else math.nan
-    paper_test = test_acr(space, paper, folder / "paper_test.parquet", test_n)
-    chosen_test = test_acr(space, outcome.best_checkpoint, folder / "chosen_test.parquet", test_n)
+    paper_test = test_acr(space, paper, folder / "paper_test.parquet", test_n, context)
+    chosen_test = test_acr(space, outcome.best_checkpoint, folder / "chosen_test.parquet", test_n, context)
     chosen = trials.loc[trials["trial"] == outcome.best_trial, "final_val_acr"].item()
     return {
         "seed": space.seed,

@@ -13,12 +13,19 @@ import time
 from pathlib import Path
 
 from catrs.checkpoint import ModelCard
+from catrs.context import RunContext
 from catrs.data import dataset_spec
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE_TSV = FIXTURES / "cifar10_sigma0.5_catrs_certify.tsv"
 # `catrs train` of a small Gaussian run on the generated data set (add --epochs, --out, …).
 QUICK_TRAIN = ("train", "--method", "gaussian", "--dataset", "synthetic", "--sigma", "0.25")
+
+
+def quiet_context(**settings: object) -> RunContext:
+    """The run context of a test: no progress bars; the session's stores (conftest) unless `settings` say
+    otherwise (e.g. `cache=tmp_path / "cache"`)."""
+    return RunContext.create(progress=False, **settings)  # type: ignore[arg-type]
 
 
 def certify_digits(checkpoint: object, *options: object) -> list[object]:

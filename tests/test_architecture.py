@@ -1,4 +1,5 @@
-"""The module graph: no import cycles (function-level imports included), and Ray only in `catrs.distributed`."""
+"""The module graph: no import cycles (function-level imports included), Ray only in `catrs.distributed`, and
+no chain of imports inside `catrs.distributed` longer than four modules (the Ray glue stays shallow)."""
 
 from __future__ import annotations
 
@@ -82,7 +83,9 @@ def test_the_detector_finds_a_cycle_through_a_lazy_import():
 
 def test_no_module_of_catrs_or_trainables_is_part_of_an_import_cycle():
     graph = import_graph()
-    assert {"catrs.train", "catrs.teacher", "catrs.distributed.sweep", "trainables.catrs"} <= set(graph)
+    assert {"catrs.train", "catrs.teacher", "catrs.sweep.run", "catrs.distributed.tune", "trainables.catrs"} <= set(
+        graph
+    )
     assert cycles(graph) == []
 
 
@@ -94,3 +97,61 @@ def test_only_catrs_distributed_imports_ray():
         and any(name == "ray" or name.startswith("ray.") for name in imported_names(path))
     ]
     assert outside == []
+
+
+def longest_chain(graph: dict[str, set[str]], within: str) -> list[str]:
+    """The longest path of imports among the modules whose names start with `within` (the graph has no cycles)."""
+    inner = {m: {t for t in targets if t.startswith(within)} for m, targets in graph.items() if m.startswith(within)}
+    memo: dict[str, list[str]] = {}
+
+    def from_(module: str) -> list[str]:
+        if module not in memo:
+            memo[module] = [module, *max((from_(t) for t in inner[module]), key=len, default=[])]
+        return memo[module]
+
+    return max((from_(m) for m in inner), key=len, default=[])
+
+
+def test_the_longest_chain_is_found():
+    graph = {"p.a": {"p.b", "q.x"}, "p.b": {"p.c"}, "p.c": set(), "q.x": {"p.a"}}
+    assert longest_chain(graph, "p.") == ["p.a", "p.b", "p.c"]
+
+
+def test_no_import_chain_inside_distributed_is_longer_than_four_modules():
+    chain = longest_chain(import_graph(), "catrs.distributed.")
+    assert 2 <= len(chain) <= 4, " -> ".join(chain)
+
+
+def signatures_with(parameter: str) -> list[str]:
+    """The functions of both packages that take `parameter`."""
+    found = []
+    for module, path in module_files().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                arguments = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+                if parameter in {a.arg for a in arguments}:
+                    found.append(f"{module}.{node.name}")
+    return found
+
+
+def parameter_counts(*names: str) -> dict[str, int]:
+    """How many parameters each named function of both packages takes."""
+    counts = {}
+    for module, path in module_files().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name in names:
+                arguments = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+                counts[f"{module}.{node.name}"] = len(arguments)
+    return counts
+
+
+if __name__ == "__main__":  # the shape of the code, as the closing notes report it: python -m tests.test_architecture
+    for module, path in sorted(module_files().items()):
+        if module.startswith(("catrs.distributed", "catrs.sweep")) or module in ("catrs.search_space",):
+            print(f"{len(path.read_text().splitlines()):5d}  {module}")
+    print(
+        "longest import chain inside catrs.distributed:",
+        " -> ".join(longest_chain(import_graph(), "catrs.distributed.")),
+    )
+    print("signatures that take data_root:", len(signatures_with("data_root")))
+    print("parameters:", parameter_counts("run_sweep", "train_distributed"))

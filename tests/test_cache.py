@@ -13,6 +13,7 @@ import torch
 from catrs.storage import stored
 from catrs.teacher import SoftLabelSpec, soft_labels
 from catrs.train import local_producer, train_teacher_here
+from tests.helpers import quiet_context
 
 pytestmark = pytest.mark.slow
 SPEC = SoftLabelSpec(
@@ -35,15 +36,13 @@ def test_an_object_store_cache_holds_the_teacher_and_the_table_and_a_second_requ
     from catrs.distributed.train import cluster_producer
 
     cache = object_store.uri("cache-a")
-    table = soft_labels(SPEC, cache, progress=False, producer=cluster_producer())
+    table = soft_labels(SPEC, quiet_context(cache=cache), cluster_producer())
     assert table.shape == (1437, 10) and torch.allclose(table.sum(1), torch.ones(1437))
     keys = object_store.keys("cache-a/")
     assert f"cache-a/soft-labels-{SPEC.key()}.pt" in keys
     # The teacher trained as a Ray Train job whose checkpoints live in the cache, where a restart finds them.
     assert any(k.startswith(f"cache-a/teachers/teacher-{SPEC.key()}/checkpoint_") for k in keys)
-    again = soft_labels(
-        SPEC, cache, progress=False, producer=replace(cluster_producer(), train_teacher=refuse_to_train)
-    )
+    again = soft_labels(SPEC, quiet_context(cache=cache), replace(cluster_producer(), train_teacher=refuse_to_train))
     assert torch.equal(again, table)
 
 
@@ -62,7 +61,7 @@ def test_concurrent_requests_for_one_key_compute_it_once(ray_cluster, tmp_path):
     tables = [None, None, None]
 
     def request(slot: int) -> None:
-        tables[slot] = soft_labels(spec, tmp_path / "cache", progress=False, producer=producer)
+        tables[slot] = soft_labels(spec, quiet_context(cache=tmp_path / "cache"), producer)
 
     threads = [threading.Thread(target=request, args=(slot,)) for slot in range(3)]
     for thread in threads:
@@ -91,5 +90,5 @@ def test_an_owner_that_dies_mid_computation_leaves_no_entry_and_its_lease_lapses
     with pytest.raises(ray.exceptions.RayError):
         ray.get(die_while_owning.remote())
     assert not entry.exists() and stored(cache).child("started").exists()
-    table = soft_labels(SPEC, cache, progress=False, producer=cluster_producer())  # waits for the lapse, then owns
+    table = soft_labels(SPEC, quiet_context(cache=cache), cluster_producer())  # waits for the lapse, then owns
     assert entry.exists() and table.shape == (1437, 10)

@@ -68,7 +68,7 @@ def _readme_walkthrough() -> str:
 def test_the_readme_cluster_walkthrough_matches_cluster_yaml():
     import re
 
-    from catrs.search_space import find_search_space, load_search_space, shipped_spaces
+    from catrs.sweep.space import find_search_space, load_search_space, shipped_spaces
 
     config = yaml.safe_load(CLUSTER.read_text())
     steps = [line.split("#")[0].strip() for line in _readme_walkthrough().splitlines()]

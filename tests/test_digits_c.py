@@ -11,15 +11,15 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from catrs.cli import _build_parser
+from catrs.context import resolve_tracking_uri
 from catrs.data import corrupted_variant, get_dataset
 from catrs.data.digits import TEST_SIZE, load_digits_split
 from catrs.data.digits_c import CORRUPTIONS, SEVERITIES, corrupt
-from catrs.distributed.console import SweepOutcome, next_commands
 from catrs.errors import UserError
 from catrs.metrics import corruption_table
 from catrs.results import read_results
-from catrs.search_space import find_search_space, load_search_space
-from catrs.tracking import resolve_tracking_uri
+from catrs.sweep.console import SweepOutcome, next_commands
+from catrs.sweep.space import find_search_space, load_search_space
 
 CLEAN = load_digits_split("test", None, False)
 

@@ -14,7 +14,7 @@ from catrs.results import read_results
 from catrs.sampling import SamplingProtocol
 from catrs.teacher import VoteJob, count_votes
 from catrs.train import TrainConfig, train
-from tests.helpers import certify_digits
+from tests.helpers import certify_digits, quiet_context
 
 pytestmark = pytest.mark.slow
 RESEARCH = ["idx", "label", "predict", "radius", "correct"]
@@ -22,7 +22,7 @@ SETTINGS = CertifySettings(SamplingProtocol(n0=20, n=200, batch=400), inference=
 
 
 def test_ddp_training_with_two_cpu_workers_reports_the_same_schema_and_a_loadable_checkpoint(ray_cluster, tmp_path):
-    from catrs.distributed.train import train_distributed
+    from catrs.distributed.train import WorkerPlan, train_distributed
 
     spec = TrainConfig(
         method="catrs",
@@ -33,10 +33,9 @@ def test_ddp_training_with_two_cpu_workers_reports_the_same_schema_and_a_loadabl
         lr=0.05,
         method_config={"num_steps": 1, "teacher_noises": 20},
     ).resolve()
-    distributed = train_distributed(
-        spec, tmp_path / "ddp", workers=2, cpus_per_worker=0.5, cache_dir=tmp_path / "cache"
-    )
-    local = train(spec, tmp_path / "local", progress=False, cache_dir=tmp_path / "cache")
+    context = quiet_context(cache=tmp_path / "cache")
+    distributed = train_distributed(spec, tmp_path / "ddp", WorkerPlan(2, cpus_per_worker=0.5), context)
+    local = train(spec, tmp_path / "local", context)
     a, b = load_checkpoint(distributed), load_checkpoint(local)
     assert a.training_state["next_epoch"] == 2
     assert [set(row) for row in a.training_state["history"]] == [set(row) for row in b.training_state["history"]]
@@ -52,10 +51,10 @@ def test_chunked_certification_equals_a_single_process_run_row_for_row_and_resum
 
     whole = run_certification(
         CertifyRequest(digits_checkpoint, "digits", 0.5, tmp_path / "whole.parquet", SETTINGS, max_index=30),
-        progress=False,
+        quiet_context(),
     )
     request = CertifyRequest(digits_checkpoint, "digits", 0.5, tmp_path / "chunked.parquet", SETTINGS, max_index=30)
-    certify_distributed(request, 2, chunk_size=4, progress=False)
+    certify_distributed(request, quiet_context(), 2, 4)
     expected = read_results(whole)[RESEARCH]
     pd.testing.assert_frame_equal(read_results(request.out)[RESEARCH], expected)
     assert not (tmp_path / "chunked.parquet.chunks").exists()  # merged and cleaned up
@@ -70,7 +69,7 @@ def test_chunked_certification_equals_a_single_process_run_row_for_row_and_resum
     torn = chunks / "chunk-000000010-000000019.parquet"
     pd.read_parquet(request.out).iloc[10:20].to_parquet(torn, index=False)
     torn.write_bytes(torn.read_bytes()[:300])
-    certify_distributed(partial, 2, chunk_size=3, progress=False)
+    certify_distributed(partial, quiet_context(), 2, 3)
     resumed = read_results(partial.out)
     assert (resumed["radius"].iloc[:10] == 99.0).all()  # taken from the finished chunk, not recomputed
     pd.testing.assert_frame_equal(
@@ -85,18 +84,18 @@ def test_certification_into_an_object_store_writes_chunks_there_and_merges_them(
 
     whole = run_certification(
         CertifyRequest(digits_checkpoint, "digits", 0.5, tmp_path / "whole.parquet", SETTINGS, max_index=20),
-        progress=False,
+        quiet_context(),
     )
     out = object_store.uri("certify/cert.parquet")
     certify_distributed(
-        CertifyRequest(digits_checkpoint, "digits", 0.5, out, SETTINGS, max_index=20), 2, chunk_size=5, progress=False
+        CertifyRequest(digits_checkpoint, "digits", 0.5, out, SETTINGS, max_index=20), quiet_context(), 2, 5
     )
     assert object_store.keys("certify/") == ["certify/cert.parquet"]  # the chunks are merged and gone
     pd.testing.assert_frame_equal(read_results(out)[RESEARCH], read_results(whole)[RESEARCH])
     # The single-process path writes there too, and resumes from what the object holds.
     single = object_store.uri("certify/single.parquet")
-    run_certification(CertifyRequest(digits_checkpoint, "digits", 0.5, single, SETTINGS, max_index=10), progress=False)
-    run_certification(CertifyRequest(digits_checkpoint, "digits", 0.5, single, SETTINGS, max_index=20), progress=False)
+    run_certification(CertifyRequest(digits_checkpoint, "digits", 0.5, single, SETTINGS, max_index=10), quiet_context())
+    run_certification(CertifyRequest(digits_checkpoint, "digits", 0.5, single, SETTINGS, max_index=20), quiet_context())
     pd.testing.assert_frame_equal(read_results(single)[RESEARCH], read_results(whole)[RESEARCH])
 
 
@@ -114,19 +113,20 @@ def test_distributed_votes_equal_single_process_votes(ray_cluster, digits_checkp
     from catrs.distributed.chunks import distributed_votes
 
     job = VoteJob(load_checkpoint(digits_checkpoint), "digits", 0.25, 50, seed=1, indices=tuple(range(25)))
-    assert torch.equal(distributed_votes(job, workers=2, progress=False), count_votes(job))
+    context = quiet_context()
+    assert torch.equal(distributed_votes(job, context, workers=2), count_votes(job, context))
     assert len(get_dataset("digits", "train")) == 1437
 
 
 def test_a_worker_killed_mid_run_restarts_from_the_checkpoint_and_ends_like_an_uninterrupted_run(
     ray_cluster, faults, tmp_path
 ):
-    from catrs.distributed.train import train_distributed
+    from catrs.distributed.train import WorkerPlan, train_distributed
 
     spec = TrainConfig(method="gaussian", dataset="synthetic", sigma=0.25, epochs=3, batch_size=64, lr=0.05).resolve()
-    clean = train_distributed(spec, tmp_path / "clean", workers=2, cpus_per_worker=0.5)
+    clean = train_distributed(spec, tmp_path / "clean", WorkerPlan(2, cpus_per_worker=0.5), quiet_context())
     faults.arm("train.epoch", "1:1")  # rank 1 dies after epoch 2's steps, before its checkpoint
-    faulty = train_distributed(spec, tmp_path / "faulty", workers=2, cpus_per_worker=0.5)
+    faulty = train_distributed(spec, tmp_path / "faulty", WorkerPlan(2, cpus_per_worker=0.5), quiet_context())
     assert faults.fired() == ["fired-train.epoch-1-1"]
     a, b = load_checkpoint(clean), load_checkpoint(faulty)
     assert b.training_state["next_epoch"] == 3
@@ -139,10 +139,10 @@ def test_a_chunk_whose_worker_dies_is_retried_and_the_merge_is_unchanged(
     from catrs.distributed.chunks import certify_distributed
 
     clean = CertifyRequest(digits_checkpoint, "digits", 0.5, tmp_path / "clean.parquet", SETTINGS, max_index=24)
-    certify_distributed(clean, 2, chunk_size=6, progress=False)
+    certify_distributed(clean, quiet_context(), 2, 6)
     faults.arm("certify.chunk", 6)  # the worker process running the chunk that starts at position 6 dies
     faulty = CertifyRequest(digits_checkpoint, "digits", 0.5, tmp_path / "faulty.parquet", SETTINGS, max_index=24)
-    certify_distributed(faulty, 2, chunk_size=6, progress=False)
+    certify_distributed(faulty, quiet_context(), 2, 6)
     assert faults.fired() == ["fired-certify.chunk-6"]
     merged = read_results(faulty.out)
     assert merged["idx"].tolist() == list(range(24))

@@ -138,7 +138,7 @@ def test_overlay_plot_is_a_real_image(run_cli, two_results, tmp_path):
 def test_report_reads_an_mlflow_run(run_cli, digits_checkpoint, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from catrs.tracking import resolve_tracking_uri
+    from catrs.context import resolve_tracking_uri
 
     out = tmp_path / "cert.parquet"
     run_cli(

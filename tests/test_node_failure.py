@@ -20,6 +20,7 @@ from catrs.results import read_results
 from catrs.sampling import SamplingProtocol
 from catrs.train import TrainConfig
 from tests.conftest import start_local_ray
+from tests.helpers import quiet_context
 
 pytestmark = pytest.mark.slow
 RESEARCH = ["idx", "label", "predict", "radius", "correct"]
@@ -108,16 +109,13 @@ def test_a_node_lost_mid_certification_costs_only_its_chunks(nodes, object_store
     settings = CertifySettings(SamplingProtocol(n0=20, n=400, batch=800), inference="eager")
     clean = run_certification(
         CertifyRequest(digits_checkpoint, "digits", 0.5, tmp_path / "clean.parquet", settings, max_index=40),
-        progress=False,
+        quiet_context(),
     )
     out = object_store.uri("preempted/cert.parquet")
     faults.hold("certify.chunk", 12)  # the worker that takes the chunk starting at image 12 stops there
     thread, outcome = in_background(
         lambda: certify_distributed(
-            CertifyRequest(digits_checkpoint, "digits", 0.5, out, settings, max_index=40),
-            2,
-            chunk_size=4,
-            progress=False,
+            CertifyRequest(digits_checkpoint, "digits", 0.5, out, settings, max_index=40), quiet_context(), 2, 4
         )
     )
     nodes.preempt(faults.held_on("certify.chunk", 12), replacement="c")
@@ -131,14 +129,14 @@ def test_a_node_lost_mid_certification_costs_only_its_chunks(nodes, object_store
 def test_a_node_lost_mid_ddp_training_restarts_from_the_checkpoint_in_the_object_store(
     nodes, object_store, faults, tmp_path
 ):
-    from catrs.distributed.train import train_distributed
+    from catrs.distributed.train import WorkerPlan, train_distributed
 
     spec = TrainConfig(method="gaussian", dataset="synthetic", sigma=0.25, epochs=3, batch_size=64, lr=0.05).resolve()
     storage = object_store.uri("train-runs")
-    clean = train_distributed(spec, tmp_path / "clean", workers=2, storage_path=storage)
+    clean = train_distributed(spec, tmp_path / "clean", WorkerPlan(2, storage_path=storage), quiet_context())
     faults.hold("train.epoch", "1:1")  # rank 1, after epoch 2's steps, before its checkpoint
     thread, outcome = in_background(
-        lambda: train_distributed(spec, tmp_path / "preempted", workers=2, storage_path=storage)
+        lambda: train_distributed(spec, tmp_path / "preempted", WorkerPlan(2, storage_path=storage), quiet_context())
     )
     nodes.preempt(faults.held_on("train.epoch", "1:1"), replacement="d")
     preempted = finished(thread, outcome)
@@ -155,8 +153,8 @@ def test_a_node_lost_mid_sweep_retries_its_trial_and_mlflow_has_each_trial_once(
     import yaml
     from mlflow.tracking import MlflowClient
 
-    from catrs.distributed.sweep import run_sweep
-    from catrs.search_space import load_search_space
+    from catrs.sweep.run import SweepOptions, run_sweep
+    from catrs.sweep.space import load_search_space
 
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "preempted.yaml"
@@ -181,7 +179,7 @@ def test_a_node_lost_mid_sweep_retries_its_trial_and_mlflow_has_each_trial_once(
     )
     faults.hold("train.epoch", "1:0")  # the first trial to finish its second epoch's steps stops there
     thread, outcome = in_background(
-        lambda: run_sweep(load_search_space(path), storage_path=object_store.uri("tune"), progress=False)
+        lambda: run_sweep(load_search_space(path), SweepOptions(storage_path=object_store.uri("tune")), quiet_context())
     )
     nodes.preempt(faults.held_on("train.epoch", "1:0"), replacement="e")
     sweep = finished(thread, outcome)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted(p.name for p in (ROOT / "platform" / "catrs" / "search_spaces").glob("*.yaml"))
+SHIPPED = sorted(p.name for p in (ROOT / "search_spaces").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def installed(tmp_path_factory):
     base = tmp_path_factory.mktemp("package")
     source = base / "source"  # a copy, so the build leaves no build/ or egg-info in the checkout
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "*.pyc")
-    for name in ("platform", "trainables"):
+    for name in ("platform", "trainables", "search_spaces"):
         shutil.copytree(ROOT / name, source / name, ignore=ignore)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, source / name)
@@ -53,17 +53,22 @@ def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Complete
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_the_wheel_carries_every_search_space(installed):
+def test_the_wheel_carries_every_search_space_and_every_module(installed):
     wheel = installed[0]
     names = set(zipfile.ZipFile(wheel).namelist())
     assert SHIPPED and {f"catrs/search_spaces/{name}" for name in SHIPPED} <= names
-    assert "trainables/__init__.py" in names
+    modules = {
+        str(path.relative_to(root))
+        for root in (ROOT / "platform", ROOT)
+        for path in (root / ("catrs" if root.name == "platform" else "trainables")).rglob("*.py")
+    }
+    assert modules <= names, sorted(modules - names)  # pyproject.toml lists every package
 
 
 def test_the_installed_package_finds_its_own_search_spaces(installed):
     _, target, empty, env = installed
     probe = (
-        "import catrs, sys; from catrs.search_space import find_search_space, shipped_spaces; "
+        "import catrs, sys; from catrs.sweep.space import find_search_space, shipped_spaces; "
         "print(catrs.__file__); print(find_search_space('demo_digits')); print(','.join(shipped_spaces())); "
         "print('ray' in sys.modules, 'mlflow' in sys.modules)"
     )

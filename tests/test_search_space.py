@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from catrs.errors import UserError
-from catrs.search_space import find_search_space, load_search_space, shipped_spaces
+from catrs.sweep.space import find_search_space, load_search_space, shipped_spaces
 
-SHIPPED = Path(__file__).parents[1] / "platform" / "catrs" / "search_spaces"  # package data of catrs
+SHIPPED = Path(__file__).parents[1] / "search_spaces"  # installed as the data package catrs.search_spaces
 SPACES = sorted(SHIPPED.glob("*.yaml"))
 VALID = {
     "name": "t",
@@ -221,7 +221,8 @@ def test_keys_of_the_old_format_name_the_file_the_key_and_what_became_of_it(tmp_
 
 
 def test_asha_compares_trials_at_geometric_rungs_below_the_last_epoch_and_the_proxy_runs_there(tmp_path):
-    from catrs.distributed.trial import proxy_of
+    from catrs.sweep.proxy import proxy_of
+    from tests.helpers import quiet_context
 
     path = tmp_path / "space.yaml"
     path.write_text(
@@ -229,7 +230,7 @@ def test_asha_compares_trials_at_geometric_rungs_below_the_last_epoch_and_the_pr
     )
     space = load_search_space(path)
     assert space.budget.rungs(20) == [3, 6, 12]
-    proxy = proxy_of(space, None, False)
+    proxy = proxy_of(space, quiet_context())
     assert [epoch + 1 for epoch in range(20) if proxy.due(epoch, 20)] == [3, 6, 12, 20]
     assert space.metric == "val_acr" and space.selection.refit is False
 
@@ -247,7 +248,7 @@ def test_optuna_learns_a_stopped_trial_as_pruned_and_a_trained_out_one_as_comple
     import optuna
     from ray import tune
 
-    from catrs.distributed.trial import PrunedAwareOptunaSearch
+    from catrs.distributed.tune import PrunedAwareOptunaSearch
 
     search = PrunedAwareOptunaSearch(
         8,

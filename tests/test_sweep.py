@@ -9,9 +9,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from catrs.context import resolve_tracking_uri
 from catrs.data import get_dataset
 from catrs.results import read_results
-from catrs.tracking import resolve_tracking_uri
 
 pytestmark = pytest.mark.slow
 

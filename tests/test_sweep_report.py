@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from catrs.sweep_report import dominated_area, importances, pareto_optimal
+from catrs.sweep.report import dominated_area, importances, pareto_optimal
 from catrs.tracking import Tracker
 
 

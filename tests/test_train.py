@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
-import catrs.teacher as teacher_module
 from catrs.checkpoint import load_checkpoint
 from catrs.results import read_results
 from catrs.teacher import SoftLabelSpec, soft_labels
 from catrs.train import TrainConfig, local_producer, train
-from tests.helpers import QUICK_TRAIN
+from tests.helpers import QUICK_TRAIN, quiet_context
 
 QUICK = dict(dataset="synthetic", sigma=0.25, batch_size=64, lr=0.05, lr_step=2)
 
@@ -25,16 +25,16 @@ class Interrupt(Exception):
 def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, method):
     settings = {"method_config": {"num_steps": 1, "teacher_noises": 20}} if method == "catrs" else {}
     config = TrainConfig(method=method, epochs=3, **QUICK, **settings).resolve()
-    whole = train(config, tmp_path / "whole", progress=False, cache_dir=tmp_path / "cache")
+    whole = train(config, tmp_path / "whole", quiet_context(cache=tmp_path / "cache"))
 
     def stop_after_two(metrics):
         if metrics["epoch"] == 2:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        train(config, tmp_path / "parts", progress=False, cache_dir=tmp_path / "cache", on_epoch=stop_after_two)
+        train(config, tmp_path / "parts", quiet_context(cache=tmp_path / "cache"), stop_after_two)
     assert load_checkpoint(tmp_path / "parts" / "checkpoint.pt").training_state["next_epoch"] == 2
-    parts = train(config, tmp_path / "parts", progress=False, cache_dir=tmp_path / "cache")
+    parts = train(config, tmp_path / "parts", quiet_context(cache=tmp_path / "cache"))
 
     a, b = load_checkpoint(whole), load_checkpoint(parts)
     assert a.state_dict.keys() == b.state_dict.keys()
@@ -45,7 +45,7 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, me
 
 
 def test_checkpoint_carries_the_complete_training_state(tmp_path):
-    path = train(TrainConfig(method="gaussian", epochs=1, **QUICK).resolve(), tmp_path / "run", progress=False)
+    path = train(TrainConfig(method="gaussian", epochs=1, **QUICK).resolve(), tmp_path / "run", quiet_context())
     state = load_checkpoint(path).training_state
     assert set(state) >= {"config", "optimizer", "scheduler", "next_epoch", "history"}
     assert state["config"]["method"] == "gaussian" and state["next_epoch"] == 1
@@ -66,7 +66,7 @@ def test_a_run_that_holds_out_val_never_trains_or_evaluates_on_it(run_cli, tmp_p
 
     seen: set[int] = set()
     spec = TrainConfig(method="gaussian", epochs=1, train_split="train_minus_val", **QUICK).resolve()
-    run = fit(spec, Recording(tmp_path / "fit"), torch.device("cpu"))
+    run = fit(spec, Recording(tmp_path / "fit", torch.device("cpu")), quiet_context())
     val = set(get_dataset("synthetic", "val").keys.tolist())
     assert seen and not seen & val and len(seen | val) == len(get_dataset("synthetic", "train"))
     assert "val_noisy_accuracy" in run.history[0] and "test_noisy_accuracy" not in run.history[0]
@@ -85,20 +85,20 @@ def test_a_run_that_holds_out_val_never_trains_or_evaluates_on_it(run_cli, tmp_p
 
 
 def test_a_run_with_other_settings_in_the_same_directory_is_refused(tmp_path):
-    train(TrainConfig(method="gaussian", epochs=1, **QUICK).resolve(), tmp_path / "run", progress=False)
+    train(TrainConfig(method="gaussian", epochs=1, **QUICK).resolve(), tmp_path / "run", quiet_context())
     from catrs.errors import UserError
 
     with pytest.raises(UserError, match="other settings.*sigma"):
         train(
             TrainConfig(method="gaussian", epochs=1, **{**QUICK, "sigma": 0.5}).resolve(),
             tmp_path / "run",
-            progress=False,
+            quiet_context(),
         )
 
 
-def test_soft_labels_are_vote_histograms_cached_by_everything_that_determines_them(tmp_path, monkeypatch):
+def test_soft_labels_are_vote_histograms_cached_by_everything_that_determines_them(tmp_path):
     spec = TrainConfig(method="catrs", epochs=1, **QUICK, method_config={"teacher_noises": 30}).resolve().soft_labels()
-    table = soft_labels(spec, tmp_path, progress=False, producer=local_producer())
+    table = soft_labels(spec, quiet_context(cache=tmp_path), local_producer())
     assert table.shape == (512, 4)
     torch.testing.assert_close(table.sum(dim=1), torch.ones(512))
     assert ((table * 30) - (table * 30).round()).abs().max() < 1e-4  # counts / N
@@ -107,12 +107,12 @@ def test_soft_labels_are_vote_histograms_cached_by_everything_that_determines_th
     def must_not_run(*args, **kwargs):
         raise AssertionError("cached soft labels were recomputed")
 
-    monkeypatch.setattr(teacher_module, "_compute", must_not_run)
-    assert torch.equal(soft_labels(spec, tmp_path, progress=False, producer=local_producer()), table)
+    refusing = replace(local_producer(), train_teacher=must_not_run, vote=must_not_run)
+    assert torch.equal(soft_labels(spec, quiet_context(cache=tmp_path), refusing), table)
     other_sigma = SoftLabelSpec(**{**spec.__dict__, "sigma0": 0.5})
     assert other_sigma.key() != spec.key()
     with pytest.raises(AssertionError, match="recomputed"):
-        soft_labels(other_sigma, tmp_path, progress=False, producer=local_producer())
+        soft_labels(other_sigma, quiet_context(cache=tmp_path), refusing)
 
 
 @pytest.mark.slow
@@ -222,7 +222,7 @@ def test_a_killed_catrs_train_resumes_with_the_same_command(faults, tmp_path):
         "2",
     ]
     reference = train(
-        TrainConfig(method="gaussian", epochs=3, **QUICK).resolve(), tmp_path / "reference", progress=False
+        TrainConfig(method="gaussian", epochs=3, **QUICK).resolve(), tmp_path / "reference", quiet_context()
     )
     faults.arm("train.epoch", "1:0")  # the process dies after epoch 2's steps, before its checkpoint
     killed = subprocess.run([*command, "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
@@ -248,7 +248,7 @@ def test_a_soft_label_cache_holding_python_objects_is_refused(tmp_path):
 
     (tmp_path / f"soft-labels-{spec.key()}.pt").write_bytes(pickle.dumps(Exploit()))
     with pytest.raises(UserError, match="unreadable"):
-        soft_labels(spec, tmp_path, progress=False, producer=local_producer())
+        soft_labels(spec, quiet_context(cache=tmp_path), local_producer())
 
 
 def test_a_soft_label_key_hashes_the_vote_count_under_its_first_name_so_old_cache_entries_stay_valid():
@@ -283,5 +283,21 @@ def test_a_run_is_resolved_once_and_the_loop_never_parses_its_hyper_parameters_a
         raise AssertionError("hyper-parameters parsed again")
 
     monkeypatch.setattr(Method, "make_config", must_not_parse)
-    path = train(spec, tmp_path / "run", progress=False)
+    path = train(spec, tmp_path / "run", quiet_context())
     assert load_checkpoint(path).training_state["next_epoch"] == 2
+
+
+def test_the_train_flags_and_a_sweep_files_keys_come_from_train_config_alone():
+    from dataclasses import fields
+
+    from catrs.cli import _build_parser
+    from catrs.train import config_flags, schedule_keys, searchable_keys
+
+    train = _build_parser()._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+    flags = {action.dest: action.option_strings for action in train._actions}
+    for field in config_flags():
+        assert flags[field.name] == [field.metadata["flag"]]
+    assert set(searchable_keys()) < set(schedule_keys()) < {f.name for f in fields(TrainConfig)}
+    assert "lr_gamma" in schedule_keys() and "lr_gamma" not in searchable_keys()
+    args = train.parse_args(["--out", "x", "--lr-gamma", "0.5", "--batch", "32"])
+    assert (args.lr_gamma, args.batch_size) == (0.5, 32)

@@ -11,8 +11,9 @@ from scipy.stats import norm
 import trainables
 import trainables.catrs as catrs_module
 from catrs.data import get_dataset
+from catrs.errors import UserError
 from catrs.models import create_model
-from trainables.base import Batch, StepContext, frozen_eval, kl_to_target, project_l2
+from trainables.base import Batch, SoftLabelNeed, StepContext, frozen_eval, kl_to_target, project_l2
 from trainables.catrs import (
     CatrsConfig,
     bottom_k_mean,
@@ -42,7 +43,7 @@ def tiny_batch(size: int = 8, classes: int = 10, confident: float = 0.82) -> Bat
 
 def test_registry_has_the_seven_methods_and_names_them_on_error():
     assert trainables.names() == METHODS
-    with pytest.raises(KeyError, match="catrs, consistency"):
+    with pytest.raises(UserError, match="unknown training method 'trades'; choose one of: catrs, consistency"):
         trainables.get("trades")
     with pytest.raises(KeyError, match="valid: confidence_mask, eps_double_epoch, epsilon, lbd"):
         trainables.get("catrs").make_config({"lambda": 1.0})
@@ -163,7 +164,8 @@ def test_confidence_mask_draws_k_from_the_soft_label(confident, expected_full):
 def test_mean_softmax_variant_needs_no_teacher():
     method = trainables.get("catrs")
     config = method.make_config({"soft_labels": "mean_softmax"})
-    assert not method.needs_soft_labels(config) and method.needs_soft_labels(method.make_config())
+    assert method.soft_labels(config) is None
+    assert method.soft_labels(method.make_config()) == SoftLabelNeed(sigma0=0.25, votes=10_000)
     batch = tiny_batch(4)
     out = catrs_loss(
         create_model("digits_cnn", 10),

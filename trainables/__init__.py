@@ -1,34 +1,21 @@
-"""The training methods of catrs, one module each, and their registry.
+"""The training methods of catrs, one module each, each registered where it is defined.
 
 `trainables.get(name)` returns a `Method` (see `base.py`); `trainables.names()` lists them. To add a
-method, write one module that defines `METHOD` and list it in `_MODULES`.
+method, write one module that registers it (`METHOD = METHODS.add(Method(...))`): the registry finds every
+module of this package by itself.
 """
 
 from __future__ import annotations
 
-from importlib import import_module
+from trainables.base import METHODS, Batch, Method, SoftLabelNeed, StepContext, StepOutput
 
-from trainables.base import Batch, Method, StepContext, StepOutput
-
-__all__ = ["Batch", "Method", "StepContext", "StepOutput", "get", "names"]
-
-_MODULES = ("gaussian", "stability", "smoothadv", "macer", "consistency", "smoothmix", "catrs")
-_REGISTRY: dict[str, Method] = {}
-
-
-def _load() -> dict[str, Method]:
-    if not _REGISTRY:
-        for module in _MODULES:
-            method = import_module(f"trainables.{module}").METHOD
-            _REGISTRY[method.name] = method
-    return _REGISTRY
+__all__ = ["Batch", "Method", "SoftLabelNeed", "StepContext", "StepOutput", "get", "names"]
 
 
 def names() -> list[str]:
-    return sorted(_load())
+    return METHODS.names()
 
 
 def get(name: str) -> Method:
-    if name not in _load():
-        raise KeyError(f"unknown training method {name!r}; choose one of: {', '.join(names())}")
-    return _REGISTRY[name]
+    """The method `name`; an unknown name is a `catrs.errors.UserError` listing the valid ones."""
+    return METHODS.get(name)

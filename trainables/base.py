@@ -1,9 +1,12 @@
-"""What a training method is, for the training loop in `catrs.train`.
+"""What a training method is, for the training loop in `catrs.train`, and the registry of methods.
 
 A method is a typed hyper-parameter config (a dataclass whose defaults are the paper's CIFAR-10 σ=0.5
 setting) and a loss of one batch: `loss(model, batch, config, context) -> StepOutput`. It may also split each
 loader batch into chunks that each take an optimizer step (the released per-noise chunking) and declare
-that it needs an upstream artefact (CAT-RS's soft labels). Pure PyTorch: no Ray, no MLflow.
+that it needs an upstream artefact (CAT-RS's soft labels: `SoftLabelNeed`). Pure PyTorch: no Ray, no MLflow.
+
+A method registers itself where it is defined (`METHOD = METHODS.add(Method(...))`); the registry imports
+every module of `trainables` at its first lookup, so a new method is one new file.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from catrs.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -47,14 +52,31 @@ class StepOutput:
 
 
 @dataclass(frozen=True)
+class SoftLabelNeed:
+    """The soft labels a run trains on: vote histograms of a Gaussian teacher trained at `sigma0` (or the one
+    in `teacher_checkpoint`), `votes` noisy votes per training image (`catrs.teacher` makes them)."""
+
+    sigma0: float
+    votes: int
+    teacher_checkpoint: str = ""
+
+
+@dataclass(frozen=True)
 class Method:
-    """A training method: its config type, its loss, and how the training loop should feed it."""
+    """A training method: its config type, its loss, and how the training loop should feed it.
+
+    `soft_labels(config)` says which soft labels a run needs (None: none). A sweep trains one teacher per
+    value of the `teacher_keys` a trial may take (so it searches them only as a finite choice), and the
+    `shared_keys` decide the soft labels every trial shares (so it does not search them at all).
+    """
 
     name: str
     config_type: type
     loss: Callable[[nn.Module, Batch, Any, StepContext], StepOutput]
     chunks: Callable[[Any], int] = lambda config: 1  # optimizer steps per loader batch (released chunking)
-    needs_soft_labels: Callable[[Any], bool] = lambda config: False
+    soft_labels: Callable[[Any], SoftLabelNeed | None] = lambda config: None
+    teacher_keys: tuple[str, ...] = ()
+    shared_keys: tuple[str, ...] = ()
     default_batch_size: int = 256
 
     def make_config(self, overrides: dict[str, Any] | None = None) -> Any:
@@ -67,6 +89,9 @@ class Method:
             raise KeyError(f"unknown hyper-parameter(s) {', '.join(unknown)} for method {self.name!r}; valid: {valid}")
         defaults = self.config_type()
         return self.config_type(**{k: _coerce(k, v, type(getattr(defaults, k))) for k, v in overrides.items()})
+
+
+METHODS: Registry[Method] = Registry("training method", "trainables")
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:

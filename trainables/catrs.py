@@ -28,8 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainables.base import (
+    METHODS,
     Batch,
     Method,
+    SoftLabelNeed,
     StepContext,
     StepOutput,
     accuracy,
@@ -152,10 +154,21 @@ def catrs_loss(model: nn.Module, batch: Batch, config: CatrsConfig, context: Ste
     )
 
 
-METHOD = Method(
-    "catrs",
-    CatrsConfig,
-    catrs_loss,
-    chunks=lambda config: config.num_noises,
-    needs_soft_labels=lambda config: config.soft_labels == "teacher",
+def soft_label_need(config: CatrsConfig) -> SoftLabelNeed | None:
+    """The teacher's votes, unless ŷ comes from the run's own noisy copies (`mean_softmax`)."""
+    if config.soft_labels != "teacher":
+        return None
+    return SoftLabelNeed(config.sigma0, config.teacher_noises, config.teacher_checkpoint)
+
+
+METHOD = METHODS.add(
+    Method(
+        "catrs",
+        CatrsConfig,
+        catrs_loss,
+        chunks=lambda config: config.num_noises,
+        soft_labels=soft_label_need,
+        teacher_keys=("sigma0",),
+        shared_keys=("soft_labels", "teacher_noises", "teacher_checkpoint"),
+    )
 )

@@ -14,7 +14,17 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainables.base import Batch, Method, StepContext, StepOutput, accuracy, draw_noises, forward_copies, kl_to_target
+from trainables.base import (
+    METHODS,
+    Batch,
+    Method,
+    StepContext,
+    StepOutput,
+    accuracy,
+    draw_noises,
+    forward_copies,
+    kl_to_target,
+)
 
 
 @dataclass(frozen=True)
@@ -48,4 +58,6 @@ def consistency_loss(model: nn.Module, batch: Batch, config: ConsistencyConfig, 
     )
 
 
-METHOD = Method("consistency", ConsistencyConfig, consistency_loss, chunks=lambda config: config.num_noises)
+METHOD = METHODS.add(
+    Method("consistency", ConsistencyConfig, consistency_loss, chunks=lambda config: config.num_noises)
+)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.base import Batch, Method, StepContext, StepOutput, accuracy, noisy
+from trainables.base import METHODS, Batch, Method, StepContext, StepOutput, accuracy, noisy
 
 
 @dataclass(frozen=True)
@@ -23,4 +23,4 @@ def gaussian_loss(model: nn.Module, batch: Batch, config: GaussianConfig, contex
     return StepOutput(F.cross_entropy(logits, batch.y), {"accuracy": accuracy(logits, batch.y)})
 
 
-METHOD = Method("gaussian", GaussianConfig, gaussian_loss)
+METHOD = METHODS.add(Method("gaussian", GaussianConfig, gaussian_loss))

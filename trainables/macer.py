@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainables.base import Batch, Method, StepContext, StepOutput, accuracy, draw_noises, forward_copies
+from trainables.base import METHODS, Batch, Method, StepContext, StepOutput, accuracy, draw_noises, forward_copies
 
 
 @dataclass(frozen=True)
@@ -68,4 +68,4 @@ def macer_loss(model: nn.Module, batch: Batch, config: MacerConfig, context: Ste
     )
 
 
-METHOD = Method("macer", MacerConfig, macer_loss, default_batch_size=64)
+METHOD = METHODS.add(Method("macer", MacerConfig, macer_loss, default_batch_size=64))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainables.base import (
+    METHODS,
     Batch,
     Method,
     StepContext,
@@ -73,4 +74,4 @@ def smoothadv_loss(model: nn.Module, batch: Batch, config: SmoothAdvConfig, cont
     )
 
 
-METHOD = Method("smoothadv", SmoothAdvConfig, smoothadv_loss, chunks=lambda config: config.num_noises)
+METHOD = METHODS.add(Method("smoothadv", SmoothAdvConfig, smoothadv_loss, chunks=lambda config: config.num_noises))

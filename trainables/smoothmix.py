@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainables.base import (
+    METHODS,
     Batch,
     Method,
     StepContext,
@@ -96,4 +97,4 @@ def smoothmix_loss(model: nn.Module, batch: Batch, config: SmoothMixConfig, cont
     )
 
 
-METHOD = Method("smoothmix", SmoothMixConfig, smoothmix_loss, chunks=lambda config: config.num_noises)
+METHOD = METHODS.add(Method("smoothmix", SmoothMixConfig, smoothmix_loss, chunks=lambda config: config.num_noises))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.base import Batch, Method, StepContext, StepOutput, accuracy, noisy
+from trainables.base import METHODS, Batch, Method, StepContext, StepOutput, accuracy, noisy
 
 
 @dataclass(frozen=True)
@@ -32,4 +32,4 @@ def stability_loss(model: nn.Module, batch: Batch, config: StabilityConfig, cont
     )
 
 
-METHOD = Method("stability", StabilityConfig, stability_loss)
+METHOD = METHODS.add(Method("stability", StabilityConfig, stability_loss))

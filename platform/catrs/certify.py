@@ -15,27 +15,24 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from catrs.checkpoint import Checkpoint, check_matches, file_sha256, load_checkpoint
+from catrs.context import RunContext
 from catrs.data import Indexed, dataset_spec, get_dataset
 from catrs.errors import UserError
 from catrs.inference import pick_device
-from catrs.metrics import certification_metrics, objective_value
-from catrs.results import CORRUPTION_COLUMNS, ResultWriter
-from catrs.sampling import DEFAULT_INFERENCE, INFERENCE_MODES, SamplingProtocol
+from catrs.results import CORRUPTION_COLUMNS, ResultRow, ResultWriter
+from catrs.sampling import DEFAULT_INFERENCE, INFERENCE_MODES, Mode, SamplingProtocol
 from catrs.smoothing import Smooth
 from catrs.storage import Stored
 
-MODES = ("certify", "predict")
 # Bound on the predictions one batch of inputs keeps on the device (int64 each) before they are counted.
 MAX_PENDING_SAMPLES = 20_000_000
 
@@ -72,16 +69,25 @@ def select_positions(length: int, skip: int = 1, max_index: int = -1) -> list[in
     return list(range(0, stop, skip))
 
 
-def inputs_per_pass(protocol: SamplingProtocol, mode: str) -> int:
+def inputs_per_pass(protocol: SamplingProtocol, mode: Mode) -> int:
     """How many inputs share forward passes: enough for the smallest phase (n0) to fill a batch."""
-    smallest = protocol.n if mode == "predict" else protocol.n0
-    per_input = protocol.n if mode == "predict" else protocol.n0 + protocol.n
+    smallest = protocol.n if mode is Mode.PREDICT else protocol.n0
+    per_input = protocol.n if mode is Mode.PREDICT else protocol.n0 + protocol.n
     return max(1, min(protocol.batch // smallest, MAX_PENDING_SAMPLES // per_input))
 
 
+class Outcome(NamedTuple):
+    """What sampling says of one image: its prediction (or -1), and in CERTIFY and evaluate modes its radius;
+    in evaluate mode whether it got estimation samples."""
+
+    prediction: int
+    radius: float | None = None
+    estimated: bool | None = None
+
+
 def certify_rows(
-    smooth: Smooth, dataset: Dataset, positions: Sequence[int], settings: CertifySettings, mode: str = "certify"
-) -> Iterator[list[dict[str, Any]]]:
+    smooth: Smooth, dataset: Dataset, positions: Sequence[int], settings: CertifySettings, mode: Mode = Mode.CERTIFY
+) -> Iterator[list[ResultRow]]:
     """Rows for the items at `positions`, a list per group of inputs certified together; `time` is the group's
     time per input. Mode `evaluate` is CERTIFY's ACR for less (`Smooth.evaluate_batch`), with an `estimated`
     column: False where the selection was already wrong and no estimation samples were spent."""
@@ -93,35 +99,34 @@ def certify_rows(
         began = time.perf_counter()
         outcomes = _sample(smooth, xs, [label for _, _, label in items], keys, settings.protocol, mode)
         seconds = (time.perf_counter() - began) / len(items)
-        rows = []
-        for (index, _, label), outcome in zip(items, outcomes, strict=True):
-            row = {
-                "idx": index,
-                "label": int(label),
-                "predict": outcome[0],
-                "correct": int(outcome[0] == label),
-                "time": seconds,
-            }
-            if mode != "predict":
-                row["radius"] = outcome[1]
-            if mode == "evaluate":
-                row["estimated"] = outcome[2]
-            layout = getattr(dataset, "layout", lambda i: None)(index)
-            if layout is not None:
-                row["corruption"], row["severity"] = layout[0], layout[1]
-            rows.append(row)
-        yield rows
+        layout = getattr(dataset, "layout", lambda i: None)
+        yield [
+            _row(index, int(label), outcome, seconds, layout(index))
+            for (index, _, label), outcome in zip(items, outcomes, strict=True)
+        ]
+
+
+def _row(index: int, label: int, outcome: Outcome, seconds: float, layout: tuple | None) -> ResultRow:
+    row = ResultRow(idx=index, label=label, predict=outcome.prediction, correct=int(outcome.prediction == label))
+    row["time"] = seconds
+    if outcome.radius is not None:
+        row["radius"] = outcome.radius
+    if outcome.estimated is not None:
+        row["estimated"] = outcome.estimated
+    if layout is not None:
+        row["corruption"], row["severity"] = layout[0], layout[1]
+    return row
 
 
 def _sample(
-    smooth: Smooth, xs: torch.Tensor, labels: list[int], keys: list[int], protocol: SamplingProtocol, mode: str
-) -> list[tuple]:
+    smooth: Smooth, xs: torch.Tensor, labels: list[int], keys: list[int], protocol: SamplingProtocol, mode: Mode
+) -> list[Outcome]:
     p = protocol
-    if mode == "certify":
-        return smooth.certify_batch(xs, p.n0, p.n, p.alpha, p.batch, indices=keys)
-    if mode == "evaluate":
-        return smooth.evaluate_batch(xs, labels, p.n0, p.n, p.alpha, p.batch, indices=keys)
-    return [(label,) for label in smooth.predict_batch(xs, p.n, p.alpha, p.batch, indices=keys)]
+    if mode is Mode.CERTIFY:
+        return [Outcome(c, r) for c, r in smooth.certify_batch(xs, p.n0, p.n, p.alpha, p.batch, indices=keys)]
+    if mode is Mode.EVALUATE:
+        return [Outcome(*row) for row in smooth.evaluate_batch(xs, labels, p.n0, p.n, p.alpha, p.batch, indices=keys)]
+    return [Outcome(c) for c in smooth.predict_batch(xs, p.n, p.alpha, p.batch, indices=keys)]
 
 
 @dataclass(frozen=True)
@@ -131,14 +136,11 @@ class CertifyRequest:
     sigma: float | None  # None: the checkpoint's; given, it must be the checkpoint's
     out: Path | str  # a local path or an object-store URI (`catrs.storage`)
     settings: CertifySettings = CertifySettings()
-    mode: str = "certify"
+    mode: Mode = Mode.CERTIFY
     split: str = "test"
     skip: int = 1
     max_index: int = -1
-    data_root: Path | None = None
-    download: bool = False
     output_format: str | None = None
-    device: str | None = None
     checkpoint_source: str = ""  # what the user named (a models:/ URI), recorded instead of the file's path
 
 
@@ -163,7 +165,7 @@ class PreparedCertification:
         return self.unfinished(self.selected)
 
 
-def prepare_certification(request: CertifyRequest) -> PreparedCertification:
+def prepare_certification(request: CertifyRequest, context: RunContext) -> PreparedCertification:
     """Checks everything about a request before any work is spent; refuses an output of other provenance."""
     settings = request.settings
     settings.validate()
@@ -172,10 +174,10 @@ def prepare_certification(request: CertifyRequest) -> PreparedCertification:
     check_matches(checkpoint.card, request.checkpoint, dataset=request.dataset, sigma=request.sigma)
     checkpoint.model()  # weights that do not fit their architecture are refused now, not mid-run
     provenance = {
-        "mode": request.mode,
+        "mode": request.mode.value,
         "dataset": request.dataset,
         "split": request.split,
-        "n0": 0 if request.mode == "predict" else settings.protocol.n0,
+        "n0": 0 if request.mode is Mode.PREDICT else settings.protocol.n0,
         "n": settings.protocol.n,
         "alpha": settings.protocol.alpha,
         "sigma": checkpoint.card.sigma,
@@ -187,82 +189,28 @@ def prepare_certification(request: CertifyRequest) -> PreparedCertification:
     }
     extra = CORRUPTION_COLUMNS if dataset_spec(request.dataset).base else ()
     writer = ResultWriter(request.out, provenance, request.output_format, extra_columns=extra)
-    dataset = get_dataset(request.dataset, request.split, request.data_root, request.download)
+    dataset = get_dataset(request.dataset, request.split, context.data_root, context.download)
     selected = select_positions(len(dataset), request.skip, request.max_index)
     return PreparedCertification(request, checkpoint, provenance, writer, dataset, selected)
 
 
-def smoothed_model(request: CertifyRequest, checkpoint: Checkpoint) -> Smooth:
-    """The checkpoint's model on the request's device, smoothed at its σ with the request's protocol."""
-    model = checkpoint.model(pick_device(request.device))
+def smoothed_model(request: CertifyRequest, checkpoint: Checkpoint, context: RunContext) -> Smooth:
+    """The checkpoint's model on the context's device, smoothed at its σ with the request's protocol."""
+    model = checkpoint.model(pick_device(context.device))
     return request.settings.smoothed(model, checkpoint.card.num_classes, checkpoint.card.sigma)
 
 
-def run_certification(request: CertifyRequest, progress: bool = True) -> Stored:
+def run_certification(request: CertifyRequest, context: RunContext) -> Stored:
     """Certifies (or predicts) the requested indices into `request.out`, resuming what it already holds."""
-    prepared = prepare_certification(request)
+    prepared = prepare_certification(request, context)
     todo = prepared.todo
+    bar = tqdm(total=len(todo), desc=request.mode.value, unit="img", disable=not context.progress, file=sys.stderr)
     try:
-        with tqdm(total=len(todo), desc=request.mode, unit="img", disable=not progress, file=sys.stderr) as bar:
-            smooth = smoothed_model(request, prepared.checkpoint)
+        with bar:
+            smooth = smoothed_model(request, prepared.checkpoint, context)
             for rows in certify_rows(smooth, prepared.dataset, todo, request.settings, request.mode):
                 prepared.writer.add(rows)
                 bar.update(len(rows))
     finally:
         prepared.writer.flush()  # what is certified is valid even if the run stops early: keep it for the resume
     return prepared.writer.path
-
-
-def spread(length: int, count: int) -> tuple[int, int]:
-    """(skip, max) that select `count` positions spread evenly over a split of `length` items (all of them
-    for 0, or a count that large)."""
-    if count <= 0 or count >= length:
-        return 1, -1
-    skip = length // count
-    return skip, skip * count
-
-
-def evaluation_metrics(frame: pd.DataFrame, objective: str, prefix: str) -> dict[str, float]:
-    """ACR, clean accuracy, certified accuracy at the usual radii and `objective` of evaluation rows, prefixed.
-
-    No abstention rate: rows whose selection was wrong were never estimated, so it would count too few."""
-    metrics = {k: v for k, v in certification_metrics(frame).items() if k != "abstain_rate"}
-    metrics[objective] = objective_value(frame, objective)
-    return {prefix + name: value for name, value in metrics.items()}
-
-
-@dataclass(frozen=True)
-class ProxyEvaluation:
-    """A sweep's cheap certification of the val split: CERTIFY's ACR (`Smooth.evaluate_batch`: images whose
-    selected class is already wrong get no estimation samples) with small n on `images` val images spread
-    evenly over the split.
-
-    Runs after the epochs in `epochs` (1-based: ASHA's rungs) and after the last, and reports `val_acr`,
-    `val_clean_accuracy`, `val_certified_accuracy_R` and the objective as `val_OBJECTIVE`. The images and the
-    noise are the same for every trial and epoch, so trials are compared on equal terms.
-    """
-
-    dataset: str
-    sigma: float
-    settings: CertifySettings
-    images: int
-    epochs: tuple[int, ...]
-    objective: str = "acr"
-    data_root: Path | None = None
-    download: bool = False
-
-    def due(self, epoch: int, epochs: int) -> bool:
-        return epoch + 1 in self.epochs or epoch + 1 == epochs
-
-    @cached_property
-    def val_set(self) -> Indexed:
-        """Loaded at the first evaluation, kept for the trial's later ones."""
-        return get_dataset(self.dataset, "val", self.data_root, self.download)
-
-    def run(self, model: nn.Module) -> tuple[dict[str, float], pd.DataFrame]:
-        smooth = self.settings.smoothed(model, dataset_spec(self.dataset).num_classes, self.sigma)
-        positions = select_positions(len(self.val_set), *spread(len(self.val_set), self.images))
-        frame = pd.DataFrame(
-            [row for group in certify_rows(smooth, self.val_set, positions, self.settings, "evaluate") for row in group]
-        )
-        return evaluation_metrics(frame, self.objective, "val_"), frame

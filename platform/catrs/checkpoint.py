@@ -2,7 +2,8 @@
 
 A checkpoint is one `torch.save`d dict of plain data and tensors: a header, the `ModelCard` (architecture,
 data set, classes, input shape, normalisation, σ, training method and its config, versions), the weights,
-and optionally the training state (optimizer, scheduler, RNG, epoch) for resuming. It is always loaded with
+and optionally the training state (optimizer, scheduler, the next epoch, the metric history) for resuming
+(no random state: each epoch seeds itself, `catrs.train`). It is always loaded with
 `weights_only=True`, so a file that smuggles Python objects is refused rather than executed. Writes are
 atomic (temporary name, then rename), so a crash never leaves a half-written checkpoint under the real name.
 """

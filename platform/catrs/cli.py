@@ -26,7 +26,7 @@ from catrs.errors import JobFailed, UserError
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
-DEMO_SPACE = "demo_digits"  # a shipped search space (catrs/search_spaces/, package data)
+DEMO_SPACE = "demo_digits"  # a shipped search space (search_spaces/, installed as catrs.search_spaces)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,6 +64,20 @@ def _add_cache_option(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="where soft labels and their teachers are cached: a directory or an object-store URI "
         "(default: $CATRS_CACHE or ~/.cache/catrs)",
+    )
+
+
+def _context(args: argparse.Namespace, progress: bool = True) -> Any:
+    """The run context every layer below receives, built once from the command's options."""
+    from catrs.context import RunContext
+
+    return RunContext.create(
+        data_root=args.data_root,
+        download=args.download,
+        cache=getattr(args, "cache_dir", None),
+        device=getattr(args, "device", None),
+        progress=progress,
+        tracking_uri=args.tracking_uri,
     )
 
 
@@ -153,6 +167,15 @@ def _add_sampling_options(parser: argparse.ArgumentParser, mode: str) -> None:
     _add_data_options(parser)
 
 
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag per setting of `TrainConfig` that has one; given, it overrides --config."""
+    from catrs.train import config_flags
+
+    for field in config_flags():
+        meta = field.metadata
+        parser.add_argument(meta["flag"], dest=field.name, type=meta["parse"], default=None, help=meta["help"] or None)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="catrs", description="Certifiably robust classifiers by randomized smoothing.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -163,15 +186,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="YAML file of train settings, or a search space (a file or a shipped name: "
         "its first point); flags override it",
     )
-    train.add_argument("--method")
-    train.add_argument("--dataset")
-    train.add_argument("--arch")
-    train.add_argument("--sigma", type=float)
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch", type=int, dest="batch_size")
-    train.add_argument("--lr", type=float)
-    train.add_argument("--lr-step", type=int, dest="lr_step")
-    train.add_argument("--seed", type=int)
+    _add_config_flags(train)
     train.add_argument(
         "--hold-out-val",
         action="store_const",
@@ -246,7 +261,7 @@ def _build_parser() -> argparse.ArgumentParser:
     tune.add_argument(
         "space",
         help="a search-space YAML file, or the name of a shipped one (catrs_cifar10, "
-        "demo_digits, …: the files in catrs/search_spaces/ of the installed package; "
+        "demo_digits, …: the files in search_spaces/, installed with catrs; "
         "a wrong name lists them all)",
     )
     tune.add_argument("--resume", action="store_true", help="finish a killed sweep")
@@ -294,8 +309,8 @@ def _parse_sets(pairs: list[str]) -> dict[str, str]:
 
 
 def _train_config(args: argparse.Namespace) -> Any:
-    from catrs.search_space import find_search_space, load_search_space, read_yaml_mapping
-    from catrs.train import TrainConfig
+    from catrs.sweep.space import find_search_space, load_search_space, read_yaml_mapping
+    from catrs.train import TrainConfig, config_flags
 
     settings: dict[str, Any] = {}
     if args.config:
@@ -309,7 +324,7 @@ def _train_config(args: argparse.Namespace) -> Any:
         unknown = sorted(set(settings) - known)
         if unknown:
             raise UserError(f"{config_file}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(known))}")
-    for name in ("method", "dataset", "arch", "sigma", "epochs", "batch_size", "lr", "lr_step", "seed", "train_split"):
+    for name in [field.name for field in config_flags()] + ["train_split"]:
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
     settings["method_config"] = {**settings.get("method_config", {}), **_parse_sets(args.set)}
@@ -323,25 +338,27 @@ def _run_train(args: argparse.Namespace) -> None:
     config = spec.config
     if args.workers < 0 or args.gpus_per_worker < 0 or args.cpus_per_worker <= 0:
         raise UserError("--workers and --gpus-per-worker must be ≥ 0 and --cpus-per-worker > 0")
-    tracker = Tracker(args.tracking_uri, spool=args.out / "mlflow-pending")  # unusable: fails before any work
+    context = _context(args)
+    tracker = Tracker(context.tracking_uri, spool=args.out / "mlflow-pending")  # unusable: fails before any work
     tags = run_tags("train", config.method, config.dataset, config.sigma)
     with tracked_run(tracker, args.out.name, tags, asdict(config)) as run_id:
-        tracker.log_dataset(run_id, config.dataset, config.train_split, "training", args.data_root)
-        checkpoint = _train_locally_or_on_ray(args, spec, tracker, run_id)
+        tracker.log_dataset(run_id, config.dataset, config.train_split, "training", context.data_root)
+        checkpoint = _train_locally_or_on_ray(args, spec, context, tracker, run_id)
         tracker.log_artifact(run_id, checkpoint.parent / "metrics.jsonl")
-        _log_model(tracker, run_id, checkpoint, config.dataset, args.data_root)
+        _log_model(tracker, run_id, checkpoint, config.dataset, context)
     print(f"checkpoint: {checkpoint}")
     print(ui_hint(tracker.uri, tracker.experiment_id, run_id))
 
 
-def _log_model(tracker: Any, run_id: str, checkpoint: Path, dataset: str, data_root: Path | None) -> None:
+def _log_model(tracker: Any, run_id: str, checkpoint: Path, dataset: str, context: Any) -> None:
     """The trained model on its run, as an MLflow PyTorch model with an input example (the checkpoint file is
     in it); a store that cannot take it costs only the model record, with a message."""
     from catrs.data import get_dataset
     from catrs.model_registry import input_example, log_checkpoint_model
 
     try:
-        log_checkpoint_model(tracker, run_id, checkpoint, input_example(get_dataset(dataset, "train", data_root)))
+        example = input_example(get_dataset(dataset, "train", context.data_root, context.download))
+        log_checkpoint_model(tracker, run_id, checkpoint, example)
     except Exception as error:  # MLflow raises many kinds for a store that cannot take models
         print(
             f"catrs: MLflow did not take the model ({type(error).__name__}); the checkpoint is {checkpoint}",
@@ -350,41 +367,24 @@ def _log_model(tracker: Any, run_id: str, checkpoint: Path, dataset: str, data_r
         tracker.log_artifact(run_id, checkpoint, "checkpoint")
 
 
-def _train_locally_or_on_ray(args: argparse.Namespace, spec: Any, tracker: Any, run_id: str) -> Path:
+def _train_locally_or_on_ray(args: argparse.Namespace, spec: Any, context: Any, tracker: Any, run_id: str) -> Path:
     def on_epoch(metrics: dict[str, float]) -> None:
         _print_epoch(metrics)
         tracker.log_metrics(run_id, metrics, step=int(metrics["epoch"]))
 
     if args.workers:
         from catrs.checkpoint import load_checkpoint
-        from catrs.distributed.train import train_distributed
+        from catrs.distributed.train import WorkerPlan, train_distributed
 
-        checkpoint = train_distributed(
-            spec,
-            args.out,
-            workers=args.workers,
-            gpus_per_worker=args.gpus_per_worker,
-            cpus_per_worker=args.cpus_per_worker,
-            storage_path=args.storage_path,
-            cache_dir=args.cache_dir,
-            data_root=args.data_root,
-            download=args.download,
-        )
+        plan = WorkerPlan(args.workers, args.gpus_per_worker, args.cpus_per_worker, args.storage_path)
+        checkpoint = train_distributed(spec, args.out, plan, context)
         # Logged from here, the driver, once the workers are done: on a cluster only the head reaches MLflow.
         for metrics in (load_checkpoint(checkpoint).training_state or {}).get("history", []):
             on_epoch(metrics)
         return checkpoint
     from catrs.train import train
 
-    return train(
-        spec,
-        args.out,
-        device=args.device,
-        data_root=args.data_root,
-        download=args.download,
-        cache_dir=args.cache_dir,
-        on_epoch=on_epoch,
-    )
+    return train(spec, args.out, context, on_epoch)
 
 
 def _print_epoch(metrics: dict[str, float]) -> None:
@@ -395,7 +395,7 @@ def _print_epoch(metrics: dict[str, float]) -> None:
 def _run_sampling(args: argparse.Namespace) -> None:
     from catrs.certify import CertifyRequest, CertifySettings, prepare_certification, run_certification
     from catrs.results import read_results
-    from catrs.sampling import SamplingProtocol
+    from catrs.sampling import Mode, SamplingProtocol
     from catrs.tracking import Tracker, run_tags, tracked_run, ui_hint
 
     # PREDICT has no selection phase: its n0 is the protocol's, checked but never used.
@@ -408,27 +408,25 @@ def _run_sampling(args: argparse.Namespace) -> None:
         from catrs.data import corrupted_variant
 
         dataset = corrupted_variant(args.dataset)
+    context = _context(args)
     request = CertifyRequest(
-        checkpoint=_checkpoint_file(args),
+        checkpoint=_checkpoint_file(args.checkpoint, context),
         dataset=dataset,
         sigma=args.sigma,
         out=args.out,
         checkpoint_source=args.checkpoint,
         settings=settings,
-        mode=args.command,
+        mode=Mode(args.command),
         split=args.split,
         skip=args.skip,
         max_index=args.max_index,
-        data_root=args.data_root,
-        download=args.download,
         output_format=args.format,
-        device=args.device,
     )
     if args.workers < 0:
         raise UserError(f"--workers must be a non-negative integer, got {args.workers}")
     if args.chunk_size is not None and args.chunk_size < 1:
         raise UserError(f"--chunk-size must be a positive integer, got {args.chunk_size}")
-    prepared = prepare_certification(request)  # every refusal happens here, before MLflow or Ray start
+    prepared = prepare_certification(request, context)  # every refusal happens here, before MLflow or Ray start
     name = prepared.writer.path.name
     # The journal of records MLflow could not take yet lives on this machine: beside a local output, else here.
     spool = (
@@ -436,16 +434,16 @@ def _run_sampling(args: argparse.Namespace) -> None:
         if prepared.writer.path.local
         else Path(name + ".mlflow-pending")
     )
-    tracker = Tracker(args.tracking_uri, spool=spool)
+    tracker = Tracker(context.tracking_uri, spool=spool)
     tags = run_tags(args.command, prepared.checkpoint.card.method, dataset, prepared.checkpoint.card.sigma)
     with tracked_run(tracker, name, tags, prepared.provenance) as run_id:
-        tracker.log_dataset(run_id, dataset, args.split, "evaluation", args.data_root)
+        tracker.log_dataset(run_id, dataset, args.split, "evaluation", context.data_root)
         if args.workers:
             from catrs.distributed.chunks import certify_distributed
 
-            out = certify_distributed(request, args.workers, args.chunk_size)
+            out = certify_distributed(request, context, args.workers, args.chunk_size)
         else:
-            out = run_certification(request)
+            out = run_certification(request, context)
         frame = read_results(out)
         if args.command == "certify":
             tracker.log_results(run_id, frame, out)
@@ -467,16 +465,13 @@ def _run_sampling(args: argparse.Namespace) -> None:
     print(ui_hint(tracker.uri, tracker.experiment_id, run_id))
 
 
-def _checkpoint_file(args: argparse.Namespace) -> Path:
+def _checkpoint_file(given: str, context: Any) -> Path:
     """--checkpoint as a file: itself, or the checkpoint of a registered model (`models:/NAME@ALIAS`)."""
     from catrs.model_registry import checkpoint_of, is_model_uri
 
-    if not is_model_uri(args.checkpoint):
-        return Path(args.checkpoint)
-    from catrs.teacher import local_cache_dir
-    from catrs.tracking import resolve_tracking_uri
-
-    return checkpoint_of(args.checkpoint, resolve_tracking_uri(args.tracking_uri), local_cache_dir())
+    if not is_model_uri(given):
+        return Path(given)
+    return checkpoint_of(given, context.tracking_uri, context.local_cache)
 
 
 def _run_report(args: argparse.Namespace) -> None:
@@ -499,7 +494,7 @@ def _run_report(args: argparse.Namespace) -> None:
         return
     table = comparison_table(frames, radii)
     if args.plot:
-        from catrs.tracking import plot_certified_accuracy
+        from catrs.plots import plot_certified_accuracy
 
         plot_certified_accuracy(frames, args.plot)
     if args.json:
@@ -524,7 +519,7 @@ def _table_style(args: argparse.Namespace) -> str:
 
 def _report_sweeps(args: argparse.Namespace) -> None:
     """Each sweep's trade-off report (also logged to its parent run); several: their frontiers compared."""
-    from catrs.sweep_report import (
+    from catrs.sweep.report import (
         format_frontier_comparison,
         format_sweep_report,
         log_sweep_report,
@@ -584,7 +579,7 @@ def _report_corruptions(args: argparse.Namespace, frames: dict[str, Any]) -> Non
         raise UserError("--linf does not apply to corruption results (their table is accuracy at r = 0 and ACR)")
     accuracy, acr = corruption_comparison(frames)
     if args.plot:
-        from catrs.tracking import plot_corruption_accuracy
+        from catrs.plots import plot_corruption_accuracy
 
         plot_corruption_accuracy(accuracy, args.plot)
     if args.json:
@@ -603,30 +598,22 @@ def _report_corruptions(args: argparse.Namespace, frames: dict[str, Any]) -> Non
 
 
 def _sweep(args: argparse.Namespace, space: Any, resume: bool) -> None:
-    from catrs.distributed.console import format_outcome
-    from catrs.distributed.sweep import run_sweep
-    from catrs.tracking import resolve_tracking_uri, ui_hint
+    from catrs.sweep.console import format_outcome
+    from catrs.sweep.run import SweepOptions, run_sweep
+    from catrs.tracking import ui_hint
 
-    outcome = run_sweep(
-        space,
-        num_samples=args.num_samples,
-        tracking_uri=args.tracking_uri,
-        resume=resume,
-        storage_path=args.storage_path,
-        cache_dir=args.cache_dir,
-        data_root=args.data_root,
-        download=args.download,
-    )
+    context = _context(args)
+    outcome = run_sweep(space, SweepOptions(args.num_samples, resume, args.storage_path), context)
     print(format_outcome(outcome, space, args.tracking_uri, args.data_root))
     print(f"sweep: {outcome.path}  (MLflow parent run {outcome.parent_run_id})")
-    print(ui_hint(resolve_tracking_uri(args.tracking_uri), outcome.experiment_id, outcome.parent_run_id))
+    print(ui_hint(context.tracking_uri, outcome.experiment_id, outcome.parent_run_id))
 
 
 def _sweep_space(args: argparse.Namespace) -> Any:
     """The search space `tune` and `demo` run (and `--dry-run` shows): a file, or a shipped space by name,
     validated; the demo's is a new sweep each time (teachers and soft labels are cached, so a second demo is
     quicker)."""
-    from catrs.search_space import find_search_space, load_search_space
+    from catrs.sweep.space import find_search_space, load_search_space
 
     space = load_search_space(find_search_space(args.space))
     if args.command == "demo":

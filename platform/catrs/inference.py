@@ -1,22 +1,20 @@
 """How a base classifier is run for noise sampling: the hot loop of certification.
 
-Three modes, each giving the same logits as the plain eager model up to float tolerance (tested). Certify
-throughput over the eager model on a 2-core CPU (`benchmarks/certify_throughput.py --models digits_cnn lenet
-cifar_resnet20 --repeats 5`, medians):
+Three modes, each giving the same logits as the plain eager model up to float tolerance (tested):
 
 - `eager`: the model as it is.
 - `channels_last`: a copy of the model with NHWC weights, fed NHWC inputs; oneDNN/cuDNN convolutions are
-  faster in that layout: 1.7× for digits_cnn, 1.8× for LeNet, 1.2× for ResNet-20.
-- `compile`: `channels_last` plus `torch.compile`: 2.6×, 2.2×, 1.9×, after a compilation of about ten
-  seconds per process and input shape on a cold cache (a second batch size switches to a dynamic-batch graph,
-  so remainders cost one more compile, not one per size).
+  faster in that layout.
+- `compile`: `channels_last` plus `torch.compile`: faster still once compiled, after a compilation of several
+  seconds per process and input shape on a cold cache (a second batch size switches to a dynamic-batch
+  graph, so remainders cost one more compile, not one per size).
 
 `channels_last` is the one default (`catrs.sampling.DEFAULT_INFERENCE`) of every certification: the CLI's, a
 sweep's proxy, selection and final certification, and the teacher's votes. Most certifications catrs runs
 are short and in new processes (a trial's proxy at each rung, a chunk worker's first chunk), where compiling
-costs more than it saves: `benchmarks/inference_default.py` runs a trial's four proxy evaluations in
-1.1 s with `channels_last` and 10.6 s with `compile` (10 s of it the first compilation). For one long
-certification of a large model (n = 100,000 over a test set), `--inference compile` is worth its start-up.
+costs more than it saves; for one long certification of a large model (n = 100,000 over a test set),
+`--inference compile` is worth its start-up. The measurements behind this choice are the README's Speed
+section (`benchmarks/certify_throughput.py`, `benchmarks/inference_default.py`).
 """
 
 from __future__ import annotations
@@ -46,7 +44,9 @@ class _ChannelsLast(nn.Module):
 
 
 def prepare_for_inference(model: Classifier, mode: str = DEFAULT_INFERENCE) -> Classifier:
-    """A callable with the logits of `model` (in eval mode), run the `mode` way; `model` is not modified."""
+    """A callable with the logits of `model` in eval mode, run the `mode` way. An `nn.Module` is put in eval
+    mode (the logits a smoothed classifier counts are the eval-mode network's); `channels_last` and `compile`
+    then run a copy of it, so its later changes are not seen."""
     if mode not in INFERENCE_MODES:
         raise ValueError(f"unknown inference mode {mode!r}; choose one of: {', '.join(INFERENCE_MODES)}")
     if isinstance(model, nn.Module):

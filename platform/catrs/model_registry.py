@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,15 +24,12 @@ import torch
 
 from catrs.checkpoint import ModelCard, load_checkpoint
 from catrs.errors import UserError
-from catrs.tracking import Tracker, flatten
+from catrs.tracking import Tracker, flatten, quiet_mlflow
 
 ALIAS = "champion"
 SCHEME = "models:/"
 CHECKPOINT_FILE = "checkpoint.pt"
 EXTRA_FILES = "extra_files"  # where MLflow keeps a logged model's extra files
-
-# MLflow's artifact downloads draw progress bars of their own into catrs's output.
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def card_tags(card: ModelCard) -> dict[str, str]:
@@ -124,6 +120,7 @@ def checkpoint_of(uri: str, tracking_uri: str, cache_dir: Path) -> Path:
     once into `cache_dir` (keyed by store, name and version)."""
     import mlflow
 
+    quiet_mlflow()
     name, version = _version_of(uri, tracking_uri)
     key = hashlib.sha256(f"{tracking_uri}|{name}|{version}".encode()).hexdigest()[:16]
     folder = cache_dir / "models" / key

@@ -17,21 +17,37 @@ import json
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypedDict, cast
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from catrs.errors import UserError
+from catrs.sampling import Mode
 from catrs.storage import Stored, stored
+
+
+class ResultRow(TypedDict, total=False):
+    """One image's row: the research columns, then what a mode or a data set adds."""
+
+    idx: int  # the dataset index
+    label: int
+    predict: int  # the prediction, or -1 (abstained)
+    radius: float  # CERTIFY: the certified ℓ2 radius (0 where abstained)
+    correct: int  # 1 where the prediction is the label
+    time: float  # seconds per image of the group it was certified with
+    estimated: bool  # evaluate: False where the selection was wrong and no estimation samples were spent
+    corruption: str  # a corruption data set's rows: which corruption ...
+    severity: int  # ... at which severity
+
 
 CERTIFY_COLUMNS = ["idx", "label", "predict", "radius", "correct", "time"]
 PREDICT_COLUMNS = ["idx", "label", "predict", "correct", "time"]
 # Evaluation (a sweep's view of CERTIFY, `Smooth.evaluate_batch`): `estimated` is False where the selected class
 # was wrong and no estimation samples were spent; those rows are evaluations, not certificates.
 EVALUATE_COLUMNS = CERTIFY_COLUMNS + ["estimated"]
-COLUMNS = {"certify": CERTIFY_COLUMNS, "predict": PREDICT_COLUMNS, "evaluate": EVALUATE_COLUMNS}
+COLUMNS = {Mode.CERTIFY: CERTIFY_COLUMNS, Mode.PREDICT: PREDICT_COLUMNS, Mode.EVALUATE: EVALUATE_COLUMNS}
 CORRUPTION_COLUMNS = ("corruption", "severity")  # rows of a corruption data set (cifar10_c, mnist_c)
 # Provenance that must match for two runs' rows to belong in one file (batch size and the checkpoint's path
 # are recorded per row but may differ: they do not change what a row certifies).
@@ -56,6 +72,11 @@ def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     """The frame's rows as {column: value}: `DataFrame.to_dict("records")` for a frame whose column names are
     strings, as every result file's are (pandas types the keys as any hashable label)."""
     return cast(list[dict[str, Any]], frame.to_dict("records"))
+
+
+def result_rows(frame: pd.DataFrame) -> list[ResultRow]:
+    """A result frame's rows."""
+    return cast(list[ResultRow], records(frame))
 
 
 def detect_format(path: str | Path | Stored, requested: str | None = None) -> str:
@@ -122,9 +143,9 @@ class ResultWriter:
         self.path = stored(path)
         self.format = detect_format(self.path, fmt)
         self.provenance = provenance
-        self.columns = COLUMNS[provenance["mode"]] + list(extra_columns)
+        self.columns = COLUMNS[Mode(provenance["mode"])] + list(extra_columns)
         self._sidecar = self.path.sibling(self.path.name + ".provenance.json")
-        self._rows: list[dict[str, Any]] = []
+        self._rows: list[ResultRow] = []
         self._unwritten = 0
         self._last_flush = time.monotonic()
         folder = Path(self.path.uri).parent
@@ -137,7 +158,7 @@ class ResultWriter:
     def done(self) -> set[int]:
         return {int(row["idx"]) for row in self._rows}
 
-    def _load_existing(self) -> list[dict[str, Any]]:
+    def _load_existing(self) -> list[ResultRow]:
         frame = read_results(self.path)
         if self.format == "parquet":
             if self.path.read()[:4] != _PARQUET_MAGIC:
@@ -146,7 +167,7 @@ class ResultWriter:
         else:
             recorded = self._provenance_of_sidecar()
         self._check_identity(recorded)
-        return records(frame[self.columns])
+        return result_rows(frame[self.columns])
 
     def _provenance_of_frame(self, frame: pd.DataFrame) -> list[dict[str, Any]]:
         missing = [key for key in IDENTITY_KEYS if key not in frame.columns]
@@ -177,7 +198,7 @@ class ResultWriter:
                     f"choose another --out or repeat the original settings to resume"
                 )
 
-    def add(self, rows: list[dict[str, Any]]) -> None:
+    def add(self, rows: list[ResultRow]) -> None:
         self._rows.extend(rows)
         self._unwritten += len(rows)
         if time.monotonic() - self._last_flush >= FLUSH_SECONDS:

@@ -6,11 +6,22 @@ Kept free of torch so that the command line takes its defaults from here without
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 # How the base classifier is run for noise sampling (`catrs.inference`); all give the same logits.
 INFERENCE_MODES = ("eager", "channels_last", "compile")
 # The default for every certification: see `catrs.inference` for the measurements behind it.
 DEFAULT_INFERENCE = "channels_last"
+
+
+class Mode(str, Enum):
+    """What a certification computes per image: Cohen's CERTIFY (a prediction and a certified radius), his
+    PREDICT (a prediction or an abstention), or a sweep's `evaluate` (CERTIFY's contribution to ACR, with no
+    estimation samples spent where the selected class is already wrong: docs/methods.md)."""
+
+    CERTIFY = "certify"
+    PREDICT = "predict"
+    EVALUATE = "evaluate"
 
 
 @dataclass(frozen=True)

@@ -42,11 +42,6 @@ class NoiseStream(IntEnum):
     VOTES = 3  # soft-label vote histograms (CAT-RS's teacher)
 
 
-def derived_seed(*words: int) -> int:
-    """A seed determined by `words` alone (e.g. seed, epoch), well mixed by NumPy's SeedSequence."""
-    return int(np.random.SeedSequence(list(words)).generate_state(1)[0])
-
-
 def noise_seed(seed: int, index: int, stream: NoiseStream) -> int:
     """A 63-bit generator seed determined by (seed, index, stream) alone, well mixed by NumPy's SeedSequence."""
     words = np.random.SeedSequence([seed, index, int(stream)]).generate_state(2, dtype=np.uint32)
@@ -93,6 +88,10 @@ class Smooth:
     evaluated, and low-precision logits make it a slightly different one, so it is off by default and
     recorded in every result it produces. `inference` picks how the model is run
     (`catrs.inference.INFERENCE_MODES`); it never changes the logits beyond float tolerance.
+
+    The smoothed classifier is the base classifier in eval mode: `base_classifier` is put in eval mode, and
+    with `channels_last` or `compile` (the default is `channels_last`) a copy of it, taken here, is what runs —
+    weights changed after construction are not seen; smooth the changed model anew.
     """
 
     def __init__(

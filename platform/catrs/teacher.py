@@ -3,20 +3,20 @@
     ŷ_i = counts of argmax F_teacher(x_i + δ), δ ~ N(0, σ0²I), over N noises, divided by N
 
 for every training index i, where the teacher is trained with Gaussian augmentation at σ0 (or given as a
-checkpoint). That is a certification-sized job (N = 10,000 votes per training image), so the result is
-cached under a key of everything that determines it — data set, architecture, σ0, the teacher's training
-settings (or its checkpoint's SHA-256), N and the seed — in a directory or an object store (`--cache-dir`,
-`$CATRS_CACHE`), where a new cluster finds it again. A `Producer` says how a missing entry is made: in this
-process under a file lock (`catrs.train.local_producer`), or on a cluster (`cluster_producer` in
+checkpoint). That is a certification-sized job (N = 10,000 votes per training image), so the result is cached
+under a key of everything that determines it — data set, architecture, σ0, the teacher's training settings (or
+its checkpoint's SHA-256), N and the seed — in the run context's cache, a directory or an object store
+(`--cache-dir`, `$CATRS_CACHE`), where a new cluster finds it again. A `Producer` says how a missing entry is
+made: in this process under a file lock (`catrs.train.local_producer`), or on a cluster (`cluster_producer` in
 `catrs.distributed.train`: the teacher as a Ray Train job on the workers, the votes as a queue of chunks, and
 one owner per key cluster-wide). This module trains nothing itself: what a teacher is lives in `catrs.train`
-(`teacher_run`), which depends on this module, not the other way round. The math: docs/methods.md, "Soft
-labels ŷ (the teacher)". The votes reuse the
-certification core (`Smooth.sample_counts`, noise stream VOTES keyed by training index).
+(`teacher_run`), which depends on this module, not the other way round. The math: docs/methods.md, "Soft labels
+ŷ (the teacher)". The votes reuse the certification core (`Smooth.sample_counts`, noise stream VOTES keyed by
+training index).
 
 Training images get the same preprocessing as in the released code: the training split with its training
-transforms, one augmented view per image; catrs draws each image's view from a seed of (seed, index), so ŷ
-is reproducible and the same however the votes are split (`count_votes` is the single-process way,
+transforms, one augmented view per image; catrs draws each image's view from a seed of (seed, index), so ŷ is
+reproducible and the same however the votes are split (`count_votes` is the single-process way,
 `catrs.distributed.chunks` runs the same job as a queue of chunks on Ray workers).
 """
 
@@ -26,13 +26,12 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from filelock import FileLock
@@ -41,23 +40,15 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from catrs.checkpoint import Checkpoint, file_sha256, load_checkpoint
+from catrs.context import RunContext
 from catrs.data import Indexed, get_dataset
 from catrs.errors import UserError
-from catrs.smoothing import NoiseStream, Smooth, derived_seed
+from catrs.inference import pick_device
+from catrs.seeds import derived_seed
+from catrs.smoothing import NoiseStream, Smooth
 from catrs.storage import Stored, stored
 
 FORMAT = "catrs-soft-labels"
-
-
-def default_cache_dir() -> str:
-    """`$CATRS_CACHE` (a directory or an object-store URI), else ~/.cache/catrs."""
-    return os.environ.get("CATRS_CACHE") or str(Path.home() / ".cache" / "catrs")
-
-
-def local_cache_dir() -> Path:
-    """Where files this machine must hold locally are kept: the cache when it is a directory, else ~/.cache/catrs."""
-    cache = stored(default_cache_dir())
-    return Path(cache.uri) if cache.local else Path.home() / ".cache" / "catrs"
 
 
 @dataclass(frozen=True)
@@ -132,29 +123,32 @@ class VoteJob:
     votes: int
     seed: int
     indices: tuple[int, ...] | None = None  # None: the whole training split
-    data_root: Path | None = None
-    download: bool = False
-    device: str | None = None
 
 
-def teacher_and_train_set(job: VoteJob) -> tuple[nn.Module, Indexed]:
-    """The job's teacher on its device, and the training split it votes on."""
-    from catrs.inference import pick_device
+def teacher_and_train_set(job: VoteJob, context: RunContext) -> tuple[nn.Module, Indexed]:
+    """The job's teacher on the context's device, and the training split it votes on."""
+    model = job.checkpoint.model(pick_device(context.device))
+    return model, get_dataset(job.dataset, "train", context.data_root, context.download)
 
-    return job.checkpoint.model(pick_device(job.device)), get_dataset(job.dataset, "train", job.data_root, job.download)
 
-
-def count_votes(job: VoteJob, progress: bool = False) -> torch.Tensor:
+def count_votes(job: VoteJob, context: RunContext) -> torch.Tensor:
     """Vote counts (len(indices), C) for `job`, in this process."""
-    model, train_set = teacher_and_train_set(job)
+    model, train_set = teacher_and_train_set(job, context)
     indices = list(job.indices) if job.indices is not None else list(range(len(train_set)))
-    return vote_histograms(model, train_set, indices, job.sigma, job.votes, seed=job.seed, progress=progress)
+    return vote_histograms(model, train_set, indices, job.sigma, job.votes, seed=job.seed, progress=context.progress)
 
 
-VoteFunction = Callable[[VoteJob], torch.Tensor]
-# (the soft labels' spec, the teacher's place in the cache, device, data root, download, progress) → a local
-# checkpoint of the trained Gaussian teacher (`catrs.train.train_teacher_here`, or the cluster's)
-TeacherTrainer = Callable[["SoftLabelSpec", Stored, "str | None", "Path | None", bool, bool], Path]
+class TeacherTrainer(Protocol):
+    """Trains the Gaussian teacher of `spec`'s soft labels, checkpointed in its cache `folder`; returns a local
+    checkpoint of it (`catrs.train.train_teacher_here`, or the cluster's)."""
+
+    def __call__(self, spec: SoftLabelSpec, folder: Stored, context: RunContext) -> Path: ...
+
+
+class VoteCounter(Protocol):
+    """Counts a teacher's votes (`count_votes` in this process, or the cluster's chunk queue)."""
+
+    def __call__(self, job: VoteJob, context: RunContext) -> torch.Tensor: ...
 
 
 def file_lock(entry: Stored) -> ContextManager:
@@ -174,57 +168,38 @@ class Producer:
     (`catrs.distributed.train.cluster_producer`)."""
 
     train_teacher: TeacherTrainer
-    vote: VoteFunction
+    vote: VoteCounter
     exclusive: Callable[[Stored], ContextManager]
 
 
 def soft_labels(
-    spec: SoftLabelSpec,
-    cache: str | Path | Stored,
-    *,
-    teacher_checkpoint: Path | None = None,
-    device: str | None = None,
-    data_root: Path | None = None,
-    download: bool = False,
-    progress: bool = True,
-    producer: Producer,
+    spec: SoftLabelSpec, context: RunContext, producer: Producer, teacher_checkpoint: Path | None = None
 ) -> torch.Tensor:
-    """ŷ (len(train split), C), float32, rows in dataset-index order: from the cache (a directory or an
-    object-store URI), or computed by `producer` and cached. The entry is written whole once computed, so a
+    """ŷ (len(train split), C), float32, rows in dataset-index order: from the context's cache (a directory or
+    an object-store URI), or computed by `producer` and cached. The entry is written whole once computed, so a
     crash mid-way leaves no entry that looks complete."""
-    entry = stored(cache).child(f"soft-labels-{spec.key()}.pt")
+    cache = stored(context.cache)
+    entry = cache.child(f"soft-labels-{spec.key()}.pt")
     if entry.exists():
         return _load(entry, spec)
     with producer.exclusive(entry):
         if entry.exists():  # computed by the owner we waited for
             return _load(entry, spec)
-        table = _compute(spec, stored(cache), teacher_checkpoint, device, data_root, download, progress, producer)
+        if teacher_checkpoint is None:
+            teacher_checkpoint = producer.train_teacher(spec, cache.child(f"teacher-{spec.key()}"), context)
+        table = _votes(spec, teacher_checkpoint, context, producer)
         entry.write(lambda stream: torch.save({"format": FORMAT, "spec": spec.record(), "soft_labels": table}, stream))
     return table
 
 
-def _compute(
-    spec: SoftLabelSpec,
-    cache: Stored,
-    teacher_checkpoint: Path | None,
-    device: str | None,
-    data_root: Path | None,
-    download: bool,
-    progress: bool,
-    producer: Producer,
-) -> torch.Tensor:
-    if teacher_checkpoint is None:
-        teacher_checkpoint = producer.train_teacher(
-            spec, cache.child(f"teacher-{spec.key()}"), device, data_root, download, progress
-        )
+def _votes(spec: SoftLabelSpec, teacher_checkpoint: Path, context: RunContext, producer: Producer) -> torch.Tensor:
+    """The teacher's vote histograms over the training split, as frequencies."""
     checkpoint = load_checkpoint(teacher_checkpoint)
     if checkpoint.card.dataset != spec.dataset:
         raise UserError(
             f"teacher {teacher_checkpoint} was trained on {checkpoint.card.dataset!r}, not {spec.dataset!r}"
         )
-    counts = producer.vote(
-        VoteJob(checkpoint, spec.dataset, spec.sigma0, spec.votes, spec.seed, None, data_root, download, device)
-    )
+    counts = producer.vote(VoteJob(checkpoint, spec.dataset, spec.sigma0, spec.votes, spec.seed), context)
     return counts.float() / spec.votes
 
 

@@ -1,15 +1,15 @@
-"""MLflow records of everything catrs runs: one run per `catrs train` / `catrs certify`, a parent run per
-sweep with a child per trial.
+"""MLflow records of everything catrs runs: one run per `catrs train` / `catrs certify`, a parent run per sweep
+with a child per trial.
 
-The tracking URI comes from `--tracking-uri`, else `MLFLOW_TRACKING_URI`, else a SQLite file `mlflow.db` in
-the working directory (with artifacts in `mlruns/` beside it). Runs are tagged `catrs.kind`, `catrs.method`,
-`catrs.dataset` and `catrs.sigma` so the UI can filter them. Everything goes through an explicit
-`MlflowClient` (no global active run), so the sweep driver can log for many trials at once.
+The tracking URI is the run context's (`catrs.context`): `--tracking-uri`, else `MLFLOW_TRACKING_URI`, else a
+SQLite file `mlflow.db` in the working directory (with artifacts in `mlruns/` beside it). Runs are tagged
+`catrs.kind`, `catrs.method`, `catrs.dataset` and `catrs.sigma` so the UI can filter them. Everything goes
+through an explicit `MlflowClient` (no global active run), so the sweep driver can log for many trials at once.
 
-A store that cannot be reached when a command starts is an error before any work is spent. One that goes
-away later does not stop the work: what cannot be sent (params, metrics, artifacts, run ends) is queued in a
-journal on disk, `SPOOL/journal.jsonl` with artifact copies beside it, and sent in order as soon as the
-store answers again; whatever is still queued when the command ends stays there, and the command says so.
+A store that cannot be reached when a command starts is an error before any work is spent. One that goes away
+later does not stop the work: what cannot be sent (params, metrics, artifacts, run ends) is queued in a journal
+on disk, `SPOOL/journal.jsonl` with artifact copies beside it, and sent in order as soon as the store answers
+again; whatever is still queued when the command ends stays there, and the command says so.
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ from typing import Any
 
 import pandas as pd
 
+from catrs.context import resolve_tracking_uri
 from catrs.errors import UserError
-from catrs.metrics import DEFAULT_RADII, certification_metrics, certified_accuracy_curve, corruption_table
+from catrs.metrics import DEFAULT_RADII, certification_metrics, corruption_table
+from catrs.plots import plot_certified_accuracy, plot_corruption_accuracy
 from catrs.storage import Stored, stored
 
 DEFAULT_EXPERIMENT = "catrs"
@@ -44,15 +46,6 @@ EXPERIMENT_TAGS = {
     "with a child run per trial; `catrs train` and `catrs certify` log a run each. "
     "Filter with the tags `catrs.kind`, `catrs.method`, `catrs.dataset`, `catrs.sigma`.",
 }
-
-
-def resolve_tracking_uri(explicit: str | None = None) -> str:
-    """The URI to log to; a relative SQLite default is made absolute, so Ray workers in other directories agree."""
-    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        uri = prefix + str(Path(uri[len(prefix) :]).resolve())
-    return uri
 
 
 def ui_hint(uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
@@ -119,9 +112,15 @@ def metric_key(name: str) -> str:
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)
 
 
-# An unreachable server should fail a command in seconds, not after MLflow's default minutes of retries.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+def quiet_mlflow() -> None:
+    """MLflow as a catrs command wants it, set before its first use: an unreachable server fails a command in
+    seconds, not after MLflow's default minutes of retries; no progress bars of its own in catrs's output;
+    and no INFO lines of its own (nor of its schema migrations)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class Tracker:
@@ -133,8 +132,7 @@ class Tracker:
     def __init__(self, uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT, spool: Path | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
-        for name in ("mlflow", "alembic"):  # their INFO lines (schema migrations) would bury catrs's output
-            logging.getLogger(name).setLevel(logging.WARNING)
+        quiet_mlflow()
         self.uri = resolve_tracking_uri(uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.spool = spool
@@ -380,61 +378,3 @@ def tracked_run(tracker: Tracker, name: str, tags: dict[str, str], params: Mappi
         tracker.end(run_id)
     finally:
         tracker.close()
-
-
-@contextlib.contextmanager
-def png_figure(path: Path, **subplots: Any) -> Iterator[Any]:
-    """The axes of `plt.subplots(**subplots)`, their figure saved to `path` as a PNG (nothing outside the axes
-    cut off) and closed when the block ends. Matplotlib's file-only backend: no display is needed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(dpi=120, **subplots)
-    try:
-        yield axes
-        figure.tight_layout()
-        figure.savefig(path, bbox_inches="tight")
-    finally:
-        plt.close(figure)
-
-
-def plot_corruption_accuracy(accuracy: pd.DataFrame, path: Path) -> Path:
-    """Certified accuracy at r = 0 (%) per corruption and the mean (rows of `accuracy`), one bar per result (its
-    columns, unnamed for a single result), as a PNG: the paper's Table 3 at a glance."""
-    with png_figure(path, figsize=(6, 1.2 + 0.3 * len(accuracy) * len(accuracy.columns) ** 0.5)) as axes:
-        # barh fills upwards, so rows and columns go in reversed, and so do the colours: the first result in C0
-        accuracy.iloc[::-1, ::-1].plot.barh(
-            ax=axes, width=0.8, legend=False, color=[f"C{i}" for i in reversed(range(len(accuracy.columns)))]
-        )
-        if len(accuracy.columns) > 1 or accuracy.columns[0]:
-            handles, labels = axes.get_legend_handles_labels()
-            axes.legend(handles[::-1], labels[::-1], loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
-        axes.set_xlabel("certified accuracy at r = 0 (%), averaged over severities")
-        axes.set_ylabel("")
-        axes.set_xlim(0, 100)
-        axes.grid(axis="x", alpha=0.3)
-    return path
-
-
-def plot_certified_accuracy(frames: Mapping[str, pd.DataFrame], path: Path, title: str = "") -> Path:
-    """Certified accuracy against ℓ2 radius, one curve per labelled frame, as a PNG; a single curve is titled
-    with its ACR."""
-    from catrs.metrics import average_certified_radius
-
-    top = max(float(f["radius"].max()) for f in frames.values() if len(f)) if frames else 1.0
-    if len(frames) == 1:
-        title = f"{title} ACR {average_certified_radius(next(iter(frames.values()))):.3f}".strip()
-    with png_figure(path, figsize=(5, 3.5)) as axes:
-        axes.set_title(title, fontsize="medium")
-        for label, frame in frames.items():
-            radii, accuracy = certified_accuracy_curve(frame, max_radius=max(top, 0.25) * 1.05)
-            axes.plot(radii, accuracy, label=label or None)
-        axes.set_xlabel("ℓ2 radius")
-        axes.set_ylabel("certified accuracy")
-        axes.set_ylim(0, 1)
-        axes.grid(alpha=0.3)
-        if any(frames):
-            axes.legend()
-    return path

@@ -18,12 +18,13 @@ go, how the model and the data are spread over workers): `LocalSession` here, an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,47 +36,55 @@ from tqdm import tqdm
 
 import trainables
 from catrs.checkpoint import Checkpoint, ModelCard, load_checkpoint, save_checkpoint
+from catrs.context import RunContext
 from catrs.data import TRAINING_SPLITS, DatasetSpec, dataset_spec, get_dataset
 from catrs.errors import UserError
 from catrs.faults import inject
 from catrs.inference import pick_device
 from catrs.models import model_names
-from catrs.smoothing import derived_seed
+from catrs.seeds import derived_seed
 from catrs.storage import Stored
-from catrs.teacher import (
-    Producer,
-    SoftLabelSpec,
-    count_votes,
-    default_cache_dir,
-    file_lock,
-    local_cache_dir,
-    soft_labels,
-    teacher_sha,
-)
-from trainables.base import Batch, Method, StepContext
+from catrs.teacher import Producer, SoftLabelSpec, count_votes, file_lock, soft_labels, teacher_sha
+from trainables.base import Batch, Method, SoftLabelNeed, StepContext
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 EVALUATION_NAME = "evaluation.parquet"
 
 
+def setting(
+    default: Any, *, flag: str = "", parse: Callable[[str], Any] | None = None, role: str = "", help: str = ""
+) -> Any:
+    """A field of `TrainConfig` with what the rest of catrs derives from it: its `catrs train` flag (parsed
+    with `parse`, default the type of `default`) and help, and its `role`: "schedule" (the teacher trains on
+    the run's schedule; a sweep file gives it in `train`) or "searchable" (a schedule setting a sweep may
+    also search)."""
+    metadata = {"flag": flag, "parse": parse or type(default), "role": role, "help": help}
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """A training run; the schedule defaults are the paper's CIFAR ones (docs/methods.md, "Training schedules")."""
+    """A training run; the schedule defaults are the paper's CIFAR ones (docs/methods.md, "Training schedules").
 
-    method: str = "gaussian"
-    dataset: str = "digits"
-    arch: str | None = None  # None: the data set's default architecture
-    sigma: float = 0.5
-    epochs: int = 150
-    batch_size: int | None = None  # None: the method's default (256; MACER 64)
-    lr: float = 0.1
-    lr_step: int = 50
-    lr_gamma: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    seed: int = 0
-    method_config: dict[str, Any] = field(default_factory=dict)
+    Every field is listed here once: the `catrs train` flags and the keys a sweep file may give or search
+    are derived from it (`config_flags`, `schedule_keys`, `searchable_keys`)."""
+
+    method: str = setting("gaussian", flag="--method", help="training method")
+    dataset: str = setting("digits", flag="--dataset", help="data set")
+    arch: str | None = setting(None, flag="--arch", parse=str, help="architecture (default: the data set's)")
+    sigma: float = setting(0.5, flag="--sigma", help="noise level σ of training and certification")
+    epochs: int = setting(150, flag="--epochs", role="searchable")
+    batch_size: int | None = setting(
+        None, flag="--batch", parse=int, role="searchable", help="loader batch (default: the method's; 256, MACER 64)"
+    )
+    lr: float = setting(0.1, flag="--lr", role="searchable", help="initial learning rate")
+    lr_step: int = setting(50, flag="--lr-step", role="searchable", help="epochs between learning-rate drops")
+    lr_gamma: float = setting(0.1, flag="--lr-gamma", role="schedule", help="factor of each learning-rate drop")
+    momentum: float = setting(0.9, flag="--momentum", role="searchable")
+    weight_decay: float = setting(1e-4, flag="--weight-decay", role="searchable")
+    seed: int = setting(0, flag="--seed")
+    method_config: dict[str, Any] = field(default_factory=dict)  # `--set KEY=VALUE`
     train_split: str = "train"  # or "train_minus_val": keep the `val` split unseen (every sweep trial does)
 
     @property
@@ -106,7 +115,7 @@ class TrainConfig:
         arch = self.arch or data.default_arch
         if arch not in model_names():
             raise UserError(f"unknown architecture {arch!r}; choose one of: {', '.join(model_names())}")
-        method = training_method(self.method)
+        method = trainables.get(self.method)
         try:
             hyper = method.make_config(self.method_config)
         except (KeyError, ValueError, TypeError) as error:
@@ -122,14 +131,19 @@ class TrainConfig:
         return RunSpec(config, method, hyper, data, teacher_schedule=teacher)
 
 
-def training_method(name: str) -> Method:
-    try:
-        return trainables.get(name)
-    except KeyError as error:
-        raise UserError(error.args[0]) from None
+def config_flags() -> list[dataclasses.Field]:
+    """The fields of `TrainConfig` that `catrs train` takes as flags (`field.metadata["flag"]`)."""
+    return [f for f in fields(TrainConfig) if f.metadata.get("flag")]
 
 
-TEACHER_SCHEDULE_KEYS = ("epochs", "batch_size", "lr", "lr_step", "lr_gamma", "momentum", "weight_decay")
+def schedule_keys() -> tuple[str, ...]:
+    """The training schedule: what a sweep file gives in `train`, and what a run's teacher trains on."""
+    return tuple(f.name for f in fields(TrainConfig) if f.metadata.get("role") in ("schedule", "searchable"))
+
+
+def searchable_keys() -> tuple[str, ...]:
+    """The schedule settings a sweep file may search, beside the method's hyper-parameters."""
+    return tuple(f.name for f in fields(TrainConfig) if f.metadata.get("role") == "searchable")
 
 
 @dataclass(frozen=True)
@@ -161,20 +175,26 @@ class RunSpec:
             config=asdict(self.config),
         )
 
+    @property
+    def soft_label_need(self) -> SoftLabelNeed | None:
+        """The soft labels the method says the run needs (None: none)."""
+        return self.method.soft_labels(self.hyper)
+
     def soft_labels(self) -> SoftLabelSpec | None:
         """What determines the soft labels the run trains on (the cache key): its teacher and the votes; None
         for a method that needs none. The one place that decides."""
-        if not self.method.needs_soft_labels(self.hyper):
+        need = self.soft_label_need
+        if need is None:
             return None
-        teacher = self.hyper.teacher_checkpoint
-        schedule: dict[str, Any] = {key: getattr(self.teacher_schedule, key) for key in TEACHER_SCHEDULE_KEYS}
+        teacher = need.teacher_checkpoint
+        schedule: dict[str, Any] = {key: getattr(self.teacher_schedule, key) for key in schedule_keys()}
         if self.teacher_schedule.train_split != "train":  # the teacher keeps `val` unseen too
             schedule["train_split"] = self.teacher_schedule.train_split
         return SoftLabelSpec(
             dataset=self.data.name,
             arch=self.arch,
-            sigma0=self.hyper.sigma0,
-            votes=self.hyper.teacher_noises,
+            sigma0=need.sigma0,
+            votes=need.votes,
             seed=self.config.seed,
             teacher_training={} if teacher else schedule,
             teacher_checkpoint_sha256=teacher_sha(teacher) if teacher else "",
@@ -360,10 +380,11 @@ def noisy_accuracy(
 
 
 class Session(Protocol):
-    """Where the loop runs: which worker it is, where checkpoints come from and go."""
+    """Where the loop runs: which worker it is, on which device, where checkpoints come from and go."""
 
     rank: int
     world_size: int
+    device: torch.device
 
     def latest(self) -> Checkpoint | None:
         """The checkpoint to resume from, if any."""
@@ -402,11 +423,12 @@ class SingleWorkerSession:
 
 
 class LocalSession(SingleWorkerSession):
-    """One process; checkpoints in the run directory `out`."""
+    """One process on `device`; checkpoints in the run directory `out`."""
 
-    def __init__(self, out: Path, on_epoch: Callable[[dict[str, float]], None] | None = None) -> None:
-        self.out = out
-        self.on_epoch = on_epoch
+    def __init__(
+        self, out: Path, device: torch.device, on_epoch: Callable[[dict[str, float]], None] | None = None
+    ) -> None:
+        self.out, self.device, self.on_epoch = out, device, on_epoch
 
     def latest(self) -> Checkpoint | None:
         path = self.out / CHECKPOINT_NAME
@@ -419,7 +441,7 @@ class LocalSession(SingleWorkerSession):
 
 
 class Evaluation(Protocol):
-    """A cheap evaluation at some epochs (a sweep's certification proxy, `catrs.certify.ProxyEvaluation`)."""
+    """A cheap evaluation at some epochs (a sweep's certification proxy, `catrs.sweep.proxy.ProxyEvaluation`)."""
 
     def due(self, epoch: int, epochs: int) -> bool:
         """Whether to evaluate (and report) after `epoch` (0-based) of `epochs`."""
@@ -431,22 +453,19 @@ class Evaluation(Protocol):
 def fit(
     spec: RunSpec,
     session: Session,
-    device: torch.device,
-    *,
-    data_root: Path | None = None,
-    download: bool = False,
+    context: RunContext,
     soft_labels: torch.Tensor | None = None,
     evaluation: Evaluation | None = None,
-    progress: bool = False,
 ) -> TrainingRun:
-    """Trains the run `spec` to its last epoch, resuming from the session's latest checkpoint.
+    """Trains the run `spec` to its last epoch on the session's device, resuming from the session's latest
+    checkpoint; data from the context's data root.
 
     Reports every epoch, or with an `evaluation` only at its epochs (with its metrics added), so that a
     scheduler comparing trials sees the same metrics at every report.
     """
-    config = spec.config
-    train_set = get_dataset(config.dataset, config.train_split, data_root, download)
-    evaluation_set = get_dataset(config.dataset, config.evaluation_split, data_root, download)
+    config, device = spec.config, session.device
+    train_set = get_dataset(config.dataset, config.train_split, context.data_root, context.download)
+    evaluation_set = get_dataset(config.dataset, config.evaluation_split, context.data_root, context.download)
     run = TrainingRun.create(spec, device)
     if (checkpoint := session.latest()) is not None:
         run.restore(checkpoint, "the run's latest checkpoint")
@@ -455,9 +474,8 @@ def fit(
     while run.next_epoch < config.epochs:
         epoch, began = run.next_epoch, time.perf_counter()
         torch.manual_seed(derived_seed(config.seed, epoch, session.rank))
-        metrics = session.reduce(
-            train_epoch(run, session.loader(train_set, config, epoch), device, progress, table, model=trained)
-        )
+        loader = session.loader(train_set, config, epoch)
+        metrics = session.reduce(train_epoch(run, loader, device, context.progress, table, model=trained))
         inject("train.epoch", f"{epoch}:{session.rank}")
         due = evaluation is None or evaluation.due(epoch, config.epochs)
         rows = None
@@ -480,43 +498,22 @@ def fit(
     return run
 
 
-def soft_labels_for(
-    spec: RunSpec,
-    cache_dir: str | Path | None = None,
-    *,
-    device: str | None = None,
-    data_root: Path | None = None,
-    download: bool = False,
-    progress: bool = True,
-    producer: Producer | None = None,
-) -> torch.Tensor | None:
-    """The soft labels the run needs, from the cache or computed into it by `producer` (default: in this
-    process); None if it needs none."""
-    labels = spec.soft_labels()
-    if labels is None:
+def soft_labels_for(spec: RunSpec, context: RunContext, producer: Producer | None = None) -> torch.Tensor | None:
+    """The soft labels the run needs, from the context's cache or computed into it by `producer` (default: in
+    this process); None if it needs none."""
+    labels, need = spec.soft_labels(), spec.soft_label_need
+    if labels is None or need is None:
         return None
-    teacher = spec.hyper.teacher_checkpoint
-    return soft_labels(
-        labels,
-        cache_dir or default_cache_dir(),
-        teacher_checkpoint=Path(teacher) if teacher else None,
-        device=device,
-        data_root=data_root,
-        download=download,
-        progress=progress,
-        producer=producer or local_producer(),
-    )
+    teacher = Path(need.teacher_checkpoint) if need.teacher_checkpoint else None
+    return soft_labels(labels, context, producer or local_producer(), teacher)
 
 
-def train_teacher_here(
-    spec: SoftLabelSpec, folder: Stored, device: str | None, data_root: Path | None, download: bool, progress: bool
-) -> Path:
+def train_teacher_here(spec: SoftLabelSpec, folder: Stored, context: RunContext) -> Path:
     """Trains the teacher of `spec` in this process, in its cache folder when that is on a local disk, else in
-    this machine's (`local_cache_dir`), its checkpoint then copied to the cache; a killed run resumes in either."""
-    local = Path(folder.uri) if folder.local else local_cache_dir() / "teachers" / folder.name
-    checkpoint = train(
-        teacher_run(spec), local, device=device, data_root=data_root, download=download, progress=progress
-    )
+    this machine's (`RunContext.local_cache`), its checkpoint then copied to the cache; a killed run resumes in
+    either."""
+    local = Path(folder.uri) if folder.local else context.local_cache / "teachers" / folder.name
+    checkpoint = train(teacher_run(spec), local, context)
     if not folder.local:
         folder.child(CHECKPOINT_NAME).upload(checkpoint)
     return checkpoint
@@ -530,29 +527,15 @@ def local_producer() -> Producer:
 def train(
     spec: RunSpec,
     out: str | Path,
-    *,
-    device: str | None = None,
-    data_root: Path | None = None,
-    download: bool = False,
-    progress: bool = True,
-    cache_dir: str | Path | None = None,
+    context: RunContext,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> Path:
-    """Trains (or resumes) the run in `out` in this process; returns the path of its checkpoint.
-
-    A method that needs soft labels (CAT-RS) gets them from the cache in `cache_dir` (default
-    `$CATRS_CACHE` or ~/.cache/catrs), training its Gaussian teacher there first if no run did yet.
+    """Trains (or resumes) the run in `out` in this process, on the context's device; returns the path of its
+    checkpoint. A method that needs soft labels (CAT-RS) gets them from the context's cache, training its
+    Gaussian teacher there first if no run did yet.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = soft_labels_for(spec, cache_dir, device=device, data_root=data_root, download=download, progress=progress)
-    fit(
-        spec,
-        LocalSession(out, on_epoch),
-        pick_device(device),
-        data_root=data_root,
-        download=download,
-        soft_labels=table,
-        progress=progress,
-    )
+    table = soft_labels_for(spec, context)
+    fit(spec, LocalSession(out, pick_device(context.device), on_epoch), context, soft_labels=table)
     return out / CHECKPOINT_NAME

@@ -2,8 +2,9 @@
 
 `digits` is the embedded default (no download), `digits_c` its generated corruptions; `synthetic` is
 generated for tests; the torchvision sets download only with `download=True`; ImageNet is read from an
-ImageFolder root; CIFAR-10-C and MNIST-C from their published files. The root defaults to `$CATRS_DATA`,
-else `./data`.
+ImageFolder root; CIFAR-10-C and MNIST-C from their published files. The root is the run context's
+(`catrs.context`: `--data-root`, else `$CATRS_DATA`, else `./data`). Each data set registers itself in its
+own module (`DATASETS` in `base.py`).
 
 Splits: `train` and `test` are the published ones; `val` holds out `val_per_class` images of each class of
 `train` (`catrs.data.holdout`: digits 30 per class, 300 images; synthetic 32; MNIST, Fashion-MNIST and
@@ -17,24 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from catrs.data.base import SPLITS, TRAINING_SPLITS, DatasetSpec, ImageSet, Indexed
-from catrs.data.corruptions import load_cifar10_c, load_mnist_c
-from catrs.data.digits import load_digits_split
-from catrs.data.digits_c import load_digits_c
+from catrs.context import default_data_root
+from catrs.data.base import DATASETS, SPLITS, TRAINING_SPLITS, DatasetSpec, ImageSet, Indexed
 from catrs.data.holdout import holdout_indices, labels_of
-from catrs.data.imagenet import load_imagenet_split
-from catrs.data.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
-from catrs.data.synthetic import load_synthetic_split
-from catrs.data.torchvision_sets import load_torchvision_split
 from catrs.errors import UserError
-from catrs.models.normalize import Normalization
 
 __all__ = [
     "SPLITS",
@@ -45,128 +37,26 @@ __all__ = [
     "corrupted_variant",
     "dataset_names",
     "dataset_spec",
-    "default_root",
     "get_dataset",
     "sealed",
 ]
 
-_SPECS: dict[str, DatasetSpec] = {
-    spec.name: spec
-    for spec in (
-        DatasetSpec(
-            "digits",
-            10,
-            (1, 8, 8),
-            None,
-            "digits_cnn",
-            load_digits_split,
-            "scikit-learn's 8×8 digits, embedded",
-            val_per_class=30,
-        ),
-        DatasetSpec(
-            "synthetic",
-            SYNTHETIC_CLASSES,
-            (1, 8, 8),
-            None,
-            "digits_cnn",
-            load_synthetic_split,
-            "generated class prototypes, for tests",
-            val_per_class=32,
-        ),
-        DatasetSpec(
-            "mnist", 10, (1, 28, 28), None, "lenet", partial(load_torchvision_split, "mnist"), val_per_class=500
-        ),
-        DatasetSpec(
-            "fashion_mnist",
-            10,
-            (1, 28, 28),
-            None,
-            "lenet",
-            partial(load_torchvision_split, "fashion_mnist"),
-            val_per_class=500,
-        ),
-        DatasetSpec(
-            "cifar10",
-            10,
-            (3, 32, 32),
-            Normalization((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-            "cifar_resnet110",
-            partial(load_torchvision_split, "cifar10"),
-            val_per_class=500,
-        ),
-        DatasetSpec(
-            "cifar100",
-            100,
-            (3, 32, 32),
-            Normalization((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
-            "cifar_resnet110",
-            partial(load_torchvision_split, "cifar100"),
-            val_per_class=50,
-        ),
-        DatasetSpec(
-            "imagenet",
-            1000,
-            (3, 224, 224),
-            Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-            "resnet50",
-            load_imagenet_split,
-            val_per_class=10,
-        ),
-        DatasetSpec(
-            "cifar10_c",
-            10,
-            (3, 32, 32),
-            Normalization((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-            "cifar_resnet110",
-            load_cifar10_c,
-            "CIFAR-10-C: 15 corruptions × 5 severities of the test set",
-            base="cifar10",
-        ),
-        DatasetSpec(
-            "mnist_c",
-            10,
-            (1, 28, 28),
-            None,
-            "lenet",
-            load_mnist_c,
-            "MNIST-C: 16 corruptions of the test set",
-            base="mnist",
-        ),
-        DatasetSpec(
-            "digits_c",
-            10,
-            (1, 8, 8),
-            None,
-            "digits_cnn",
-            load_digits_c,
-            "12 generated corruptions × 5 severities of the digits test set, catrs's own",
-            base="digits",
-        ),
-    )
-}
-
 
 def dataset_names() -> list[str]:
-    return sorted(_SPECS)
+    return DATASETS.names()
 
 
 def dataset_spec(name: str) -> DatasetSpec:
-    if name not in _SPECS:
-        raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(dataset_names())}")
-    return _SPECS[name]
+    return DATASETS.get(name)
 
 
 def corrupted_variant(name: str) -> str:
     """The corruption data set of `name`'s test split (cifar10 → cifar10_c)."""
-    for spec in _SPECS.values():
+    for spec in DATASETS.values():
         if spec.base == name:
             return spec.name
-    bases = sorted(s.base for s in _SPECS.values() if s.base)
+    bases = sorted(s.base for s in DATASETS.values() if s.base)
     raise UserError(f"no corruption data set for {name!r}; --corruptions works with: {', '.join(bases)}")
-
-
-def default_root() -> Path:
-    return Path(os.environ.get("CATRS_DATA", "data"))
 
 
 class SealedSplitError(RuntimeError):
@@ -200,7 +90,7 @@ def get_dataset(name: str, split: str, root: str | Path | None = None, download:
         raise UserError(f"{name} corrupts the {spec.base} test split: it has a test split only; use --split test")
     if split in _SEALED:
         raise SealedSplitError(f"the {split} split of {name} is sealed here: what chooses must not read it")
-    root = Path(root) if root is not None else default_root()
+    root = Path(root) if root is not None else default_data_root()
     files = "test" if split == "test" else "train"
     base = spec.load(files, root, download, split in TRAINING_SPLITS)
     dataset = Indexed(base, None if split in ("train", "test") else _split_keys(spec, split, base, root))

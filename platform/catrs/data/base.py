@@ -3,6 +3,9 @@
 The index names the image in the data set's published files: its position in the training or the test
 split. Per-sample artefacts (certification rows, soft labels, noise streams) are keyed by it, so they
 survive any sharding or reordering, and a `val` row names the training image it was held out from.
+
+Each data set registers its `DatasetSpec` in its own module (`DATASETS.add(...)`); the registry imports every
+module of `catrs.data` at its first lookup, so a new data set is one new module.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from catrs.models.normalize import Normalization
+from catrs.registry import Registry
 
 # `train`: the published training split, whole; `val`: held out from it (`catrs.data.holdout`);
 # `train_minus_val`: what a run that keeps `val` unseen trains on; `test`: the published test split.
@@ -62,6 +66,9 @@ class DatasetSpec:
         """d, the number of input dimensions: an ℓ2 radius r certifies ℓ∞ radius r/√d."""
         c, h, w = self.input_shape
         return c * h * w
+
+
+DATASETS: Registry[DatasetSpec] = Registry("dataset", "catrs.data")
 
 
 class Indexed(Dataset):

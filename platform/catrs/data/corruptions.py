@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from catrs.data.base import DATASETS, DatasetSpec
+from catrs.data.torchvision_sets import CIFAR10_NORMALIZATION
 from catrs.errors import UserError
 
 CIFAR10_C = (
@@ -144,3 +146,22 @@ def load_mnist_c(split: str, root: Path, download: bool, augment: bool = False) 
             )
         blocks.append(Block(corruption, 1, images, labels))
     return CorruptedImages(blocks)
+
+
+DATASETS.add(
+    DatasetSpec(
+        "cifar10_c",
+        10,
+        (3, 32, 32),
+        CIFAR10_NORMALIZATION,
+        "cifar_resnet110",
+        load_cifar10_c,
+        "CIFAR-10-C: 15 corruptions × 5 severities of the test set",
+        base="cifar10",
+    )
+)
+DATASETS.add(
+    DatasetSpec(
+        "mnist_c", 10, (1, 28, 28), None, "lenet", load_mnist_c, "MNIST-C: 16 corruptions of the test set", base="mnist"
+    )
+)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from catrs.data.base import TensorImages
+from catrs.data.base import DATASETS, DatasetSpec, TensorImages
 
 TEST_SIZE = 360
 SPLIT_SEED = 0
@@ -35,3 +35,17 @@ def _split_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def load_digits_split(split: str, root: Path, download: bool, augment: bool = False) -> TensorImages:
     images, labels = _split_arrays()[split]
     return TensorImages(torch.from_numpy(images), torch.from_numpy(labels))
+
+
+DATASETS.add(
+    DatasetSpec(
+        "digits",
+        10,
+        (1, 8, 8),
+        None,
+        "digits_cnn",
+        load_digits_split,
+        "scikit-learn's 8×8 digits, embedded",
+        val_per_class=30,
+    )
+)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from catrs.data.base import DATASETS, DatasetSpec
 from catrs.data.corruptions import Block, CorruptedImages
 from catrs.data.digits import load_digits_split
 
@@ -155,3 +156,17 @@ def _blocks() -> tuple[Block, ...]:
 
 def load_digits_c(split: str, root: Path, download: bool, augment: bool = False) -> CorruptedImages:
     return CorruptedImages(list(_blocks()))
+
+
+DATASETS.add(
+    DatasetSpec(
+        "digits_c",
+        10,
+        (1, 8, 8),
+        None,
+        "digits_cnn",
+        load_digits_c,
+        "12 generated corruptions × 5 severities of the digits test set, catrs's own",
+        base="digits",
+    )
+)

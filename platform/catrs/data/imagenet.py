@@ -11,7 +11,9 @@ from pathlib import Path
 
 from torchvision import datasets, transforms
 
+from catrs.data.base import DATASETS, DatasetSpec
 from catrs.errors import UserError
+from catrs.models.normalize import Normalization
 
 _FOLDERS = {"train": "train", "test": "val"}
 
@@ -32,3 +34,16 @@ def load_imagenet_split(split: str, root: Path, download: bool, augment: bool = 
         return datasets.ImageFolder(str(folder), transform=transform)
     except (FileNotFoundError, RuntimeError) as error:
         raise UserError(f"ImageNet {split} folder {folder} holds no usable images: {error}") from None
+
+
+DATASETS.add(
+    DatasetSpec(
+        "imagenet",
+        1000,
+        (3, 224, 224),
+        Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        "resnet50",
+        load_imagenet_split,
+        val_per_class=10,
+    )
+)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from catrs.data.base import TensorImages
+from catrs.data.base import DATASETS, DatasetSpec, TensorImages
 
 NUM_CLASSES = 4
 SIZES = {"train": 512, "test": 128}
@@ -29,3 +29,17 @@ def make_synthetic(split: str, num_classes: int = NUM_CLASSES, size: int | None 
 
 def load_synthetic_split(split: str, root: Path, download: bool, augment: bool = False) -> TensorImages:
     return make_synthetic(split)
+
+
+DATASETS.add(
+    DatasetSpec(
+        "synthetic",
+        NUM_CLASSES,
+        (1, 8, 8),
+        None,
+        "digits_cnn",
+        load_synthetic_split,
+        "generated class prototypes, for tests",
+        val_per_class=32,
+    )
+)

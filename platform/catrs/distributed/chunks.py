@@ -34,10 +34,12 @@ import torch
 from tqdm import tqdm
 
 from catrs.certify import CertifyRequest, certify_rows, inputs_per_pass, prepare_certification, smoothed_model
+from catrs.context import RunContext
+from catrs.data import get_dataset
 from catrs.distributed.runtime import cluster_has_gpus, connect
 from catrs.errors import JobFailed, UserError
 from catrs.faults import inject, straggle
-from catrs.results import CORRUPTION_COLUMNS, ResultWriter, read_results, records
+from catrs.results import CORRUPTION_COLUMNS, ResultRow, ResultWriter, read_results, result_rows
 from catrs.smoothing import Smooth
 from catrs.storage import Stored, stored
 from catrs.teacher import VoteJob, teacher_and_train_set, vote_histograms
@@ -126,25 +128,23 @@ def run_queue(
 
 
 @lru_cache(maxsize=1)
-def _certifier(request: CertifyRequest, checkpoint_ref: ray.ObjectRef) -> tuple[Any, Smooth]:
+def _certifier(request: CertifyRequest, context: RunContext, checkpoint_ref: ray.ObjectRef) -> tuple[Any, Smooth]:
     """The request's data set and smoothed model (compiled, where asked), built once per worker process and
     kept for its next chunks (the last request's only)."""
-    from catrs.data import get_dataset
-
     return (
-        get_dataset(request.dataset, request.split, request.data_root, request.download),
-        smoothed_model(request, ray.get(checkpoint_ref)),
+        get_dataset(request.dataset, request.split, context.data_root, context.download),
+        smoothed_model(request, ray.get(checkpoint_ref), context),
     )
 
 
 # Ray's overloads type `retry_exceptions` as a bool; its documentation and runtime also take exception types.
 @ray.remote(max_retries=MAX_RETRIES, retry_exceptions=RETRIED)  # type: ignore[call-overload]
 def _certify_chunk(
-    request: CertifyRequest, checkpoint: list[ray.ObjectRef], positions: list[int]
-) -> list[dict[str, Any]]:
+    request: CertifyRequest, context: RunContext, checkpoint: list[ray.ObjectRef], positions: list[int]
+) -> list[ResultRow]:
     inject("certify.chunk", positions[0])
     began = time.perf_counter()
-    dataset, smooth = _certifier(request, checkpoint[0])  # the ref in a list: fetched here, once per process
+    dataset, smooth = _certifier(request, context, checkpoint[0])  # the ref in a list: fetched here, once
     rows = [row for group in certify_rows(smooth, dataset, positions, request.settings, request.mode) for row in group]
     straggle("certify.chunk", time.perf_counter() - began)
     return rows
@@ -165,13 +165,13 @@ def _readable_chunks(folder: Stored, provenance: dict[str, Any], extra: tuple[st
 
 
 def certify_distributed(
-    request: CertifyRequest, workers: int | None = None, chunk_size: int | None = None, progress: bool = True
+    request: CertifyRequest, context: RunContext, workers: int | None = None, chunk_size: int | None = None
 ) -> Stored:
     """Certifies the request as a queue of chunks on up to `workers` Ray workers at once (default: every GPU,
     or CPU, of the cluster); resumable chunk by chunk; returns the merged output."""
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be a positive integer, got {workers}")
-    prepared = prepare_certification(request)
+    prepared = prepare_certification(request, context)
     connect()
     workers = workers or cluster_workers()
     folder = stored(request.out).sibling(stored(request.out).name + ".chunks").make_folder()
@@ -182,7 +182,7 @@ def certify_distributed(
     checkpoint = [ray.put(prepared.checkpoint)]
     task = _certify_chunk.options(**_resources())
 
-    def save(positions: list[int], rows: list[dict[str, Any]]) -> None:
+    def save(positions: list[int], rows: list[ResultRow]) -> None:
         writer = ResultWriter(
             folder.child(f"chunk-{positions[0]:09d}-{positions[-1]:09d}.parquet"), prepared.provenance, "parquet", extra
         )
@@ -191,12 +191,12 @@ def certify_distributed(
         earlier.append(writer)
 
     run_queue(
-        lambda positions: task.remote(request, checkpoint, positions),
+        lambda positions: task.remote(request, context, checkpoint, positions),
         plan_chunks(todo, workers, smallest, chunk_size),
         workers,
         save,
-        request.mode,
-        progress,
+        request.mode.value,
+        context.progress,
     )
     _merge(prepared.writer, earlier)
     folder.delete_folder()
@@ -208,7 +208,7 @@ def _merge(output: ResultWriter, chunks: list[ResultWriter]) -> None:
     then removes the chunks."""
     merged = output.done
     for chunk in chunks:
-        rows = records(read_results(chunk.path)[output.columns])
+        rows = result_rows(read_results(chunk.path)[output.columns])
         output.add([row for row in rows if row["idx"] not in merged])
         merged |= chunk.done
     output.flush()
@@ -220,26 +220,24 @@ def _merge(output: ResultWriter, chunks: list[ResultWriter]) -> None:
 
 
 @lru_cache(maxsize=1)
-def _voter(job_ref: ray.ObjectRef) -> tuple[VoteJob, torch.nn.Module, Any]:
+def _voter(job_ref: ray.ObjectRef, context: RunContext) -> tuple[VoteJob, torch.nn.Module, Any]:
     """The job, its teacher on this worker's device and the training split, once per worker process."""
     job = ray.get(job_ref)
-    return (job, *teacher_and_train_set(job))
+    return (job, *teacher_and_train_set(job, context))
 
 
 # Ray's overloads type `retry_exceptions` as a bool; its documentation and runtime also take exception types.
 @ray.remote(max_retries=MAX_RETRIES, retry_exceptions=RETRIED)  # type: ignore[call-overload]
-def _vote_chunk(job_ref: list[ray.ObjectRef], indices: list[int]) -> torch.Tensor:
+def _vote_chunk(job_ref: list[ray.ObjectRef], context: RunContext, indices: list[int]) -> torch.Tensor:
     inject("votes.chunk", indices[0])
-    job, teacher, train_set = _voter(job_ref[0])
+    job, teacher, train_set = _voter(job_ref[0], context)
     return vote_histograms(teacher, train_set, indices, job.sigma, job.votes, seed=job.seed)
 
 
-def distributed_votes(job: VoteJob, workers: int | None = None, progress: bool = True) -> torch.Tensor:
-    """`count_votes(job)` computed by the same queue (every GPU, or CPU, of the cluster by default)."""
-    from catrs.data import get_dataset
-
+def distributed_votes(job: VoteJob, context: RunContext, workers: int | None = None) -> torch.Tensor:
+    """`count_votes(job, context)` computed by the same queue (every GPU, or CPU, of the cluster by default)."""
     connect()
-    size = len(get_dataset(job.dataset, "train", job.data_root, job.download))
+    size = len(get_dataset(job.dataset, "train", context.data_root, context.download))
     indices = list(job.indices) if job.indices is not None else list(range(size))
     job_ref = [ray.put(job)]
     task = _vote_chunk.options(**_resources())
@@ -247,11 +245,11 @@ def distributed_votes(job: VoteJob, workers: int | None = None, progress: bool =
     workers = workers or cluster_workers()
     chunks = plan_chunks(indices, workers)
     run_queue(
-        lambda chunk: task.remote(job_ref, chunk),
+        lambda chunk: task.remote(job_ref, context, chunk),
         chunks,
         workers,
         lambda chunk, value: counts.__setitem__(chunk[0], value),
         "soft labels",
-        progress,
+        context.progress,
     )
     return torch.cat([counts[chunk[0]] for chunk in chunks])

@@ -12,6 +12,7 @@ by the cluster (`cluster_producer`, below) and handed to the workers through the
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from catrs.checkpoint import Checkpoint, load_checkpoint
+from catrs.context import RunContext
 from catrs.data import sealed
 from catrs.distributed.cache import cluster_exclusive
 from catrs.distributed.chunks import distributed_votes
 from catrs.distributed.runtime import cluster_has_gpus, connect
 from catrs.errors import JobFailed
-from catrs.storage import Stored
-from catrs.teacher import Producer, SoftLabelSpec, local_cache_dir
+from catrs.storage import Stored, stored
+from catrs.teacher import Producer, SoftLabelSpec
 from catrs.train import (
     Evaluation,
     RunFolder,
@@ -41,6 +43,7 @@ from catrs.train import (
     shuffled_loader,
     soft_labels_for,
     teacher_run,
+    train,
 )
 
 MAX_FAILURES = 3
@@ -55,12 +58,13 @@ def from_ray_checkpoint(checkpoint: ray.train.Checkpoint | None) -> Checkpoint |
 
 
 class RayTrainSession:
-    """`catrs.train.Session` inside a Ray Train worker."""
+    """`catrs.train.Session` inside a Ray Train worker, on the device Ray gave it."""
 
     def __init__(self) -> None:
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
 
     def latest(self) -> Checkpoint | None:
         return from_ray_checkpoint(ray.train.get_checkpoint())
@@ -80,7 +84,7 @@ class RayTrainSession:
     def reduce(self, metrics: dict[str, float]) -> dict[str, float]:
         if self.world_size == 1:
             return metrics
-        values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=ray.train.torch.get_device())
+        values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.device)
         dist.all_reduce(values)
         return dict(zip(metrics, (values / self.world_size).tolist(), strict=True))
 
@@ -96,69 +100,55 @@ class RayTrainSession:
 def worker_settings(
     spec: RunSpec,
     soft_labels: ray.ObjectRef | None,
-    data_root: Path | None,
-    download: bool,
+    context: RunContext,
     evaluation: Evaluation | None = None,
     sealed: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """`worker_loop`'s argument: the run, and its soft labels as a reference into the object store (each worker
     fetches them there, so no node needs a shared file system); `sealed`: splits the workers must not read."""
-    return {
-        "run": spec,
-        "soft_labels": soft_labels,
-        "data_root": None if data_root is None else str(data_root),
-        "download": download,
-        "evaluation": evaluation,
-        "sealed": sealed,
-    }
+    return {"run": spec, "soft_labels": soft_labels, "context": context, "evaluation": evaluation, "sealed": sealed}
 
 
 def worker_loop(settings: dict[str, Any]) -> None:
     """What each Ray Train worker runs: `fit` with a `RayTrainSession`."""
     table = ray.get(settings["soft_labels"]) if settings["soft_labels"] is not None else None
     with sealed(*settings["sealed"]):
-        fit(
-            settings["run"],
-            RayTrainSession(),
-            ray.train.torch.get_device(),
-            data_root=settings["data_root"],
-            download=settings["download"],
-            soft_labels=table,
-            evaluation=settings["evaluation"],
-        )
+        fit(settings["run"], RayTrainSession(), settings["context"], table, settings["evaluation"])
 
 
-def scaling(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> ray.train.ScalingConfig:
-    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
-    return ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources)
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How a run is spread over Ray Train workers: how many, the GPUs and CPUs of each, where checkpoints go
+    (a directory or a cloud URI; None: the run directory's parent), and how many failures it survives."""
+
+    workers: int
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    storage_path: str | None = None
+    max_failures: int = MAX_FAILURES
 
 
-def train_distributed(
-    spec: RunSpec,
-    out: Path,
-    *,
-    workers: int,
-    gpus_per_worker: float = 0.0,
-    cpus_per_worker: float = 1.0,
-    storage_path: str | None = None,
-    max_failures: int = MAX_FAILURES,
-    cache_dir: str | Path | None = None,
-    data_root: Path | None = None,
-    download: bool = False,
-) -> Path:
-    """Trains (or resumes) the run `spec` on `workers` Ray Train workers; copies the final checkpoint into `out`."""
+def scaling(plan: WorkerPlan) -> ray.train.ScalingConfig:
+    resources = {"CPU": plan.cpus_per_worker, **({"GPU": plan.gpus_per_worker} if plan.gpus_per_worker else {})}
+    return ray.train.ScalingConfig(
+        num_workers=plan.workers, use_gpu=plan.gpus_per_worker > 0, resources_per_worker=resources
+    )
+
+
+def train_distributed(spec: RunSpec, out: Path, plan: WorkerPlan, context: RunContext) -> Path:
+    """Trains (or resumes) the run `spec` on the plan's Ray Train workers; copies the final checkpoint into `out`."""
     out = Path(out).resolve()
     connect()
-    table = soft_labels_for(spec, cache_dir, data_root=data_root, download=download, producer=cluster_producer())
-    settings = worker_settings(spec, None if table is None else ray.put(table), data_root, download)
+    table = soft_labels_for(spec, context, cluster_producer())
+    settings = worker_settings(spec, None if table is None else ray.put(table), context)
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config=settings,
-        scaling_config=scaling(workers, gpus_per_worker, cpus_per_worker),
+        scaling_config=scaling(plan),
         run_config=ray.train.RunConfig(
             name=out.name,
-            storage_path=storage_path or str(out.parent),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            storage_path=plan.storage_path or str(out.parent),
+            failure_config=ray.train.FailureConfig(max_failures=plan.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
@@ -166,7 +156,7 @@ def train_distributed(
         result = trainer.fit()
     except ray.train.TrainingFailedError as error:
         raise JobFailed(
-            f"distributed training of {out} failed after {max_failures} restarts: "
+            f"distributed training of {out} failed after {plan.max_failures} restarts: "
             f"{str(error).splitlines()[0][:300]}; the same command resumes from the latest "
             f"checkpoint"
         ) from None
@@ -177,25 +167,43 @@ def train_distributed(
     return RunFolder(out).checkpoint
 
 
-def train_teacher_on_workers(
-    spec: SoftLabelSpec, folder: Stored, device: str | None, data_root: Path | None, download: bool, progress: bool
-) -> Path:
+def train_teacher_on_workers(spec: SoftLabelSpec, folder: Stored, context: RunContext) -> Path:
     """The teacher of `spec` as a one-worker Ray Train job (a GPU where there are GPUs), checkpointed in the
     cache's `teachers/` folder."""
     storage = folder.sibling("teachers")
-    local = local_cache_dir() / "teacher-checkpoints" / folder.name  # the driver's copy of the final one
-    return train_distributed(
-        teacher_run(spec),
-        local,
+    local = context.local_cache / "teacher-checkpoints" / folder.name  # the driver's copy of the final one
+    plan = WorkerPlan(
         workers=1,
         gpus_per_worker=1.0 if cluster_has_gpus() else 0.0,
         storage_path=str(Path(storage.uri).resolve()) if storage.local else storage.uri,
-        data_root=data_root,
-        download=download,
     )
+    return train_distributed(teacher_run(spec), local, plan, context)
 
 
 def cluster_producer() -> Producer:
     """Soft labels made by the cluster: the teacher on the workers, the votes on the chunk queue, and one owner
     per cache key cluster-wide (`catrs.distributed.cache`)."""
     return Producer(train_teacher=train_teacher_on_workers, vote=distributed_votes, exclusive=cluster_exclusive)
+
+
+@ray.remote(max_retries=1)
+def _train_task(spec: RunSpec, context: RunContext) -> bytes:
+    """Trains on whichever node Ray picks, in a scratch folder there; the checkpoint comes back as bytes, since
+    that folder is not one the driver can read."""
+    with tempfile.TemporaryDirectory() as scratch:
+        return train(spec, Path(scratch), context).read_bytes()
+
+
+def train_on_a_worker(spec: RunSpec, out: Path, plan: WorkerPlan, context: RunContext) -> Path:
+    """The run trained in one Ray task with the plan's resources (a one-worker plan), its checkpoint written
+    to `out`; or on Ray Train workers (a plan of several)."""
+    if plan.workers > 1:
+        return train_distributed(spec, out, plan, context)
+    task = _train_task.options(num_cpus=plan.cpus_per_worker, num_gpus=plan.gpus_per_worker)
+    try:
+        checkpoint = ray.get(task.remote(spec, context))
+    except ray.exceptions.RayError as error:
+        raise JobFailed(f"training {out} on a worker failed: {str(error).splitlines()[0][:300]}") from None
+    path = RunFolder(out).checkpoint
+    stored(path).write_bytes(checkpoint)
+    return path

@@ -6,6 +6,8 @@ ResNet-20 (n=3) is the quick one; ResNet-110 (n=18) is the paper's CIFAR archite
 
 from torch import Tensor, nn
 
+from catrs.models.base import architecture
+
 
 class BasicBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int) -> None:
@@ -53,9 +55,11 @@ class CifarResNet(nn.Module):
         return self.fc(out.flatten(1))
 
 
+@architecture(in_channels=3)
 def cifar_resnet20(num_classes: int, in_channels: int = 3) -> nn.Module:
     return CifarResNet(20, num_classes, in_channels)
 
 
+@architecture(in_channels=3)
 def cifar_resnet110(num_classes: int, in_channels: int = 3) -> nn.Module:
     return CifarResNet(110, num_classes, in_channels)

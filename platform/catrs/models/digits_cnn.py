@@ -2,7 +2,10 @@
 
 from torch import nn
 
+from catrs.models.base import architecture
 
+
+@architecture(in_channels=1)
 def digits_cnn(num_classes: int, in_channels: int = 1) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(in_channels, 32, 3, padding=1),

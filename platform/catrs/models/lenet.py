@@ -2,7 +2,10 @@
 
 from torch import nn
 
+from catrs.models.base import architecture
 
+
+@architecture(in_channels=1)
 def lenet(num_classes: int, in_channels: int = 1) -> nn.Module:
     """conv5×5(→20)–ReLU–pool2, conv5×5(20→50)–ReLU–pool2, FC 800→500–ReLU, FC 500→classes."""
     return nn.Sequential(

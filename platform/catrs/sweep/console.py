@@ -1,43 +1,40 @@
 """What a sweep shows on the console: one progress bar while it runs, then the summary of its outcome.
 
-Tune's own reporter and Optuna's INFO lines are off (`quiet_tune`); a catrs user acts on the trials table,
-the choice, its test report and the commands that take the sweep further.
+Tune's own reporter and Optuna's INFO lines are off (`catrs.distributed.tune.quiet_tune`); a catrs user acts
+on the trials table, the choice, its test report and the commands that take the sweep further.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import optuna
 import pandas as pd
-import ray.tune
 from tqdm import tqdm
 
 from catrs.data import corrupted_variant
-from catrs.distributed.selection import VAL_PREFIX
 from catrs.errors import UserError
 from catrs.metrics import DEFAULT_RADII
 from catrs.report import build_report, format_report
-from catrs.search_space import SearchSpace
-from catrs.sweep_report import SweepReport, format_sweep_report
-from catrs.sweep_story import nearest_logged_radius
+from catrs.sweep.report import SweepReport, format_sweep_report
+from catrs.sweep.selection import VAL_PREFIX
+from catrs.sweep.space import SearchSpace
+from catrs.sweep.story import nearest_logged_radius
 
 
-class SweepProgress(ray.tune.Callback):
-    """The sweep's one progress display on the driver: trials ended out of the planned number, with the best
-    proxy so far. (Tune's own reporter is off: `RAY_AIR_NEW_OUTPUT=0` with `verbose=0`.)"""
+class SweepProgress:
+    """The sweep's one progress display on the driver (a `TrialObserver`): trials ended out of the planned
+    number, with the best proxy so far."""
 
     def __init__(self, total: int, metric: str) -> None:
         self.total, self.metric, self.best = total, metric, -math.inf
         self._bar: tqdm | None = None
 
-    def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks with the experiment; a bar is not data
+    def __getstate__(self) -> dict[str, Any]:  # the Tune glue pickles its observers; a bar is not data
         return {**self.__dict__, "_bar": None}
 
     @property
@@ -46,31 +43,23 @@ class SweepProgress(ray.tune.Callback):
             self._bar = tqdm(total=self.total, desc="trials", unit="trial", file=sys.stderr)
         return self._bar
 
-    def setup(
-        self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None, **info: Any
-    ) -> None:
-        self.bar.refresh()  # from the sweep's start, not its first result
+    def started(self, trial_id: str, point: dict[str, Any]) -> None:
+        self.bar.refresh()  # from the first trial's start, not its first result
 
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if self.metric in result and result[self.metric] > self.best:
-            self.best = result[self.metric]
+    def reported(self, trial_id: str, point: dict[str, Any], metrics: dict[str, float]) -> None:
+        if self.metric in metrics and metrics[self.metric] > self.best:
+            self.best = metrics[self.metric]
             self.bar.set_postfix_str(f"best {self.metric} {self.best:.4f}")
 
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+    def completed(self, trial_id: str, point: dict[str, Any], last: dict[str, Any], checkpoint: Any) -> None:
         self.bar.update(1)
 
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+    def failed(self, trial_id: str, point: dict[str, Any]) -> None:
         self.bar.update(1)
 
-    def on_experiment_end(self, trials, **info) -> None:
-        self.bar.close()
-
-
-def quiet_tune() -> None:
-    """Tune's console output off (its legacy reporter honours `verbose=0`, the new one does not; neither the
-    results folder nor the TensorBoard hint is something a catrs user acts on), and Optuna's INFO lines."""
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 @dataclass

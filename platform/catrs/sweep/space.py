@@ -12,10 +12,16 @@ their end (the top-k re-certified on val; optionally re-trained on the whole tra
 trial. Every trial trains on `train_minus_val`, so nothing that chooses ever sees the test split. Every mistake
 is a `UserError` naming the file and the key, old keys included. The same file drives
 `catrs train --config FILE` through its first point.
+
+The keys a file may give or search come from the code they configure: the schedule keys and the searchable
+ones from `catrs.train.TrainConfig`, a method's hyper-parameters from its config type, and which of those
+need a teacher per value (searched only as a choice) or decide the soft labels every trial shares (never
+searched) from the method itself (`trainables.base.Method`).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -29,7 +35,7 @@ from catrs.data import dataset_names
 from catrs.errors import UserError
 from catrs.models import model_names
 from catrs.sampling import SamplingProtocol
-from catrs.train import RunSpec, TrainConfig
+from catrs.train import RunSpec, TrainConfig, schedule_keys, searchable_keys
 
 TOP_LEVEL = {
     "name",
@@ -59,12 +65,8 @@ MOVED = {
     "budget.grace_period": "replaced by `first_rung`, counted in epochs: ASHA compares trials at epochs "
     "first_rung·reduction_factor^k",
 }
-SEARCHABLE_TRAIN_KEYS = {"lr", "batch_size", "lr_step", "momentum", "weight_decay", "epochs"}
-FIXED_TRAIN_KEYS = SEARCHABLE_TRAIN_KEYS | {"lr_gamma"}
 DOMAIN_KINDS = ("loguniform", "uniform", "int", "choice")
 OBJECTIVE = re.compile(r"^(acr|certified_accuracy_(\d+(\.\d+)?)|auc_(\d+(\.\d+)?))$")
-TEACHER_KEY = "sigma0"  # each value trains a teacher: it must come from a finite choice
-SOFT_LABEL_KEYS = {"soft_labels", "teacher_noises", "teacher_checkpoint"}  # one value per sweep
 
 
 @dataclass(frozen=True)
@@ -179,8 +181,9 @@ class SearchSpace:
 
     def settings(self, point: dict[str, Any], train_split: str = "train_minus_val") -> TrainConfig:
         """The training settings of one point of the space (sampled values over the fixed ones)."""
-        train = {**self.train, **{k: v for k, v in point.items() if k in SEARCHABLE_TRAIN_KEYS}}
-        hyper = {**self.fixed, **{k: v for k, v in point.items() if k not in SEARCHABLE_TRAIN_KEYS}}
+        schedule = searchable_keys()
+        train = {**self.train, **{k: v for k, v in point.items() if k in schedule}}
+        hyper = {**self.fixed, **{k: v for k, v in point.items() if k not in schedule}}
         return TrainConfig(
             method=self.method,
             dataset=self.dataset,
@@ -208,9 +211,11 @@ class SearchSpace:
         return {key: _middle(domain) for key, domain in self.search.items()}
 
     def teacher_points(self) -> list[dict[str, Any]]:
-        """One point per σ0 a trial may ask for (each needs its own teacher)."""
-        sigmas = self.search[TEACHER_KEY].values if TEACHER_KEY in self.search else [None]
-        return [{**self.first_point(), **({TEACHER_KEY: s} if s is not None else {})} for s in sigmas]
+        """One point per teacher a trial may ask for: the first point with each combination of the searched
+        values of the method's `teacher_keys` (CAT-RS: each σ0)."""
+        keys = [key for key in trainables.get(self.method).teacher_keys if key in self.search]
+        choices = itertools.product(*(self.search[key].values for key in keys))
+        return [{**self.first_point(), **dict(zip(keys, values, strict=True))} for values in choices]
 
 
 def _middle(domain: Domain) -> Any:
@@ -301,13 +306,13 @@ def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-SHIPPED_FOLDER = "search_spaces"  # package data of `catrs`: the published settings, the demo, the trade-off sweeps
+SHIPPED_PACKAGE = "catrs.search_spaces"  # the top-level search_spaces/, installed as this data package
 
 
 def _shipped_folder() -> Path:
     from importlib.resources import files
 
-    return Path(str(files("catrs") / SHIPPED_FOLDER))  # a wheel installs unzipped: a real folder
+    return Path(str(files(SHIPPED_PACKAGE)))  # a wheel installs unzipped: a real folder
 
 
 def shipped_spaces() -> list[str]:
@@ -348,7 +353,7 @@ def load_search_space(path: str | Path) -> SearchSpace:
     _check_identity(check, raw)
     method = raw["method"]
     train = check.mapping(raw.get("train"), "train")
-    check.only(train, FIXED_TRAIN_KEYS, "train")
+    check.only(train, set(schedule_keys()), "train")
     fixed = check.mapping(raw.get("fixed"), "fixed")
     _check_method_values(check, method, fixed, "fixed")
     search = _search(check, raw["search"], method, train, fixed)
@@ -407,7 +412,8 @@ def _check_identity(check: _Checker, raw: dict[str, Any]) -> None:
 
 def _search(check: _Checker, raw: Any, method: str, train: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Domain]:
     """The ranges: each over a method hyper-parameter or a searchable training setting, given in one place."""
-    method_keys = {f.name for f in fields(trainables.get(method).config_type)}
+    kind = trainables.get(method)
+    valid = {f.name for f in fields(kind.config_type)} | set(searchable_keys())
     search_raw = check.mapping(raw, "search")
     if not search_raw:
         check.fail("search", "nothing to search: give at least one range")
@@ -415,15 +421,15 @@ def _search(check: _Checker, raw: Any, method: str, train: dict[str, Any], fixed
     for key, spec in search_raw.items():
         if key == "sigma":
             check.fail("search.sigma", "σ is what a result is certified at; sweep each σ in its own file")
-        if key not in method_keys | SEARCHABLE_TRAIN_KEYS:
-            check.fail(f"search.{key}", f"unknown key; valid: {', '.join(sorted(method_keys | SEARCHABLE_TRAIN_KEYS))}")
+        if key not in valid:
+            check.fail(f"search.{key}", f"unknown key; valid: {', '.join(sorted(valid))}")
         if key in fixed or key in train:
             check.fail(f"search.{key}", "also given as a fixed value; keep it in one place")
+        if key in kind.shared_keys:
+            check.fail(f"search.{key}", "decides the soft labels every trial shares; give it in `fixed`")
         search[key] = _domain(check, f"search.{key}", spec)
-    if TEACHER_KEY in search and search[TEACHER_KEY].kind != "choice":
-        check.fail(f"search.{TEACHER_KEY}", "must be a choice: each value trains (and caches) one teacher")
-    for key in SOFT_LABEL_KEYS & set(search):
-        check.fail(f"search.{key}", "decides the soft labels every trial shares; give it in `fixed`")
+        if key in kind.teacher_keys and search[key].kind != "choice":
+            check.fail(f"search.{key}", "must be a choice: each value trains (and caches) one teacher")
     return search
 
 

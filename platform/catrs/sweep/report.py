@@ -28,8 +28,9 @@ import pandas as pd
 from matplotlib.ticker import FuncFormatter
 
 from catrs.errors import UserError
+from catrs.plots import png_figure
 from catrs.report import split_label
-from catrs.tracking import Tracker, png_figure
+from catrs.tracking import Tracker
 
 
 @dataclass

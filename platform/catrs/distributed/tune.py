@@ -1,0 +1,279 @@
+"""Ray Tune for a sweep: the trial each sample runs, its resources, Optuna's searcher, the tuner, and the
+callback that tells the sweep what happens.
+
+    catrs tune demo_digits          (`catrs.sweep.run` calls `run_trials`)
+
+A trial is the training loop (`catrs.train.fit`; with Ray Train when the file asks for several workers) on
+`train_minus_val`, reporting at ASHA's rungs and at the last epoch the cheap certification of the val split
+(`catrs.sweep.proxy`), so that ASHA can stop trials that fall behind at equal budgets. The test split is
+sealed in every trial (`catrs.data.sealed`).
+
+Early-stopped trials and Optuna: a trial that ASHA stopped is told to Optuna as PRUNED, with its proxy at
+each rung as intermediate values, never as a complete trial: its partial figure is not what its setting
+would reach once trained out. Optuna's TPE ranks pruned trials below every complete one and, among
+themselves, by the last rung they reached — the signal that steers it away from the region, without
+comparing a rung-1 figure with trained-out ones.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import ray
+import ray.train
+import ray.tune
+import torch
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from catrs.checkpoint import Checkpoint
+from catrs.context import RunContext
+from catrs.data import sealed
+from catrs.distributed.train import WorkerPlan, from_ray_checkpoint, scaling, worker_loop, worker_settings
+from catrs.inference import pick_device
+from catrs.sweep.proxy import proxy_of
+from catrs.sweep.space import Domain, SearchSpace
+from catrs.sweep.trial import TrialObserver, TrialResult
+from catrs.train import SingleWorkerSession, TrainingRun, fit
+
+SEALED = ("test",)  # what no trial, and the driver until its choice, may read
+# What Tune adds to every result; everything else a trial reports is a metric of catrs's own.
+TUNE_BOOKKEEPING = {
+    "timestamp",
+    "checkpoint_dir_name",
+    "done",
+    "training_iteration",
+    "trial_id",
+    "date",
+    "time_this_iter_s",
+    "time_total_s",
+    "pid",
+    "hostname",
+    "node_ip",
+    "time_since_restore",
+    "iterations_since_restore",
+    "experiment_tag",
+    "should_checkpoint",
+    "checkpoint_path",
+}
+
+
+def tune_domain(domain: Domain) -> Any:
+    low_high = domain.values
+    if domain.kind == "loguniform":
+        return ray.tune.loguniform(*low_high)
+    if domain.kind == "uniform":
+        return ray.tune.uniform(*low_high)
+    if domain.kind == "int":
+        return ray.tune.randint(low_high[0], low_high[1] + 1)  # Tune's upper bound is exclusive
+    return ray.tune.choice(list(domain.values))
+
+
+class TuneSession(SingleWorkerSession):
+    """`catrs.train.Session` inside a single-worker Tune trial, on the device the trial was given."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def latest(self) -> Checkpoint | None:
+        return from_ray_checkpoint(ray.tune.get_checkpoint())
+
+    def report(self, metrics: dict[str, float], run: TrainingRun, evaluation: pd.DataFrame | None) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            run.write(Path(folder), evaluation)
+            ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of a sweep shares: the space, the soft-label tables per key (references into the object
+    store, one per teacher), the run context, and where Ray Train trials keep their checkpoints."""
+
+    space: SearchSpace
+    soft_label_tables: dict[str, Any]
+    context: RunContext
+    storage_path: str
+
+
+def sweep_trial(params: dict[str, Any], setup: TrialSetup) -> None:
+    """One trial: train the point `params`, reporting the proxy certification (the Tune function trainable).
+
+    Soft labels come from the object store (the driver made one table per teacher), so a trial on any node
+    of a cluster finds them without a shared file system.
+    """
+    space, context = setup.space, setup.context
+    spec = space.resolve(params)
+    labels = spec.soft_labels()
+    table = None if labels is None else setup.soft_label_tables[labels.key()]
+    evaluation = proxy_of(space, context)
+    resources = space.resources
+    if resources.workers == 1:
+        with sealed(*SEALED):
+            session = TuneSession(pick_device(None))
+            fit(spec, session, context, None if table is None else ray.get(table), evaluation)
+        return
+    trial_id = ray.tune.get_context().get_trial_id()
+    settings = worker_settings(spec, table, context, evaluation, sealed=SEALED)
+    plan = WorkerPlan(resources.workers, resources.gpus_per_worker, resources.cpus_per_worker, max_failures=2)
+    TorchTrainer(
+        worker_loop,
+        train_loop_config=settings,
+        scaling_config=scaling(plan),
+        run_config=ray.train.RunConfig(
+            name=f"train-{trial_id}",
+            storage_path=setup.storage_path,
+            # Ray's documented bridge from a Train run to its Tune trial;
+            # its type is a Tune callback where RunConfig names Train's.
+            callbacks=[TuneReportCallback()],  # type: ignore[list-item]
+            failure_config=ray.train.FailureConfig(max_failures=plan.max_failures),
+        ),
+    ).fit()
+
+
+def trial_checkpoint(trial_or_result: Any) -> ray.train.Checkpoint | None:
+    """A trial's latest checkpoint: Tune's own, or (Ray Train trials) the one its reports point at."""
+    checkpoint = getattr(trial_or_result, "checkpoint", None)
+    if checkpoint is not None:
+        return checkpoint
+    metrics = getattr(trial_or_result, "last_result", None) or getattr(trial_or_result, "metrics", None) or {}
+    path = metrics.get("checkpoint_path")
+    return ray.train.Checkpoint(path) if path else None
+
+
+def trial_trainable(setup: TrialSetup) -> Any:
+    """`sweep_trial` with its setup bound and the resources each trial asks for."""
+    resources = setup.space.resources
+    if resources.workers == 1:
+        request = {"cpu": resources.cpus_per_worker, "gpu": resources.gpus_per_worker}
+    else:  # the trial only drives a TorchTrainer, whose workers ask for their own resources
+        request = {"cpu": 1}
+    return ray.tune.with_resources(ray.tune.with_parameters(sweep_trial, setup=setup), request)
+
+
+class PrunedAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna a trial ASHA stopped before its last epoch as PRUNED (see the module
+    docstring), keeping its rung figures as intermediate values; trials trained out are COMPLETE."""
+
+    def __init__(self, epochs: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.epochs = epochs
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        stopped = result is not None and not error and result.get("epoch", self.epochs) < self.epochs
+        super().on_trial_complete(trial_id, None if stopped else result, error)
+
+
+class Observe(ray.tune.Callback):
+    """Tells the sweep's observers (`catrs.sweep.trial.TrialObserver`) what Tune does with each trial."""
+
+    def __init__(self, observers: list[TrialObserver]) -> None:
+        self.observers = observers
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        for observer in self.observers:
+            observer.started(trial.trial_id, trial.config)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        metrics = {k: v for k, v in result.items() if k not in TUNE_BOOKKEEPING and not k.startswith("config")}
+        for observer in self.observers:
+            observer.reported(trial.trial_id, trial.config, metrics)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        for observer in self.observers:
+            observer.completed(trial.trial_id, trial.config, trial.last_result or {}, trial_checkpoint(trial))
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        for observer in self.observers:
+            observer.failed(trial.trial_id, trial.config)
+
+
+def quiet_tune() -> None:
+    """Tune's console output off (its legacy reporter honours `verbose=0`, the new one does not; neither the
+    results folder nor the TensorBoard hint is something a catrs user acts on), and Optuna's INFO lines."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def tuner(space: SearchSpace, storage: str, trainable: Any, num_samples: int, callbacks: list) -> ray.tune.Tuner:
+    """A new sweep's tuner: Optuna's TPE (the file's points first), ASHA at the file's rungs (or FIFO)."""
+    epochs, budget = space.epochs, space.budget
+    sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=max(1, min(10, num_samples // 2)))
+    search = PrunedAwareOptunaSearch(epochs, sampler=sampler, points_to_evaluate=space.points_to_evaluate or None)
+    scheduler = (
+        ASHAScheduler(
+            time_attr="epoch", max_t=epochs, grace_period=budget.first_rung, reduction_factor=budget.reduction_factor
+        )
+        if budget.scheduler == "asha"
+        else FIFOScheduler()
+    )
+    return ray.tune.Tuner(
+        trainable,
+        param_space={key: tune_domain(domain) for key, domain in space.search.items()},
+        tune_config=ray.tune.TuneConfig(
+            metric=space.metric,
+            mode="max",
+            search_alg=search,
+            scheduler=scheduler,
+            num_samples=num_samples,
+            max_concurrent_trials=budget.max_concurrent,
+        ),
+        run_config=ray.tune.RunConfig(
+            name=space.name,
+            storage_path=storage,
+            callbacks=callbacks,
+            failure_config=ray.tune.FailureConfig(max_failures=1),
+            verbose=0,
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class TrialsPlan:
+    """A sweep's trials as Tune runs them: the space, how many, where Tune's experiment lives (`storage`, a
+    directory or a cloud URI), and whether to finish a killed one."""
+
+    space: SearchSpace
+    num_samples: int
+    storage: str
+    resume: bool = False
+
+    @property
+    def experiment(self) -> str:
+        return f"{self.storage.rstrip('/')}/{self.space.name}"
+
+    def can_resume(self) -> bool:
+        return ray.tune.Tuner.can_restore(self.experiment)
+
+
+def run_trials(
+    plan: TrialsPlan, soft_labels: dict[str, torch.Tensor], context: RunContext, observers: list[TrialObserver]
+) -> list[TrialResult]:
+    """Every trial of the sweep (`soft_labels`: the tables the trials share, by key), told to `observers`."""
+    tables = {key: ray.put(table) for key, table in soft_labels.items()}
+    trainable = trial_trainable(TrialSetup(plan.space, tables, context, f"{plan.experiment}-train"))
+    quiet_tune()
+    if plan.resume:
+        grid = ray.tune.Tuner.restore(plan.experiment, trainable, resume_unfinished=True, resume_errored=True).fit()
+    else:
+        grid = tuner(plan.space, plan.storage, trainable, plan.num_samples, [Observe(observers)]).fit()
+    return [_result(grid[i], plan.space) for i in range(len(grid))]
+
+
+def _result(result: ray.tune.Result, space: SearchSpace) -> TrialResult:
+    metrics = dict(result.metrics or {})
+    config = result.config or {}
+    return TrialResult(
+        trial_id=metrics.get("trial_id", Path(result.path).name),
+        point={key: config.get(key) for key in space.search},
+        metrics=metrics,
+        checkpoint=trial_checkpoint(result),
+        error=result.error is not None,
+    )

@@ -1,0 +1,228 @@
+"""A sweep from start to end: `catrs tune NAME` (a shipped space) or `catrs tune FILE.yaml`.
+
+The soft labels the trials share (CAT-RS: one teacher per σ0 the space allows, trained on
+`train_minus_val` too) are made first, then the trials run on Ray Tune with Optuna (TPE) and ASHA
+(`catrs.distributed.tune`), each reporting the proxy on val (`catrs.sweep.proxy`). After the last trial the
+winner is chosen on val (`catrs.sweep.selection`: the top-k trials trained to their end, certified on val
+with the selection protocol), and only then is the test split read: the winner (re-trained on the whole
+training split if the file asks) is certified on it with the final protocol, and registered in MLflow's Model
+Registry as the sweep's `champion`. The driver and every trial seal the test split until then
+(`catrs.data.sealed`), so nothing that chooses can read it. MLflow hears the story as it happens
+(`catrs.sweep.story`), the terminal sees a progress bar and the outcome (`catrs.sweep.console`).
+
+`--resume` continues a killed sweep (unfinished trials from their last checkpoint, then the rest of the
+samples), re-using its MLflow parent and child runs instead of creating new ones.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from catrs.certify import CertifyRequest, run_certification
+from catrs.context import RunContext
+from catrs.data import get_dataset, sealed
+from catrs.distributed.chunks import certify_distributed
+from catrs.distributed.runtime import connect
+from catrs.distributed.train import WorkerPlan, cluster_producer, train_on_a_worker
+from catrs.distributed.tune import SEALED, TrialsPlan, run_trials
+from catrs.errors import JobFailed, UserError
+from catrs.model_registry import input_example, register_checkpoint
+from catrs.results import read_results
+from catrs.storage import Stored, stored
+from catrs.sweep import selection
+from catrs.sweep.console import SweepOutcome, SweepProgress
+from catrs.sweep.proxy import evaluation_metrics
+from catrs.sweep.space import SearchSpace
+from catrs.sweep.story import PARENT_FILE, TrialRecords, close_orphans, parent_run, tell_the_story, trade_off_report
+from catrs.sweep.trial import TrialObserver, TrialResult
+from catrs.tracking import Tracker, system_metrics
+from catrs.train import RunFolder, soft_labels_for
+
+BEST_DIR = "best"  # the best trial's checkpoint, beside the sweep's final results
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """How to run a sweep: how many trials (None: the file's budget), whether to finish a killed one, where
+    Tune keeps the trials (a directory or a cloud URI; default `local_dir`), and where the sweep's own files
+    go on the driver (`local_dir/NAME`: the MLflow parent id, the candidates' validation rows, the winner's
+    checkpoint and test results)."""
+
+    num_samples: int | None = None
+    resume: bool = False
+    storage_path: str | None = None
+    local_dir: Path = Path("runs") / "sweeps"
+
+
+def run_sweep(space: SearchSpace, options: SweepOptions, context: RunContext) -> SweepOutcome:
+    """Runs (or with `options.resume`, finishes) the sweep of `space`; chooses on val, certifies the choice on
+    test, registers it; logs all to MLflow."""
+    num_samples = space.trials(options.num_samples)
+    sweep_dir = options.local_dir.resolve() / space.name
+    storage = options.storage_path or str(options.local_dir)
+    plan = TrialsPlan(space, num_samples, storage if "://" in storage else str(Path(storage).resolve()), options.resume)
+    if plan.resume and not plan.can_resume():
+        raise UserError(f"nothing to resume at {plan.experiment}: run without --resume to start the sweep")
+    if not plan.resume and (sweep_dir / PARENT_FILE).exists():
+        raise UserError(
+            f"sweep {space.name!r} already exists in {sweep_dir.parent}: pass --resume to finish it, or "
+            f"change its name: in {space.path}"
+        )
+    tracker = Tracker(context.tracking_uri, spool=sweep_dir / "mlflow-pending")  # unreachable: fails before work
+    parent = parent_run(tracker, space, sweep_dir, plan.resume, num_samples)
+    with system_metrics(tracker, parent):  # the driver's machine: CPU and memory while it sweeps
+        connect()
+        records = TrialRecords(tracker.uri, parent, space, sweep_dir / "mlflow-pending")
+        with sealed(*SEALED):
+            progress = SweepProgress(num_samples, space.metric)
+            observers: list[TrialObserver] = [records, progress] if context.progress else [records]
+            results = run_trials(plan, _shared_soft_labels(space, context), context, observers)
+            progress.close()
+            table = trials_table(results, space)
+            shortlisted = selection.shortlist(candidates(results, space), space.selection.top_k)
+            if not shortlisted:
+                tracker.end(parent, "FAILED")
+                raise JobFailed(
+                    f"no trial of {space.name} was trained to its last epoch; see the trial logs in {plan.experiment}"
+                )
+            for candidate in shortlisted:
+                _validate(candidate, space, sweep_dir, context)
+                records.log_to_child(candidate.trial_id, candidate.val_metrics)
+            winner = selection.choose(shortlisted, space.objective)
+        # The choice is made: from here on the test split may be read, once.
+        best = _winner_checkpoint(space, winner, sweep_dir, context)
+        final = sweep_dir / "final.parquet"
+        _certify(selection.final_request(space, best, final), space.final.workers, context)
+        test_metrics = tracker.log_results(parent, read_results(final), final, prefix=selection.TEST_PREFIX)
+        records.log_to_child(winner.trial_id, {selection.TEST_PREFIX + k: v for k, v in test_metrics.items()})
+        tracker.log_metrics(parent, winner.val_metrics)
+        tracker.log_params(parent, {f"best.{k}": v for k, v in winner.point.items()})
+        tracker.set_tags(parent, {"best_trial": winner.trial_id, "best_checkpoint": str(best)})
+        table = _with_selection(table, shortlisted, winner, space, test_metrics)
+        with tempfile.TemporaryDirectory() as folder:
+            summary = Path(folder) / "trials.csv"
+            table.to_csv(summary, index=False)
+            tracker.log_artifact(parent, summary)
+        example = input_example(get_dataset(space.dataset, "val", context.data_root, context.download))
+        winner_run = records.child(winner.trial_id)
+        # The model goes on the run it came from: the winning trial's, or the parent's when it was re-trained.
+        model_run = parent if space.selection.refit or winner_run is None else winner_run
+        version = register_checkpoint(tracker, model_run, space.name, best, example)
+        tell_the_story(tracker, space, parent, winner, winner_run, table, test_metrics)
+        close_orphans(tracker, parent, {str(t) for t in table["trial"]})
+        report = trade_off_report(tracker, parent, space)
+    tracker.end(parent, "FINISHED")
+    tracker.close()
+    records.tracker.close()
+    return SweepOutcome(
+        sweep_dir,
+        parent,
+        table,
+        dict(winner.point),
+        winner.trial_id,
+        best,
+        final,
+        report,
+        version,
+        tracker.experiment_id,
+    )
+
+
+def _shared_soft_labels(space: SearchSpace, context: RunContext) -> dict[str, torch.Tensor]:
+    """The soft-label tables the trials share, by cache key: one per teacher the space allows, made by the
+    cluster (or read from the cache)."""
+    tables = {}
+    for point in space.teacher_points():
+        spec = space.resolve(point)
+        labels, table = spec.soft_labels(), soft_labels_for(spec, context, cluster_producer())
+        if labels is not None and table is not None:
+            tables[labels.key()] = table
+    return tables
+
+
+def _status(result: TrialResult, epochs: int) -> str:
+    if result.error:
+        return "error"
+    return "done" if result.reached() >= epochs else f"stopped at epoch {result.reached()}"
+
+
+def trials_table(results: list[TrialResult], space: SearchSpace) -> pd.DataFrame:
+    """A row per trial: its searched values, how far it trained, and its last proxy figure."""
+    rows = [
+        {
+            "trial": result.trial_id,
+            **result.point,
+            "epochs": result.metrics.get("epoch"),
+            "status": _status(result, space.epochs),
+            space.metric: result.metrics.get(space.metric, math.nan),
+        }
+        for result in results
+    ]
+    return pd.DataFrame(rows).sort_values(space.metric, ascending=False, na_position="last")
+
+
+def candidates(results: list[TrialResult], space: SearchSpace) -> list[selection.Candidate]:
+    """The trials trained to their last epoch, with a checkpoint and a proxy figure."""
+    return [
+        selection.Candidate(
+            result.trial_id, result.point, float(result.metrics.get(space.metric, math.nan)), result.checkpoint
+        )
+        for result in results
+        if _status(result, space.epochs) == "done" and result.checkpoint is not None
+    ]
+
+
+def _certify(request: CertifyRequest, workers: int, context: RunContext) -> Stored:
+    """The request on `workers` Ray workers pulling chunks, or in this process for one."""
+    if workers > 1:
+        return certify_distributed(request, context, workers)
+    return stored(run_certification(request, context))
+
+
+def _validate(candidate: selection.Candidate, space: SearchSpace, folder: Path, context: RunContext) -> None:
+    """Certifies the candidate on val with the selection protocol; its figures go to `candidate.val_metrics`."""
+    local = folder / "trials" / candidate.trial_id
+    candidate.checkpoint.to_directory(str(local))
+    out = folder / "selection" / f"{candidate.trial_id}.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    val_size = len(get_dataset(space.dataset, "val", context.data_root, context.download))
+    request = selection.validation_request(space, RunFolder(local).checkpoint, out, val_size)
+    frame = read_results(_certify(request, space.final.workers, context))
+    candidate.val_metrics = evaluation_metrics(frame, space.objective, selection.VAL_PREFIX)
+
+
+def _winner_checkpoint(space: SearchSpace, winner: selection.Candidate, sweep_dir: Path, context: RunContext) -> Path:
+    """The checkpoint the sweep certifies on test: the winning trial's, or its setting re-trained on all of the
+    training split where the trials trained (`selection.refit`); kept in `SWEEP/best/`."""
+    best_dir = sweep_dir / BEST_DIR
+    if space.selection.refit:
+        resources = space.resources
+        plan = WorkerPlan(resources.workers, resources.gpus_per_worker, resources.cpus_per_worker)
+        return train_on_a_worker(space.resolve(winner.point, train_split="train"), best_dir, plan, context)
+    winner.checkpoint.to_directory(str(best_dir))
+    return RunFolder(best_dir).checkpoint
+
+
+def _with_selection(
+    table: pd.DataFrame,
+    shortlisted: list[selection.Candidate],
+    winner: selection.Candidate,
+    space: SearchSpace,
+    test_metrics: dict[str, float],
+) -> pd.DataFrame:
+    """The trials table with the shortlist's validation figure, the winner marked and its test figure."""
+    val_column = selection.VAL_PREFIX + space.objective
+    figures = {c.trial_id: c.val(space.objective) for c in shortlisted}
+    table = table.copy()
+    table[val_column] = table["trial"].map(figures)
+    table["chosen"] = (table["trial"] == winner.trial_id).map({True: "*", False: ""})
+    table[selection.TEST_PREFIX + space.objective] = table["trial"].map(
+        {winner.trial_id: test_metrics.get(space.objective, math.nan)}
+    )
+    return table.sort_values([val_column, space.metric], ascending=False, na_position="last")
