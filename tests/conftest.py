@@ -49,6 +49,10 @@ class Faults:
         with open(self.folder / "armed", "a") as stream:
             stream.write(f"hold {point} {detail}\n")
 
+    def release(self, point: str, detail: object) -> None:
+        """Lets the process held at `point` go on."""
+        (self.folder / f"release-{point}-{str(detail).replace(':', '-')}").write_text("")
+
     def held_on(self, point: str, detail: object, seconds: float = 180) -> str:
         """Waits until a process is held at `point`; returns the name of its node ($CATRS_FAULTS_NODE)."""
         import time

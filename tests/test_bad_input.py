@@ -151,6 +151,32 @@ def foreign_tsv_output(tmp, good):
     return _certify(good, tmp / "theirs.tsv"), "has no theirs.tsv.provenance.json"
 
 
+def _binary(tmp: Path, good: Path) -> Path:
+    """A file that is not text: a checkpoint, given where a YAML file belongs."""
+    return good
+
+
+def _space_with(tmp: Path, text: str) -> Path:
+    path = tmp / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+DEMO_LINES = (Path(__file__).parents[1] / "search_spaces" / "demo_digits.yaml").read_text()
+
+
+def _train(tmp: Path, out: object, *extra: object) -> list[object]:
+    return ["train", "--method", "gaussian", "--dataset", "synthetic", "--epochs", "1", "--out", out, *extra]
+
+
+def run_of_other_settings(tmp, good):
+    from catrs.train import TrainConfig, train
+    from tests.helpers import quiet_context
+
+    train(TrainConfig(method="gaussian", dataset="synthetic", epochs=1).resolve(), tmp / "run", quiet_context())
+    return _train(tmp, tmp / "run", "--sigma", "0.25"), "holds a run with other settings (sigma: 0.5 vs 0.25)"
+
+
 CASES = {
     "truncated checkpoint": truncated_checkpoint,
     "foreign checkpoint": foreign_checkpoint,
@@ -216,7 +242,134 @@ CASES = {
         ["tune", "nosuchspace"],
         "'nosuchspace' is neither a file nor a shipped space",
     ),
+    # Issue 20: failed writes, found before any work.
+    "--out naming a directory": lambda tmp, good: (
+        _certify(good, tmp, "--max", "2"),
+        f"--out {tmp} is a directory; name a file in it",
+    ),
+    "--out naming a directory, as TSV": lambda tmp, good: (
+        _certify(good, tmp, "--max", "2", "--format", "tsv"),
+        "is a directory",
+    ),
+    "--out where nothing can be written": lambda tmp, good: (
+        _certify(good, "/proc/cert.parquet", "--max", "2"),
+        "--out /proc/cert.parquet: cannot write to /proc",
+    ),
+    "train --out where nothing can be written": lambda tmp, good: (
+        _train(tmp, "/proc/catrs/run"),
+        "--out /proc/catrs/run: cannot write to /proc",
+    ),
+    "train --out naming an existing file": lambda tmp, good: (
+        _train(tmp, good),
+        f"--out {good} is a file; a run is written to a folder",
+    ),
+    "train --out under a file": lambda tmp, good: (_train(tmp, good / "run"), f"{good} is a file, not a folder"),
+    "--out s3:// with no bucket": lambda tmp, good: (_certify(good, "s3://"), "s3:// names no object"),
+    "--out with one slash after the scheme": lambda tmp, good: (
+        _certify(good, "s3:/bucket/cert.parquet"),
+        "did you mean s3://bucket/cert.parquet?",
+    ),
+    # Numbers the machine cannot honour, devices it does not have.
+    "a seed beyond int64": lambda tmp, good: (
+        _certify(good, tmp / "o.parquet", "--seed", "99999999999999999999999"),
+        "--seed must be a non-negative integer below 2^63",
+    ),
+    "n beyond any certification": lambda tmp, good: (
+        _certify(good, tmp / "o.parquet", "--n", "99999999999999999999"),
+        "--n must be at most 1,000,000,000,000",
+    ),
+    "a batch beyond the machine's memory": lambda tmp, good: (
+        _certify(good, tmp / "o.parquet", "--batch", "1000000000000"),
+        "for one pass's noisy inputs alone",
+    ),
+    "an unknown device": lambda tmp, good: (
+        _certify(good, tmp / "o.parquet", "--device", "potato"),
+        "--device 'potato' is not a torch device; this machine has: cpu",
+    ),
+    "a device this machine lacks": lambda tmp, good: (
+        _certify(good, tmp / "o.parquet", "--device", "cuda:999"),
+        "--device cuda:999: no such device here",
+    ),
+    "train on a device this machine lacks": lambda tmp, good: (
+        _train(tmp, tmp / "r", "--device", "cuda:999"),
+        "--device cuda:999: no such device here",
+    ),
+    "--max 0": lambda tmp, good: (_certify(good, tmp / "o.parquet", "--max", "0"), "--max must be a positive integer"),
+    "--max -1": lambda tmp, good: (_certify(good, tmp / "o.parquet", "--max", "-1"), "leave it out for every image"),
+    "--checkpoint naming a run folder": lambda tmp, good: (
+        _certify(good.parent, tmp / "o.parquet"),
+        f"--checkpoint {good.parent} is a folder, not a checkpoint file",
+    ),
+    # Files read as text that are not, and YAML that says one thing twice.
+    "a search space that is not text": lambda tmp, good: (
+        ["tune", _binary(tmp, good), "--dry-run"],
+        "is not a text file (not UTF-8): give a YAML search space",
+    ),
+    "train --config that is not text": lambda tmp, good: (
+        ["train", "--config", _binary(tmp, good), "--out", tmp / "r"],
+        "is not a text file (not UTF-8): give a YAML config file",
+    ),
+    "demo --space that is not text": lambda tmp, good: (
+        ["demo", "--space", _binary(tmp, good), "--dry-run"],
+        "is not a text file (not UTF-8)",
+    ),
+    "a key given twice": lambda tmp, good: (
+        ["tune", _space_with(tmp, DEMO_LINES.replace("sigma: 0.5\n", "sigma: 0.5\nsigma: 0.25\n")), "--dry-run"],
+        "line 21: key 'sigma' is given twice in one mapping",
+    ),
+    "a range given twice": lambda tmp, good: (
+        [
+            "tune",
+            _space_with(tmp, DEMO_LINES.replace("  lbd: {", "  lbd: {uniform: [0.5, 1.0]}\n  lbd: {", 1)),
+            "--dry-run",
+        ],
+        "key 'lbd' is given twice in one mapping",
+    ),
+    "an empty sweep name": lambda tmp, good: (
+        ["tune", _space_with(tmp, DEMO_LINES.replace("name: demo_digits", 'name: ""')), "--dry-run"],
+        "name: '' is not a usable sweep name",
+    ),
+    "a sweep name that climbs out of its folder": lambda tmp, good: (
+        ["tune", _space_with(tmp, DEMO_LINES.replace("name: demo_digits", "name: x/../y")), "--dry-run"],
+        "name: 'x/../y' is not a usable sweep name",
+    ),
+    # Reports: values, files and plots.
+    "report of a TSV whose radius is not a number": lambda tmp, good: (
+        ["report", _written(tmp / "abc.tsv", "idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\tabc\t1\t1.0\n")],
+        "column radius holds a non-number ('abc', row 1)",
+    ),
+    "report of garbage bytes named .parquet": lambda tmp, good: (
+        ["report", _written(tmp / "g.parquet", "not a parquet file")],
+        "is not a Parquet file (its first bytes are not PAR1)",
+    ),
+    "report --plot into a missing folder": lambda tmp, good: (
+        ["report", REFERENCE_TSV, "--plot", tmp / "nowhere" / "c.png"],
+        "output directory does not exist",
+    ),
+    "report --plot with a .tsv name": lambda tmp, good: (
+        ["report", REFERENCE_TSV, "--plot", tmp / "c.tsv"],
+        "plots are PNG files; give a name ending in .png",
+    ),
+    "report --linf of a TSV that names no data set": lambda tmp, good: (
+        ["report", REFERENCE_TSV, "--linf"],
+        "--linf needs the data set's input size",
+    ),
+    # Look-ups create nothing; refusals leave no MLflow run.
+    "a registered model in a store that does not exist": lambda tmp, good: (
+        _certify("models:/demo@champion", tmp / "o.parquet", "--tracking-uri", f"sqlite:///{tmp}/none/mlflow.db"),
+        "no MLflow store at sqlite:///",
+    ),
+    "a report of a run in a store that does not exist": lambda tmp, good: (
+        ["report", "0" * 32, "--tracking-uri", f"sqlite:///{tmp}/none/mlflow.db"],
+        "no MLflow store at sqlite:///",
+    ),
+    "train into a folder of another run": run_of_other_settings,
 }
+
+
+def _written(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
@@ -227,14 +380,26 @@ def _snapshot(folder: Path) -> dict[str, str]:
     }
 
 
+def _runs() -> int:
+    """How many runs the session's MLflow store holds."""
+    from mlflow.tracking import MlflowClient
+
+    from catrs.tracking import quiet_mlflow
+
+    quiet_mlflow()
+    client = MlflowClient()
+    return len(client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=50_000))
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(run_cli, digits_checkpoint, tmp_path, case, monkeypatch):
     monkeypatch.chdir(tmp_path)  # anything written to the working directory would show in the snapshot too
     args, message = CASES[case](tmp_path, digits_checkpoint)
-    before = _snapshot(tmp_path)
+    before, runs = _snapshot(tmp_path), _runs()
     code, out, err = run_cli(*args)
     assert code == 2, (case, out, err)
     assert len(err.strip().splitlines()) == 1 and err.startswith("catrs: error:"), err
     assert message in err, err
     assert _snapshot(tmp_path) == before
+    assert _runs() == runs  # refused before its MLflow run was created
     assert "this must never run" not in out

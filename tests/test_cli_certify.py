@@ -108,6 +108,10 @@ def test_tsv_output_is_the_research_format_and_resumes(run_cli, digits_checkpoin
     pd.testing.assert_frame_equal(
         read_results(out)[["idx", "predict", "radius"]], read_results(parquet)[["idx", "predict", "radius"]]
     )
+    # The sidecar names the data set, so the ℓ∞ view needs no --dataset (a research TSV without one does).
+    code, text, err = run_cli("report", out, "--linf")
+    assert code == 0, err
+    assert "radius (ℓ∞)" in text and f"{0.25 / 8:.4f}" in text  # digits: d = 64, r/√d
 
 
 def test_predict_writes_predictions(run_cli, digits_checkpoint, tmp_path):

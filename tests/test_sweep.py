@@ -230,6 +230,8 @@ def test_a_killed_sweep_driver_resumes_to_the_planned_trials_without_duplicate_r
     while time.monotonic() < deadline and not any(r.info.status == "FINISHED" for r in children()):
         assert driver.poll() is None, "the sweep ended before it could be killed"
         time.sleep(1)
+    code, _, err = run_cli("tune", path, "--resume", "--cache-dir", tmp_path / "cache")  # while it runs
+    assert code == 2 and "is being written by another command, catrs tune (pid" in err, err
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
     assert 1 <= len(children()) < 4

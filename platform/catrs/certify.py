@@ -11,6 +11,7 @@ bar. Images are chosen by position in the split (`--skip`, `--max`) and rows key
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -27,14 +28,15 @@ from catrs.checkpoint import Checkpoint, check_matches, file_sha256, load_checkp
 from catrs.context import RunContext
 from catrs.data import Indexed, dataset_spec, get_dataset
 from catrs.errors import UserError
-from catrs.inference import pick_device
+from catrs.faults import inject
+from catrs.inference import check_pass_fits, pick_device
+from catrs.ownership import claim
 from catrs.results import CORRUPTION_COLUMNS, ResultRow, ResultWriter
 from catrs.sampling import DEFAULT_INFERENCE, INFERENCE_MODES, Mode, SamplingProtocol
 from catrs.smoothing import Smooth
 from catrs.storage import Stored
 
-# Bound on the predictions one batch of inputs keeps on the device (int64 each) before they are counted.
-MAX_PENDING_SAMPLES = 20_000_000
+SEED_LIMIT = 2**63  # seeds are recorded as int64 in every result's provenance
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,8 @@ class CertifySettings:
     def validate(self) -> None:
         for name, problem in self.protocol.problems():
             raise UserError(f"--{name} {problem}")
-        if self.seed < 0:
-            raise UserError(f"--seed must be a non-negative integer, got {self.seed}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise UserError(f"--seed must be a non-negative integer below 2^63, got {self.seed}")
         if self.inference not in INFERENCE_MODES:
             raise UserError(f"unknown --inference {self.inference!r}; choose one of: {', '.join(INFERENCE_MODES)}")
 
@@ -72,8 +74,7 @@ def select_positions(length: int, skip: int = 1, max_index: int = -1) -> list[in
 def inputs_per_pass(protocol: SamplingProtocol, mode: Mode) -> int:
     """How many inputs share forward passes: enough for the smallest phase (n0) to fill a batch."""
     smallest = protocol.n if mode is Mode.PREDICT else protocol.n0
-    per_input = protocol.n if mode is Mode.PREDICT else protocol.n0 + protocol.n
-    return max(1, min(protocol.batch // smallest, MAX_PENDING_SAMPLES // per_input))
+    return max(1, protocol.batch // smallest)
 
 
 class Outcome(NamedTuple):
@@ -93,6 +94,7 @@ def certify_rows(
     column: False where the selection was already wrong and no estimation samples were spent."""
     group = inputs_per_pass(settings.protocol, mode)
     for start in range(0, len(positions), group):
+        inject("certify.group", positions[start])
         items = [dataset[i] for i in positions[start : start + group]]
         keys = [int(index) for index, _, _ in items]
         xs = torch.stack([x for _, x, _ in items])
@@ -164,12 +166,25 @@ class PreparedCertification:
     def todo(self) -> list[int]:
         return self.unfinished(self.selected)
 
+    def claimed(self) -> contextlib.AbstractContextManager:
+        """Holds the output for this job (`catrs.ownership`); inside, `writer` is reopened, so it holds what
+        an earlier owner left."""
+        return _claimed(self)
+
+
+@contextlib.contextmanager
+def _claimed(prepared: PreparedCertification) -> Iterator[None]:
+    with claim(prepared.writer.path, "certification", prepared.writer.identity):
+        prepared.writer = prepared.writer.reopened()
+        yield
+
 
 def prepare_certification(request: CertifyRequest, context: RunContext) -> PreparedCertification:
     """Checks everything about a request before any work is spent; refuses an output of other provenance."""
     settings = request.settings
     settings.validate()
-    dataset_spec(request.dataset)  # an unknown name is reported as such, before any checkpoint check
+    spec = dataset_spec(request.dataset)  # an unknown name is reported as such, before any checkpoint check
+    check_pass_fits(settings.protocol.batch, spec.input_dim, pick_device(context.device))
     checkpoint = load_checkpoint(request.checkpoint)
     check_matches(checkpoint.card, request.checkpoint, dataset=request.dataset, sigma=request.sigma)
     checkpoint.model()  # weights that do not fit their architecture are refused now, not mid-run
@@ -187,7 +202,7 @@ def prepare_certification(request: CertifyRequest, context: RunContext) -> Prepa
         "checkpoint": request.checkpoint_source or str(request.checkpoint),
         "checkpoint_sha256": file_sha256(request.checkpoint),
     }
-    extra = CORRUPTION_COLUMNS if dataset_spec(request.dataset).base else ()
+    extra = CORRUPTION_COLUMNS if spec.base else ()
     writer = ResultWriter(request.out, provenance, request.output_format, extra_columns=extra)
     dataset = get_dataset(request.dataset, request.split, context.data_root, context.download)
     selected = select_positions(len(dataset), request.skip, request.max_index)
@@ -201,16 +216,18 @@ def smoothed_model(request: CertifyRequest, checkpoint: Checkpoint, context: Run
 
 
 def run_certification(request: CertifyRequest, context: RunContext) -> Stored:
-    """Certifies (or predicts) the requested indices into `request.out`, resuming what it already holds."""
+    """Certifies (or predicts) the requested indices into `request.out`, resuming what it already holds; the
+    output is this job's alone while it runs (`catrs.ownership`)."""
     prepared = prepare_certification(request, context)
-    todo = prepared.todo
-    bar = tqdm(total=len(todo), desc=request.mode.value, unit="img", disable=not context.progress, file=sys.stderr)
-    try:
-        with bar:
-            smooth = smoothed_model(request, prepared.checkpoint, context)
-            for rows in certify_rows(smooth, prepared.dataset, todo, request.settings, request.mode):
-                prepared.writer.add(rows)
-                bar.update(len(rows))
-    finally:
-        prepared.writer.flush()  # what is certified is valid even if the run stops early: keep it for the resume
+    with prepared.claimed():
+        todo = prepared.todo
+        bar = tqdm(total=len(todo), desc=request.mode.value, unit="img", disable=not context.progress, file=sys.stderr)
+        try:
+            with bar:
+                smooth = smoothed_model(request, prepared.checkpoint, context)
+                for rows in certify_rows(smooth, prepared.dataset, todo, request.settings, request.mode):
+                    prepared.writer.add(rows)
+                    bar.update(len(rows))
+        finally:
+            prepared.writer.flush()  # what is certified is valid even if the run stops early: keep it to resume
     return prepared.writer.path

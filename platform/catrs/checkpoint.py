@@ -123,6 +123,10 @@ def save_checkpoint(
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Reads a catrs checkpoint with `weights_only=True`; every way it can be wrong is a `UserError`."""
     path = Path(path)
+    if path.is_dir():
+        inside = path / "checkpoint.pt"
+        hint = f"; did you mean {inside}?" if inside.is_file() else ""
+        raise UserError(f"--checkpoint {path} is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:

@@ -43,9 +43,14 @@ def _non_negative_float(text: str) -> float:
 
 
 def _output(text: str) -> Path | str:
-    """A local path, or an object-store URI kept as text (a Path would fold its `//`)."""
-    from catrs.storage import is_uri
+    """A local path, or an object-store URI kept as text (a Path would fold its `//`); a malformed URI is
+    refused with what was probably meant."""
+    from catrs.storage import check_location, is_uri
 
+    try:
+        check_location(text)
+    except UserError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     return text if is_uri(text) else Path(text)
 
 
@@ -71,6 +76,11 @@ def _context(args: argparse.Namespace, progress: bool = True) -> Any:
     """The run context every layer below receives, built once from the command's options."""
     from catrs.context import RunContext
 
+    device = getattr(args, "device", None)
+    if device is not None:
+        from catrs.inference import check_device
+
+        check_device(device)
     return RunContext.create(
         data_root=args.data_root,
         download=args.download,
@@ -121,7 +131,9 @@ def _add_sampling_options(parser: argparse.ArgumentParser, mode: str) -> None:
         help=f"noisy samples per forward pass (default {published.batch:,})",
     )
     parser.add_argument("--skip", type=int, default=1, help="certify every SKIP-th image")
-    parser.add_argument("--max", type=int, default=-1, dest="max_index", help="stop before this index")
+    parser.add_argument(
+        "--max", type=int, default=None, dest="max_index", help="stop before this position (default: all images)"
+    )
     parser.add_argument(
         "--split", default="test", help="test (default), val (the images held out of train), train or train_minus_val"
     )
@@ -332,20 +344,26 @@ def _train_config(args: argparse.Namespace) -> Any:
 
 
 def _run_train(args: argparse.Namespace) -> None:
+    from catrs.data import get_dataset
     from catrs.tracking import Tracker, run_tags, tracked_run, ui_hint
+    from catrs.train import check_run_folder, claimed_run
 
     spec = _train_config(args).resolve()
     config = spec.config
     if args.workers < 0 or args.gpus_per_worker < 0 or args.cpus_per_worker <= 0:
         raise UserError("--workers and --gpus-per-worker must be ≥ 0 and --cpus-per-worker > 0")
     context = _context(args)
-    tracker = Tracker(context.tracking_uri, spool=args.out / "mlflow-pending")  # unusable: fails before any work
-    tags = run_tags("train", config.method, config.dataset, config.sigma)
-    with tracked_run(tracker, args.out.name, tags, asdict(config)) as run_id:
-        tracker.log_dataset(run_id, config.dataset, config.train_split, "training", context.data_root)
-        checkpoint = _train_locally_or_on_ray(args, spec, context, tracker, run_id)
-        tracker.log_artifact(run_id, checkpoint.parent / "metrics.jsonl")
-        _log_model(tracker, run_id, checkpoint, config.dataset, context)
+    # Every refusal before the MLflow run starts: the folder, the data, a run of other settings in the folder.
+    check_run_folder(spec, args.out)
+    get_dataset(config.dataset, config.train_split, context.data_root, context.download)
+    with claimed_run(spec, args.out):
+        tracker = Tracker(context.tracking_uri, spool=args.out / "mlflow-pending")  # unusable: fails before work
+        tags = run_tags("train", config.method, config.dataset, config.sigma)
+        with tracked_run(tracker, args.out.name, tags, asdict(config)) as run_id:
+            tracker.log_dataset(run_id, config.dataset, config.train_split, "training", context.data_root)
+            checkpoint = _train_locally_or_on_ray(args, spec, context, tracker, run_id)
+            tracker.log_artifact(run_id, checkpoint.parent / "metrics.jsonl")
+            _log_model(tracker, run_id, checkpoint, config.dataset, context)
     print(f"checkpoint: {checkpoint}")
     print(ui_hint(tracker.uri, tracker.experiment_id, run_id))
 
@@ -393,11 +411,13 @@ def _print_epoch(metrics: dict[str, float]) -> None:
 
 
 def _run_sampling(args: argparse.Namespace) -> None:
-    from catrs.certify import CertifyRequest, CertifySettings, prepare_certification, run_certification
+    from catrs.certify import CertifyRequest, CertifySettings, prepare_certification
     from catrs.results import read_results
     from catrs.sampling import Mode, SamplingProtocol
-    from catrs.tracking import Tracker, run_tags, tracked_run, ui_hint
+    from catrs.tracking import ui_hint
 
+    if args.max_index is not None and args.max_index < 1:
+        raise UserError(f"--max must be a positive integer (leave it out for every image), got {args.max_index}")
     # PREDICT has no selection phase: its n0 is the protocol's, checked but never used.
     protocol = SamplingProtocol(
         n=args.n, alpha=args.alpha, batch=args.batch, **({"n0": args.n0} if args.command == "certify" else {})
@@ -419,7 +439,7 @@ def _run_sampling(args: argparse.Namespace) -> None:
         mode=Mode(args.command),
         split=args.split,
         skip=args.skip,
-        max_index=args.max_index,
+        max_index=-1 if args.max_index is None else args.max_index,
         output_format=args.format,
     )
     if args.workers < 0:
@@ -427,6 +447,23 @@ def _run_sampling(args: argparse.Namespace) -> None:
     if args.chunk_size is not None and args.chunk_size < 1:
         raise UserError(f"--chunk-size must be a positive integer, got {args.chunk_size}")
     prepared = prepare_certification(request, context)  # every refusal happens here, before MLflow or Ray start
+    with prepared.claimed():
+        out, tracker, run_id = _sample_and_track(args, request, prepared, context)
+    if args.command == "certify" and "corruption" in read_results(out).columns:
+        from catrs.metrics import DEFAULT_RADII
+        from catrs.report import build_report, format_report
+
+        print(format_report(build_report(out, DEFAULT_RADII)))
+    print(f"results: {out}  (summary: catrs report {out})")
+    print(ui_hint(tracker.uri, tracker.experiment_id, run_id))
+
+
+def _sample_and_track(args: argparse.Namespace, request: Any, prepared: Any, context: Any) -> tuple[Any, Any, str]:
+    """The certification (or prediction) of a claimed output, recorded as an MLflow run."""
+    from catrs.certify import run_certification
+    from catrs.results import read_results
+    from catrs.tracking import Tracker, run_tags, tracked_run
+
     name = prepared.writer.path.name
     # The journal of records MLflow could not take yet lives on this machine: beside a local output, else here.
     spool = (
@@ -435,6 +472,7 @@ def _run_sampling(args: argparse.Namespace) -> None:
         else Path(name + ".mlflow-pending")
     )
     tracker = Tracker(context.tracking_uri, spool=spool)
+    dataset = request.dataset
     tags = run_tags(args.command, prepared.checkpoint.card.method, dataset, prepared.checkpoint.card.sigma)
     with tracked_run(tracker, name, tags, prepared.provenance) as run_id:
         tracker.log_dataset(run_id, dataset, args.split, "evaluation", context.data_root)
@@ -456,13 +494,7 @@ def _run_sampling(args: argparse.Namespace) -> None:
                 },
             )
             tracker.log_artifact(run_id, out, "results")
-    if "corruption" in frame.columns:
-        from catrs.metrics import DEFAULT_RADII
-        from catrs.report import build_report, format_report
-
-        print(format_report(build_report(out, DEFAULT_RADII)))
-    print(f"results: {out}  (summary: catrs report {out})")
-    print(ui_hint(tracker.uri, tracker.experiment_id, run_id))
+    return out, tracker, run_id
 
 
 def _checkpoint_file(given: str, context: Any) -> Path:
@@ -479,6 +511,8 @@ def _run_report(args: argparse.Namespace) -> None:
     from catrs.report import build_report, comparison_table, format_comparison, format_report, load_sources
 
     radii = args.radii or DEFAULT_RADII
+    if args.plot is not None:
+        _check_plot(args.plot)
     if args.sweep:
         _report_sweeps(args)
         return
@@ -486,6 +520,8 @@ def _run_report(args: argparse.Namespace) -> None:
         raise UserError("give result files or MLflow run ids to report on, or --sweep PARENT_RUN_ID")
     if len(args.sources) == 1 and not (args.markdown or args.latex or args.plot) and Path(args.sources[0]).exists():
         report = build_report(args.sources[0], radii, args.dataset)
+        if args.linf and "linf_radius" not in report:
+            raise UserError(f"--linf needs the data set's input size: {args.sources[0]} names none; add --dataset NAME")
         print(json.dumps(report) if args.json else format_report(report, linf=args.linf))
         return
     frames = load_sources(args.sources, args.tracking_uri)
@@ -511,6 +547,15 @@ def _run_report(args: argparse.Namespace) -> None:
     print(format_comparison(table, style, linf))
     if args.plot:
         print(f"plot: {args.plot}")
+
+
+def _check_plot(path: Path) -> None:
+    """A PNG file in an existing folder, refused before any work otherwise."""
+    if path.suffix.lower() != ".png":
+        raise UserError(f"--plot {path}: plots are PNG files; give a name ending in .png")
+    from catrs.storage import stored
+
+    stored(path).check_writable("--plot")
 
 
 def _table_style(args: argparse.Namespace) -> str:
@@ -547,7 +592,7 @@ def _report_sweeps(args: argparse.Namespace) -> None:
         raise UserError(
             f"{', '.join(result_options)} {verb} to result files, not to --sweep (it takes --radius, --json and --plot)"
         )
-    tracker = Tracker(args.tracking_uri)
+    tracker = Tracker(args.tracking_uri, lookup=True)
     try:
         reports = sweep_reports(tracker, args.sweep, args.radius)
         for report in reports:
@@ -603,7 +648,9 @@ def _sweep(args: argparse.Namespace, space: Any, resume: bool) -> None:
     from catrs.tracking import ui_hint
 
     context = _context(args)
-    outcome = run_sweep(space, SweepOptions(args.num_samples, resume, args.storage_path), context)
+    command = None if args.command == "demo" else "the same catrs tune command with --resume finishes it"
+    options = SweepOptions(args.num_samples, resume, args.storage_path, resume_command=command)
+    outcome = run_sweep(space, options, context)
     print(format_outcome(outcome, space, args.tracking_uri, args.data_root))
     print(f"sweep: {outcome.path}  (MLflow parent run {outcome.parent_run_id})")
     print(ui_hint(context.tracking_uri, outcome.experiment_id, outcome.parent_run_id))
@@ -660,7 +707,11 @@ _COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from catrs.interrupts import Stopped, forget_saved, signal_of, stop_on_sigterm, stopped_message
+
     args = _build_parser().parse_args(argv)
+    forget_saved()
+    stop_on_sigterm()
     try:
         _COMMANDS[args.command](args)
     except UserError as error:
@@ -669,9 +720,9 @@ def main(argv: list[str] | None = None) -> int:
     except JobFailed as error:
         print(f"catrs: failed: {error}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("catrs: interrupted; finished results are saved, run the same command again to resume", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Stopped) as stop:
+        print(f"catrs: {stopped_message(stop)}", file=sys.stderr)
+        return 128 + signal_of(stop)[1]  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     return 0
 
 

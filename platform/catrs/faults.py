@@ -6,11 +6,13 @@ the first process that reaches that point with that detail dies at once, as a ki
 (`os._exit`), and leaves a marker so the fault fires only once — the retry or restart then succeeds.
 
 Points: `train.epoch` (detail `EPOCH:RANK`, after the epoch's steps, before its checkpoint),
-`certify.chunk` and `votes.chunk` (detail: the chunk's first position or index, before its work).
+`certify.chunk` and `votes.chunk` (detail: the chunk's first position or index, before its work),
+`certify.group` (detail: the first position of a group of images certified together, before its work).
 
-A held process, for tests that kill a node at a known moment: `hold POINT DETAIL` makes the first process
-there write `DIR/held-POINT-DETAIL` (holding the name of its node, `$CATRS_FAULTS_NODE`) and wait `HOLD_SECONDS`;
-the test removes that node meanwhile, as a spot preemption would, and the run must end without it.
+A held process, for tests that act at a known moment: `hold POINT DETAIL` makes the first process there write
+`DIR/held-POINT-DETAIL` (holding the name of its node, `$CATRS_FAULTS_NODE`, else its pid) and wait
+`HOLD_SECONDS`, or until the test writes `DIR/release-POINT-DETAIL`; meanwhile the test removes that node, as
+a spot preemption would, or signals the process, or starts a rival command.
 
 A straggler, for benchmarks: `slow POINT FACTOR` in `DIR/armed` makes the first process that calls
 `straggle(POINT, …)` take FACTOR times as long for its work at that point, every time, as a slow node would.
@@ -35,9 +37,11 @@ def inject(point: str, detail: object) -> None:
     if f"{point} {detail}" in armed and _first(Path(folder) / f"fired-{name}", ""):
         os._exit(EXIT_CODE)
     if f"hold {point} {detail}" in armed and _first(
-        Path(folder) / f"held-{name}", os.environ.get("CATRS_FAULTS_NODE", "")
+        Path(folder) / f"held-{name}", os.environ.get("CATRS_FAULTS_NODE") or f"pid {os.getpid()}"
     ):
-        time.sleep(HOLD_SECONDS)
+        deadline = time.monotonic() + HOLD_SECONDS
+        while time.monotonic() < deadline and not (Path(folder) / f"release-{name}").exists():
+            time.sleep(0.05)
 
 
 def _first(marker: Path, content: str) -> bool:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from catrs.errors import UserError
 from catrs.sampling import DEFAULT_INFERENCE, INFERENCE_MODES
 
 Classifier = Callable[[torch.Tensor], torch.Tensor]
@@ -72,3 +73,47 @@ def pick_device(requested: str | None = None) -> torch.device:
     if requested:
         return torch.device(requested)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def available_devices() -> list[str]:
+    """The devices this process can run on."""
+    found = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return found + (["mps"] if torch.backends.mps.is_available() else [])
+
+
+def check_device(requested: str) -> str:
+    """`requested` if this machine has it; else a `UserError` naming the devices it has."""
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(
+            f"--device {requested!r} is not a torch device; this machine has: {', '.join(available_devices())}"
+        ) from None
+    index = 0 if device.index is None else device.index
+    present = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available() and index < torch.cuda.device_count(),
+        "mps": device.type == "mps" and torch.backends.mps.is_available(),
+    }.get(device.type, False)
+    if not present:
+        raise UserError(
+            f"--device {requested}: no such device here; this machine has: {', '.join(available_devices())}"
+        )
+    return requested
+
+
+def check_pass_fits(batch: int, input_dim: int, device: torch.device) -> None:
+    """Refuses a forward pass whose noisy inputs alone (float32, and the channels-last copy) would not fit in
+    the device's free memory: a clear error before any work, not an out-of-memory error in the middle."""
+    needed = 2 * 4 * batch * input_dim
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    if needed > free:
+        raise UserError(
+            f"--batch {batch:,} needs {needed / 2**30:.1f} GiB for one pass's noisy inputs alone; {device} has "
+            f"{free / 2**30:.1f} GiB free: lower --batch"
+        )

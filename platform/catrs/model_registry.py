@@ -24,7 +24,7 @@ import torch
 
 from catrs.checkpoint import ModelCard, load_checkpoint
 from catrs.errors import UserError
-from catrs.tracking import Tracker, flatten, quiet_mlflow
+from catrs.tracking import Tracker, flatten, quiet_mlflow, sqlite_file
 
 ALIAS = "champion"
 SCHEME = "models:/"
@@ -121,6 +121,11 @@ def checkpoint_of(uri: str, tracking_uri: str, cache_dir: Path) -> Path:
     import mlflow
 
     quiet_mlflow()
+    database = sqlite_file(tracking_uri)
+    if database is not None and not database.is_file():
+        raise UserError(
+            f"no MLflow store at {tracking_uri}, so no registered model {uri}; give the --tracking-uri used"
+        )
     name, version = _version_of(uri, tracking_uri)
     key = hashlib.sha256(f"{tracking_uri}|{name}|{version}".encode()).hexdigest()[:16]
     folder = cache_dir / "models" / key

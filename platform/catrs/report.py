@@ -19,24 +19,15 @@ import pandas as pd
 from catrs.data import dataset_spec
 from catrs.errors import UserError
 from catrs.metrics import corruption_table, linf_radius, summarize
-from catrs.results import IDENTITY_KEYS, read_results
+from catrs.results import read_provenance, read_results
 from catrs.storage import Stored
-
-
-def provenance_of(frame: pd.DataFrame) -> dict[str, Any]:
-    """The provenance columns of a catrs result file, when they hold one value each (empty for a TSV)."""
-    keys = [k for k in IDENTITY_KEYS + ["checkpoint", "batch"] if k in frame.columns]
-    if not keys or not len(frame) or frame[keys].drop_duplicates().shape[0] != 1:
-        return {}
-    first = frame[keys].iloc[0]
-    return {k: (first[k].item() if hasattr(first[k], "item") else first[k]) for k in keys}
 
 
 def build_report(path: str | Path | Stored, radii: Sequence[float], dataset: str | None = None) -> dict[str, Any]:
     """The summary of `path` as a JSON-ready dict; with a data set known, the ℓ∞ radii too."""
     frame = read_results(path)
     summary = summarize(frame, radii)
-    provenance = provenance_of(frame)
+    provenance = read_provenance(path, frame)
     report: dict[str, Any] = {"path": str(path), **summary, "provenance": provenance}
     report["certified_accuracy"] = {repr(float(r)): acc for r, acc in summary["certified_accuracy"].items()}
     if "corruption" in frame.columns and "radius" in frame.columns:
@@ -100,7 +91,7 @@ def load_source(source: str, tracking_uri: str | None = None) -> tuple[str, pd.D
         return Path(source).stem, read_results(source)
     from catrs.tracking import Tracker
 
-    tracker = Tracker(tracking_uri)
+    tracker = Tracker(tracking_uri, lookup=True)
     try:
         run = tracker.client.get_run(source)
         files = [

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from catrs.errors import UserError
+from catrs.interrupts import note_saved
 from catrs.sampling import Mode
 from catrs.storage import Stored, stored
 
@@ -95,31 +96,68 @@ def _parse_time(column: pd.Series) -> pd.Series:
     return pd.to_timedelta(column.astype(str)).dt.total_seconds()
 
 
+NUMERIC_COLUMNS = ("idx", "label", "predict", "correct", "radius")
+
+
 def read_results(path: str | Path | Stored) -> pd.DataFrame:
     """A result file (local or in an object store), Parquet or research TSV (told apart by content), with
-    `time` in seconds."""
+    `time` in seconds. Anything else — foreign bytes, a torn file, a column of non-numbers — is a `UserError`
+    that names the file and what is wrong with it."""
     path = stored(path)
     if not path.exists():
         raise UserError(f"result file not found: {path}")
     data = path.read()
-    try:
-        frame = (
-            pq.read_table(io.BytesIO(data)).to_pandas()
-            if data[:4] == _PARQUET_MAGIC
-            else pd.read_csv(io.BytesIO(data), sep="\t")
-        )
-    except Exception as error:  # pyarrow/pandas raise many types for torn or foreign bytes
-        raise UserError(
-            f"could not read result file {path} ({type(error).__name__}): truncated or not a Parquet/TSV result file"
-        ) from None
+    frame = _parse(path, data)
     missing = [c for c in ("idx", "label", "predict", "correct") if c not in frame.columns]
     if missing:
         raise UserError(f"{path} is not a result file: it lacks the column(s) {', '.join(missing)}")
+    for column in (c for c in NUMERIC_COLUMNS if c in frame.columns):
+        numbers = pd.to_numeric(frame[column], errors="coerce")
+        bad = frame[column][numbers.isna() & frame[column].notna()]
+        if len(bad):
+            raise UserError(
+                f"{path}: column {column} holds a non-number ({bad.iloc[0]!r}, row {bad.index[0] + 1}): "
+                f"not a result file catrs or the research code wrote"
+            )
+        frame[column] = numbers
     if frame[["idx", "label", "predict", "correct"]].isna().any().any():
         raise UserError(f"{path} has incomplete rows (truncated?); move it away and re-run")
     if "time" in frame.columns:
         frame["time"] = _parse_time(frame["time"])
     return frame
+
+
+def _parse(path: Stored, data: bytes) -> pd.DataFrame:
+    """The bytes as a table: Parquet by its magic number, else the research TSV if they are text."""
+    if data[:4] != _PARQUET_MAGIC and detect_format(path) == "parquet":
+        raise UserError(f"{path} is not a Parquet file (its first bytes are not PAR1): truncated or foreign")
+    try:
+        if data[:4] == _PARQUET_MAGIC:
+            return pq.read_table(io.BytesIO(data)).to_pandas()
+        data.decode("utf-8")
+        return pd.read_csv(io.BytesIO(data), sep="\t")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a result file: neither Parquet nor text (a TSV)") from None
+    except Exception as error:  # pyarrow/pandas raise many types for torn or foreign bytes
+        raise UserError(
+            f"could not read result file {path} ({type(error).__name__}): truncated or not a Parquet/TSV result file"
+        ) from None
+
+
+def read_provenance(path: str | Path | Stored, frame: pd.DataFrame) -> dict[str, Any]:
+    """What a result file says it holds: the provenance columns of catrs's Parquet (when each holds one
+    value), or the `.provenance.json` beside a TSV that catrs wrote; empty for a research TSV."""
+    keys = [k for k in IDENTITY_KEYS + ["checkpoint", "batch"] if k in frame.columns]
+    if keys and len(frame) and frame[keys].drop_duplicates().shape[0] == 1:
+        first = frame[keys].iloc[0]
+        return {k: (first[k].item() if hasattr(first[k], "item") else first[k]) for k in keys}
+    sidecar = stored(path).sibling(stored(path).name + ".provenance.json")
+    if not keys and sidecar.exists():
+        try:
+            return dict(json.loads(sidecar.read()))
+        except (ValueError, TypeError):
+            return {}
+    return {}
 
 
 def _format_time(seconds: float) -> str:
@@ -139,20 +177,33 @@ class ResultWriter:
         provenance: dict[str, Any],
         fmt: str | None = None,
         extra_columns: tuple[str, ...] = (),
+        announce: bool = True,
     ) -> None:
         self.path = stored(path)
         self.format = detect_format(self.path, fmt)
         self.provenance = provenance
         self.columns = COLUMNS[Mode(provenance["mode"])] + list(extra_columns)
+        self.announce = announce  # whether a flush is noted as saved (`catrs.interrupts`): not for chunk files
         self._sidecar = self.path.sibling(self.path.name + ".provenance.json")
         self._rows: list[ResultRow] = []
         self._unwritten = 0
         self._last_flush = time.monotonic()
-        folder = Path(self.path.uri).parent
-        if self.path.local and not folder.is_dir():
-            raise UserError(f"output directory does not exist: {folder}")
+        self.path.check_writable("--out")
         if self.path.exists():
             self._rows = self._load_existing()
+
+    def reopened(self) -> ResultWriter:
+        """A writer of the same output as it is now (what an earlier owner left), with nothing unwritten."""
+        return ResultWriter(self.path, self.provenance, self.format, tuple(self.columns[len(COLUMNS[self.mode]) :]))
+
+    @property
+    def mode(self) -> Mode:
+        return Mode(self.provenance["mode"])
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """The provenance that decides what the output holds (what a second writer must share to join)."""
+        return {key: self.provenance[key] for key in IDENTITY_KEYS}
 
     @property
     def done(self) -> set[int]:
@@ -215,12 +266,24 @@ class ResultWriter:
                 frame[key] = value
             self.path.write(lambda stream: pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), stream))
         else:
-            identity = {key: self.provenance[key] for key in IDENTITY_KEYS}
-            self._sidecar.write_bytes(json.dumps(identity, indent=1).encode())
-            frame["time"] = frame["time"].map(_format_time)
-            self.path.write_bytes(frame.to_csv(sep="\t", index=False).encode())
+            self._write_tsv(frame)
         self._unwritten = 0
         self._last_flush = time.monotonic()
+        if self.announce:
+            note_saved(self.path.uri, f"{len(rows)} rows in {self.path}")
+
+    def _write_tsv(self, frame: pd.DataFrame) -> None:
+        """The research TSV and its provenance beside it: the sidecar first (a TSV without one would be refused
+        at the resume), removed again if the TSV cannot be written, so nothing is left half-made."""
+        existed = self._sidecar.exists()
+        self._sidecar.write_bytes(json.dumps(self.identity, indent=1).encode())
+        frame["time"] = frame["time"].map(_format_time)
+        try:
+            self.path.write_bytes(frame.to_csv(sep="\t", index=False).encode())
+        except BaseException:
+            if not existed:
+                self._sidecar.delete()
+            raise
 
 
 def _same(recorded: Any, wanted: Any) -> bool:

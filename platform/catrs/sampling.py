@@ -24,6 +24,11 @@ class Mode(str, Enum):
     EVALUATE = "evaluate"
 
 
+# The most samples per image a protocol may ask for: 10^12, a million times the published n (the radius it
+# certifies is within 0.01σ of n = 10^11's). Counting needs memory for one forward pass, not for n.
+MAX_SAMPLES = 10**12
+
+
 @dataclass(frozen=True)
 class SamplingProtocol:
     """CERTIFY's sampling protocol: `n0` selection and `n` estimation samples per image, failure probability
@@ -43,6 +48,11 @@ class SamplingProtocol:
             (name, f"must be a positive integer, got {getattr(self, name)}")
             for name in ("n0", "n", "batch")
             if getattr(self, name) < 1
+        ]
+        found += [
+            (name, f"must be at most {MAX_SAMPLES:,} (10^12), got {getattr(self, name):,}")
+            for name in ("n0", "n", "batch")
+            if getattr(self, name) > MAX_SAMPLES
         ]
         if not 0 < self.alpha < 1:
             found.append(("alpha", f"must lie strictly between 0 and 1, got {self.alpha}"))

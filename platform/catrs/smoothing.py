@@ -67,15 +67,16 @@ def _forward_plan(num_inputs: int, num: int, batch_size: int) -> Iterator[list[t
     other inputs, so an input's noise is the same whichever inputs share its passes.
     """
     chunk = min(num, batch_size)
-    sizes = [chunk] * (num // chunk) + ([num % chunk] if num % chunk else [])
+    whole, rest = divmod(num, chunk)
     pieces: list[tuple[int, int]] = []
     filled = 0
-    for item in itertools.product(range(num_inputs), sizes):
-        if filled + item[1] > batch_size:
-            yield pieces
-            pieces, filled = [], 0
-        pieces.append(item)
-        filled += item[1]
+    for owner in range(num_inputs):
+        for size in itertools.chain(itertools.repeat(chunk, whole), [rest] if rest else []):
+            if filled + size > batch_size:
+                yield pieces
+                pieces, filled = [], 0
+            pieces.append((owner, size))
+            filled += size
     if pieces:
         yield pieces
 
@@ -238,8 +239,8 @@ class Smooth:
     ) -> torch.Tensor:
         """Class counts (k, num_classes) of f(x_i + δ) over `num` noise draws per input, on the model's device.
 
-        Nothing is read back to the host: predictions are accumulated on the device and counted with one
-        `bincount` at the end.
+        Nothing is read back to the host: each pass's predictions are counted on the device (one `bincount`
+        over all its inputs) into the running counts, so memory holds one pass, whatever `num` is.
         """
         xs = xs.to(self.device, torch.float32)
         if len(indices) != len(xs):
@@ -247,15 +248,14 @@ class Smooth:
         generators = [
             torch.Generator(device=self.device).manual_seed(noise_seed(self.seed, int(i), stream)) for i in indices
         ]
-        keyed_predictions = []
+        counts = torch.zeros(len(xs) * self.num_classes, dtype=torch.long, device=self.device)
         with torch.inference_mode(), self._autocast():
             for pieces in _forward_plan(len(xs), num, batch_size):
                 noisy, owner_offsets = self._noisy_batch(xs, pieces, generators)
                 logits = self._forward(noisy)
                 if logits.shape[-1] != self.num_classes:
                     raise ValueError(f"base classifier gives {logits.shape[-1]} logits, expected {self.num_classes}")
-                keyed_predictions.append(logits.argmax(dim=1) + owner_offsets)
-            counts = torch.bincount(torch.cat(keyed_predictions), minlength=len(xs) * self.num_classes)
+                counts += torch.bincount(logits.argmax(dim=1) + owner_offsets, minlength=len(counts))
         return counts.view(len(xs), self.num_classes)
 
     # --- helpers -------------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +31,23 @@ from catrs.errors import UserError
 
 def is_uri(target: str | Path) -> bool:
     return "://" in str(target)
+
+
+_ONE_SLASH = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)(.*)$")
+
+
+def check_location(text: str) -> str:
+    """`text` if it names a place catrs can write: a local path, or `SCHEME://BUCKET/KEY`. A URI with one slash
+    (`s3:/bucket/key`, which a file system would take as a folder named `s3:`) or with no bucket or key is a
+    `UserError` that says what was probably meant."""
+    if match := _ONE_SLASH.match(text):
+        raise UserError(f"{text} looks like a URI with one slash; did you mean {match[1]}://{match[2]}?")
+    if is_uri(text):
+        scheme, _, rest = text.partition("://")
+        bucket, _, key = rest.partition("/")
+        if not bucket or not key.strip("/"):
+            raise UserError(f"{text} names no object: give {scheme}://BUCKET/KEY")
+    return text
 
 
 @dataclass(frozen=True)
@@ -115,6 +134,23 @@ class Stored:
         except FileNotFoundError:
             pass
 
+    def check_writable(self, what: str = "output") -> Stored:
+        """Refuses, before any work, a local file that could not be written: a directory, a missing or
+        read-only folder. (An object store answers only when written; its URI is checked by `check_location`.)"""
+        if not self.local:
+            check_location(self.uri)
+            return self
+        path = Path(self.uri)
+        if path.is_dir():
+            raise UserError(f"{what} {path} is a directory; name a file in it, e.g. {path / 'results.parquet'}")
+        folder = path.parent if str(path.parent) else Path(".")
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{what} {path}: {folder} is a file, not a folder")
+        if not folder.is_dir():
+            raise UserError(f"output directory does not exist: {folder}")
+        _probe(folder, what, path)
+        return self
+
     def make_folder(self) -> Stored:
         """Creates this folder on a local disk; object stores need none."""
         if self.local:
@@ -149,6 +185,28 @@ class Stored:
 
     def __str__(self) -> str:
         return self.uri
+
+
+def check_writable_folder(path: Path, what: str = "--out") -> Path:
+    """Refuses, before any work, a run folder that could not be made or written: an existing file, a folder
+    under a file, a read-only place."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file; a run is written to a folder: give a new or a run's folder")
+    existing = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise UserError(f"{what} {path}: {existing} is a file, not a folder")
+    _probe(existing, what, path)
+    return path
+
+
+def _probe(folder: Path, what: str, target: Path) -> None:
+    """Creates and removes a file in `folder`: the one sure test that it can be written (permissions,
+    read-only file systems, quotas); a failure is a `UserError` naming `what`."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".catrs-probe-"):
+            pass
+    except OSError as error:
+        raise UserError(f"{what} {target}: cannot write to {folder} ({error.strerror or error})") from None
 
 
 def _copy(source: IO[bytes], target: IO[bytes], block: int = 1 << 22) -> None:

@@ -112,6 +112,25 @@ def metric_key(name: str) -> str:
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a SQLite tracking URI (None for any other store)."""
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+@contextlib.contextmanager
+def _creating(database: Path | None) -> Iterator[None]:
+    """While a SQLite store is opened — and, the first time, its schema created — no other command of this
+    machine opens it: MLflow's migrations fail when two processes create one store at once."""
+    if database is None:
+        yield
+        return
+    from filelock import FileLock
+
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{database}.lock"):
+        yield
+
+
 def quiet_mlflow() -> None:
     """MLflow as a catrs command wants it, set before its first use: an unreachable server fails a command in
     seconds, not after MLflow's default minutes of retries; no progress bars of its own in catrs's output;
@@ -129,31 +148,55 @@ class Tracker:
     Writes go through a journal in `spool` when the store does not answer (see the module docstring).
     """
 
-    def __init__(self, uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT, spool: Path | None = None) -> None:
+    def __init__(
+        self,
+        uri: str | None = None,
+        experiment: str = DEFAULT_EXPERIMENT,
+        spool: Path | None = None,
+        *,
+        lookup: bool = False,
+    ) -> None:
+        """Opens (creating where needed) the store at `uri` and its experiment; with `lookup`, a store that does
+        not exist yet is a `UserError` and nothing is created: a look-up never leaves an empty store behind."""
         from mlflow.tracking import MlflowClient
 
         quiet_mlflow()
         self.uri = resolve_tracking_uri(uri)
-        self.client = MlflowClient(tracking_uri=self.uri)
+        database = sqlite_file(self.uri)
+        if lookup and database is not None and not database.is_file():
+            raise UserError(f"no MLflow store at {self.uri}: nothing was logged there; give the --tracking-uri used")
         self.spool = spool
         self._pending: list[dict[str, Any]] = []
         try:
-            found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = (
-                found.experiment_id
-                if found
-                else self.client.create_experiment(
-                    experiment, artifact_location=self._artifact_location(experiment), tags=EXPERIMENT_TAGS
-                )
-            )
-            if found:  # an experiment of an earlier catrs: open it on its runs too
-                for key, value in EXPERIMENT_TAGS.items():
-                    if key not in found.tags:
-                        self.client.set_experiment_tag(self.experiment_id, key, value)
+            with _creating(database):
+                self.client = MlflowClient(tracking_uri=self.uri)
+                self.experiment_id = self._experiment(experiment, lookup)
+        except UserError:
+            raise
         except Exception as error:  # MLflow raises many kinds for an unreachable or broken store
             raise UserError(
                 f"cannot use the MLflow tracking store {self.uri}: {str(error).splitlines()[0][:200]}"
             ) from None
+
+    def _experiment(self, name: str, lookup: bool) -> str:
+        """The experiment's id, created (with the tags that open the UI on its runs) if it does not exist; two
+        commands creating it at once both end up with the one that won."""
+        found = self.client.get_experiment_by_name(name)
+        if found is None and lookup:
+            raise UserError(f"the MLflow store {self.uri} has no experiment {name!r}: nothing was logged there")
+        if found is None:
+            try:
+                return self.client.create_experiment(
+                    name, artifact_location=self._artifact_location(name), tags=EXPERIMENT_TAGS
+                )
+            except Exception:
+                found = self.client.get_experiment_by_name(name)  # another command created it meanwhile
+                if found is None:
+                    raise
+        for key, value in EXPERIMENT_TAGS.items():  # an experiment of an earlier catrs: open it on its runs too
+            if key not in found.tags and not lookup:
+                self.client.set_experiment_tag(found.experiment_id, key, value)
+        return found.experiment_id
 
     def _artifact_location(self, experiment: str) -> str | None:
         """Beside the SQLite file for a local store; the server's default for a remote one."""
@@ -233,6 +276,17 @@ class Tracker:
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self._deliver({"op": "end", "run_id": run_id, "status": status})
+
+    def end_abruptly(self, run_id: str, error: BaseException) -> None:
+        """Ends a run that `error` cut short: KILLED by a signal (named in `catrs.ended_by`), else FAILED."""
+        from catrs.interrupts import Stopped, signal_of
+
+        if isinstance(error, KeyboardInterrupt | Stopped):
+            self.set_tags(run_id, {"catrs.ended_by": signal_of(error)[0]})
+            self.end(run_id, "KILLED")
+        else:
+            self.set_tags(run_id, {"catrs.ended_by": f"{type(error).__name__}: {str(error)[:200]}"})
+            self.end(run_id, "FAILED")
 
     @property
     def pending(self) -> int:
@@ -364,15 +418,15 @@ def system_metrics(tracker: Tracker, run_id: str, seconds: float = 10.0) -> Iter
 
 @contextlib.contextmanager
 def tracked_run(tracker: Tracker, name: str, tags: dict[str, str], params: Mapping[str, Any]) -> Iterator[str]:
-    """A run for one command, with its system metrics: FINISHED when the block ends, FAILED if it raises;
-    queued records flushed."""
+    """A run for one command, with its system metrics: FINISHED when the block ends, KILLED (with the signal
+    as `catrs.ended_by`) if it is stopped, FAILED if it raises; queued records flushed."""
     run_id = tracker.start(name, tags)
     tracker.log_params(run_id, params)
     try:
         with system_metrics(tracker, run_id):
             yield run_id
-    except BaseException:
-        tracker.end(run_id, "FAILED")
+    except BaseException as error:
+        tracker.end_abruptly(run_id, error)
         raise
     else:
         tracker.end(run_id)

@@ -18,6 +18,7 @@ go, how the model and the data are spread over workers): `LocalSession` here, an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -41,9 +42,11 @@ from catrs.data import TRAINING_SPLITS, DatasetSpec, dataset_spec, get_dataset
 from catrs.errors import UserError
 from catrs.faults import inject
 from catrs.inference import pick_device
+from catrs.interrupts import note_saved
 from catrs.models import model_names
+from catrs.ownership import claim
 from catrs.seeds import derived_seed
-from catrs.storage import Stored
+from catrs.storage import Stored, check_writable_folder, stored
 from catrs.teacher import Producer, SoftLabelSpec, count_votes, file_lock, soft_labels, teacher_sha
 from trainables.base import Batch, Method, SoftLabelNeed, StepContext
 
@@ -250,15 +253,7 @@ class TrainingRun:
 
     def restore(self, checkpoint: Checkpoint, where: str) -> None:
         """Continues from `checkpoint`, which must come from a run with the same settings (but the epochs)."""
-        state = checkpoint.training_state
-        if state is None:
-            raise UserError(f"{where} holds no training state (a final export?); choose another --out")
-        recorded, wanted = state["config"], asdict(self.config)
-        defaults = asdict(TrainConfig())  # a setting added since the checkpoint was written has its default there
-        differing = [k for k, v in wanted.items() if k != "epochs" and recorded.get(k, defaults[k]) != v]
-        if differing:
-            details = ", ".join(f"{k}: {recorded.get(k)!r} vs {wanted[k]!r}" for k in differing)
-            raise UserError(f"{where} holds a run with other settings ({details}); use another --out to start anew")
+        state = check_same_run(checkpoint, self.config, where)
         self.model.load_state_dict(checkpoint.state_dict)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -274,6 +269,38 @@ class TrainingRun:
         if evaluation is not None:
             evaluation.to_parquet(folder.evaluation_file, index=False)
         return path
+
+
+def run_identity(config: TrainConfig) -> dict[str, Any]:
+    """The settings a checkpoint must share for a run to continue from it: all of them but the epochs."""
+    return {key: value for key, value in asdict(config).items() if key != "epochs"}
+
+
+def check_same_run(checkpoint: Checkpoint, config: TrainConfig, where: str) -> dict[str, Any]:
+    """The training state of `checkpoint`, if it comes from a run with `config`'s settings (but the epochs)."""
+    state = checkpoint.training_state
+    if state is None:
+        raise UserError(f"{where} holds no training state (a final export?); choose another --out")
+    recorded, wanted = state["config"], run_identity(config)
+    defaults = asdict(TrainConfig())  # a setting added since the checkpoint was written has its default there
+    differing = [k for k, v in wanted.items() if recorded.get(k, defaults[k]) != v]
+    if differing:
+        details = ", ".join(f"{k}: {recorded.get(k)!r} vs {wanted[k]!r}" for k in differing)
+        raise UserError(f"{where} holds a run with other settings ({details}); use another --out to start anew")
+    return state
+
+
+def check_run_folder(spec: RunSpec, out: Path) -> None:
+    """Refuses, before any work, a run folder that cannot be written or that holds a run with other settings."""
+    check_writable_folder(out)
+    if (checkpoint := RunFolder(out).checkpoint).exists():
+        check_same_run(load_checkpoint(checkpoint), spec.config, str(checkpoint))
+
+
+def claimed_run(spec: RunSpec, out: Path) -> contextlib.AbstractContextManager:
+    """Holds the run folder `out` for this run (`catrs.ownership`): a second command of the same settings
+    waits to resume after it, one of other settings is refused."""
+    return claim(stored(str(out)), "training run", run_identity(spec.config))
 
 
 @dataclass(frozen=True)
@@ -436,6 +463,7 @@ class LocalSession(SingleWorkerSession):
 
     def report(self, metrics: dict[str, float], run: TrainingRun, evaluation: pd.DataFrame | None) -> None:
         run.write(self.out, evaluation)
+        note_saved(str(self.out), f"epoch {run.next_epoch} of {run.config.epochs} in {RunFolder(self.out).checkpoint}")
         if self.on_epoch:
             self.on_epoch(metrics)
 
@@ -535,7 +563,8 @@ def train(
     Gaussian teacher there first if no run did yet.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    table = soft_labels_for(spec, context)
-    fit(spec, LocalSession(out, pick_device(context.device), on_epoch), context, soft_labels=table)
+    with claimed_run(spec, out):
+        out.mkdir(parents=True, exist_ok=True)
+        table = soft_labels_for(spec, context)
+        fit(spec, LocalSession(out, pick_device(context.device), on_epoch), context, soft_labels=table)
     return out / CHECKPOINT_NAME

@@ -19,13 +19,13 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 
 import ray
 
+from catrs.ownership import renewing
 from catrs.storage import Stored
 
 LEASE_SECONDS = 60.0
@@ -84,17 +84,8 @@ def cluster_exclusive(entry: Stored, lease_seconds: float = LEASE_SECONDS) -> It
             yield
             return
         time.sleep(WAIT_SECONDS)
-    stop = threading.Event()
-
-    def renew() -> None:
-        while not stop.wait(lease_seconds / 3):
-            keeper.acquire.remote(entry.uri, holder, lease_seconds)
-
-    renewer = threading.Thread(target=renew, daemon=True)
-    renewer.start()
     try:
-        yield
+        with renewing(lease_seconds / 3, lambda: keeper.acquire.remote(entry.uri, holder, lease_seconds)):
+            yield
     finally:
-        stop.set()
-        renewer.join()
         keeper.release.remote(entry.uri, holder)

@@ -39,6 +39,7 @@ from catrs.data import get_dataset
 from catrs.distributed.runtime import cluster_has_gpus, connect
 from catrs.errors import JobFailed, UserError
 from catrs.faults import inject, straggle
+from catrs.interrupts import forget_saved, note_saved
 from catrs.results import CORRUPTION_COLUMNS, ResultRow, ResultWriter, read_results, result_rows
 from catrs.smoothing import Smooth
 from catrs.storage import Stored, stored
@@ -160,7 +161,7 @@ def _readable_chunks(folder: Stored, provenance: dict[str, Any], extra: tuple[st
         except UserError:
             chunk.delete()
             continue
-        found.append(ResultWriter(chunk, provenance, "parquet", extra))
+        found.append(ResultWriter(chunk, provenance, "parquet", extra, announce=False))
     return found
 
 
@@ -172,34 +173,38 @@ def certify_distributed(
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be a positive integer, got {workers}")
     prepared = prepare_certification(request, context)
-    connect()
-    workers = workers or cluster_workers()
-    folder = stored(request.out).sibling(stored(request.out).name + ".chunks").make_folder()
-    extra = tuple(c for c in prepared.writer.columns if c in CORRUPTION_COLUMNS)
-    earlier = _readable_chunks(folder, prepared.provenance, extra)
-    todo = prepared.unfinished(prepared.selected, prepared.writer.done, *(chunk.done for chunk in earlier))
-    smallest = inputs_per_pass(request.settings.protocol, request.mode)
-    checkpoint = [ray.put(prepared.checkpoint)]
-    task = _certify_chunk.options(**_resources())
+    with prepared.claimed():  # the chunk folder is the output's: claimed with it
+        connect()
+        workers = workers or cluster_workers()
+        folder = stored(request.out).sibling(stored(request.out).name + ".chunks").make_folder()
+        extra = tuple(c for c in prepared.writer.columns if c in CORRUPTION_COLUMNS)
+        earlier = _readable_chunks(folder, prepared.provenance, extra)
+        todo = prepared.unfinished(prepared.selected, prepared.writer.done, *(chunk.done for chunk in earlier))
+        smallest = inputs_per_pass(request.settings.protocol, request.mode)
+        checkpoint = [ray.put(prepared.checkpoint)]
+        task = _certify_chunk.options(**_resources())
 
-    def save(positions: list[int], rows: list[ResultRow]) -> None:
-        writer = ResultWriter(
-            folder.child(f"chunk-{positions[0]:09d}-{positions[-1]:09d}.parquet"), prepared.provenance, "parquet", extra
+        def save(positions: list[int], rows: list[ResultRow]) -> None:
+            name = f"chunk-{positions[0]:09d}-{positions[-1]:09d}.parquet"
+            writer = ResultWriter(folder.child(name), prepared.provenance, "parquet", extra, announce=False)
+            writer.add(rows)
+            writer.flush()
+            earlier.append(writer)
+            note_saved(
+                folder.uri, f"{sum(len(c.done) for c in earlier)} rows in {len(earlier)} chunk files in {folder}"
+            )
+
+        run_queue(
+            lambda positions: task.remote(request, context, checkpoint, positions),
+            plan_chunks(todo, workers, smallest, chunk_size),
+            workers,
+            save,
+            request.mode.value,
+            context.progress,
         )
-        writer.add(rows)
-        writer.flush()
-        earlier.append(writer)
-
-    run_queue(
-        lambda positions: task.remote(request, context, checkpoint, positions),
-        plan_chunks(todo, workers, smallest, chunk_size),
-        workers,
-        save,
-        request.mode.value,
-        context.progress,
-    )
-    _merge(prepared.writer, earlier)
-    folder.delete_folder()
+        _merge(prepared.writer, earlier)
+        folder.delete_folder()
+        forget_saved(folder.uri)
     return prepared.writer.path
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+from catrs.interrupts import stop_on_sigterm
+
 
 def connect(address: str | None = None) -> None:
     """Initialises Ray once per process; a no-op when it already is (tests share one local instance)."""
@@ -18,6 +20,7 @@ def connect(address: str | None = None) -> None:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # Worker output stays in Ray's logs; catrs prints its own progress on the driver.
     ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
+    stop_on_sigterm()  # Ray's init made SIGTERM a bare exit; catrs ends its runs and says what was saved
 
 
 def cluster_has_gpus() -> bool:

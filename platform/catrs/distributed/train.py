@@ -39,6 +39,7 @@ from catrs.train import (
     RunSpec,
     TrainConfig,
     TrainingRun,
+    claimed_run,
     fit,
     shuffled_loader,
     soft_labels_for,
@@ -138,6 +139,11 @@ def scaling(plan: WorkerPlan) -> ray.train.ScalingConfig:
 def train_distributed(spec: RunSpec, out: Path, plan: WorkerPlan, context: RunContext) -> Path:
     """Trains (or resumes) the run `spec` on the plan's Ray Train workers; copies the final checkpoint into `out`."""
     out = Path(out).resolve()
+    with claimed_run(spec, out):
+        return _train_on_workers(spec, out, plan, context)
+
+
+def _train_on_workers(spec: RunSpec, out: Path, plan: WorkerPlan, context: RunContext) -> Path:
     connect()
     table = soft_labels_for(spec, context, cluster_producer())
     settings = worker_settings(spec, None if table is None else ray.put(table), context)

@@ -197,8 +197,11 @@ class Observe(ray.tune.Callback):
 
 def quiet_tune() -> None:
     """Tune's console output off (its legacy reporter honours `verbose=0`, the new one does not; neither the
-    results folder nor the TensorBoard hint is something a catrs user acts on), and Optuna's INFO lines."""
+    results folder nor the TensorBoard hint is something a catrs user acts on), and Optuna's INFO lines. Tune's
+    own Ctrl-C handler is off too: it would end the trials and return them as if the sweep were over; catrs
+    stops the sweep instead (`--resume` finishes it from Tune's saved state)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 

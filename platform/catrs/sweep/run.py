@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -32,7 +32,9 @@ from catrs.distributed.runtime import connect
 from catrs.distributed.train import WorkerPlan, cluster_producer, train_on_a_worker
 from catrs.distributed.tune import SEALED, TrialsPlan, run_trials
 from catrs.errors import JobFailed, UserError
+from catrs.interrupts import forget_saved, note_saved
 from catrs.model_registry import input_example, register_checkpoint
+from catrs.ownership import claim
 from catrs.results import read_results
 from catrs.storage import Stored, stored
 from catrs.sweep import selection
@@ -50,32 +52,59 @@ BEST_DIR = "best"  # the best trial's checkpoint, beside the sweep's final resul
 @dataclass(frozen=True)
 class SweepOptions:
     """How to run a sweep: how many trials (None: the file's budget), whether to finish a killed one, where
-    Tune keeps the trials (a directory or a cloud URI; default `local_dir`), and where the sweep's own files
-    go on the driver (`local_dir/NAME`: the MLflow parent id, the candidates' validation rows, the winner's
-    checkpoint and test results)."""
+    Tune keeps the trials (a directory or a cloud URI; default `local_dir`), where the sweep's own files go on
+    the driver (`local_dir/NAME`: the MLflow parent id, the candidates' validation rows, the winner's
+    checkpoint and test results), and the command that finishes it if it is stopped (None: none does)."""
 
     num_samples: int | None = None
     resume: bool = False
     storage_path: str | None = None
     local_dir: Path = Path("runs") / "sweeps"
+    resume_command: str | None = None
 
 
 def run_sweep(space: SearchSpace, options: SweepOptions, context: RunContext) -> SweepOutcome:
     """Runs (or with `options.resume`, finishes) the sweep of `space`; chooses on val, certifies the choice on
-    test, registers it; logs all to MLflow."""
+    test, registers it; logs all to MLflow. The sweep's folder is this process's alone while it runs; a sweep
+    stopped by a signal or an error ends its MLflow runs KILLED or FAILED, and `--resume` finishes it."""
     num_samples = space.trials(options.num_samples)
     sweep_dir = options.local_dir.resolve() / space.name
     storage = options.storage_path or str(options.local_dir)
     plan = TrialsPlan(space, num_samples, storage if "://" in storage else str(Path(storage).resolve()), options.resume)
-    if plan.resume and not plan.can_resume():
-        raise UserError(f"nothing to resume at {plan.experiment}: run without --resume to start the sweep")
-    if not plan.resume and (sweep_dir / PARENT_FILE).exists():
-        raise UserError(
-            f"sweep {space.name!r} already exists in {sweep_dir.parent}: pass --resume to finish it, or "
-            f"change its name: in {space.path}"
-        )
-    tracker = Tracker(context.tracking_uri, spool=sweep_dir / "mlflow-pending")  # unreachable: fails before work
-    parent = parent_run(tracker, space, sweep_dir, plan.resume, num_samples)
+    with claim(stored(str(sweep_dir)), "sweep"):
+        started = (sweep_dir / PARENT_FILE).exists()
+        if plan.resume and not started and not plan.can_resume():
+            raise UserError(f"nothing to resume at {plan.experiment}: run without --resume to start the sweep")
+        if not plan.resume and started:
+            raise UserError(
+                f"sweep {space.name!r} already exists in {sweep_dir.parent}: pass --resume to finish it, or "
+                f"change its name: in {space.path}"
+            )
+        # A sweep stopped before Tune saved its first state has no trials to resume: they start anew.
+        plan = replace(plan, resume=plan.resume and plan.can_resume())
+        tracker = Tracker(context.tracking_uri, spool=sweep_dir / "mlflow-pending")  # unreachable: fails first
+        parent = parent_run(tracker, space, sweep_dir, options.resume, num_samples)
+        try:
+            return _sweep(space, plan, (sweep_dir, parent, tracker), options, context)
+        except BaseException as error:
+            tracker.end_abruptly(parent, error)
+            close_orphans(tracker, parent, set())
+            tracker.close()
+            raise
+
+
+def _sweep(
+    space: SearchSpace,
+    plan: TrialsPlan,
+    where: tuple[Path, str, Tracker],
+    options: SweepOptions,
+    context: RunContext,
+) -> SweepOutcome:
+    """The sweep of `plan` under its parent run (`where`: the sweep's folder, the parent run, its tracker)."""
+    sweep_dir, parent, tracker = where
+    num_samples = plan.num_samples
+    resume = options.resume_command or "`catrs demo` starts a new sweep each time"
+    note_saved(str(sweep_dir), f"the sweep's trials so far, in {plan.experiment}", resume)
     with system_metrics(tracker, parent):  # the driver's machine: CPU and memory while it sweeps
         connect()
         records = TrialRecords(tracker.uri, parent, space, sweep_dir / "mlflow-pending")
@@ -87,7 +116,6 @@ def run_sweep(space: SearchSpace, options: SweepOptions, context: RunContext) ->
             table = trials_table(results, space)
             shortlisted = selection.shortlist(candidates(results, space), space.selection.top_k)
             if not shortlisted:
-                tracker.end(parent, "FAILED")
                 raise JobFailed(
                     f"no trial of {space.name} was trained to its last epoch; see the trial logs in {plan.experiment}"
                 )
@@ -120,6 +148,7 @@ def run_sweep(space: SearchSpace, options: SweepOptions, context: RunContext) ->
     tracker.end(parent, "FINISHED")
     tracker.close()
     records.tracker.close()
+    forget_saved(str(sweep_dir))
     return SweepOutcome(
         sweep_dir,
         parent,

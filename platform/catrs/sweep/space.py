@@ -292,15 +292,38 @@ def _check_method_values(check: _Checker, method: str, values: dict[str, Any], k
         check.fail(key, str(error.args[0] if error.args else error))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (the plain loader keeps the last, so a
+    setting would silently lose to a later one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
-    """A YAML file's top-level mapping; a missing file, broken YAML or another shape is a `UserError`."""
+    """A YAML file's top-level mapping; a missing file, a file that is not text, broken YAML, a key given twice
+    or another shape is a `UserError`."""
     if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
+        raise UserError(f"{what} not found: {path}" + (" (a folder)" if path.is_dir() else ""))
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)
+    except UnicodeDecodeError:
+        raise UserError(
+            f"{path} is not a text file (not UTF-8): give a YAML {what}, not a checkpoint or data"
+        ) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
-        raise UserError(f"{path}{f' line {mark.line + 1}' if mark else ''}: not valid YAML") from None
+        problem = getattr(error, "problem", None)
+        said = problem if isinstance(error, yaml.constructor.ConstructorError) else f"not valid YAML ({problem})"
+        raise UserError(f"{path}{f' line {mark.line + 1}' if mark else ''}: {said}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of settings at the top level")
     return data
@@ -359,7 +382,7 @@ def load_search_space(path: str | Path) -> SearchSpace:
     search = _search(check, raw["search"], method, train, fixed)
     space = SearchSpace(
         path=path,
-        name=str(raw.get("name", path.stem)),
+        name=_name(check, raw.get("name", path.stem)),
         method=method,
         dataset=raw["dataset"],
         arch=raw.get("arch"),
@@ -383,6 +406,20 @@ def load_search_space(path: str | Path) -> SearchSpace:
             f"would never compare trials; lower it, or set scheduler: none",
         )
     return space
+
+
+SWEEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _name(check: _Checker, name: Any) -> str:
+    """The sweep's name, which names its folders and its registered model: one safe path component."""
+    if not isinstance(name, str) or not SWEEP_NAME.match(name) or name in (".", ".."):
+        check.fail(
+            "name",
+            f"{name!r} is not a usable sweep name: letters, digits, '.', '_' and '-', starting with a letter or "
+            f"a digit (it names folders and the registered model)",
+        )
+    return str(name)
 
 
 def _check_moved(check: _Checker, raw: dict[str, Any]) -> None:

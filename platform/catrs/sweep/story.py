@@ -241,7 +241,9 @@ def parent_run(tracker: Tracker, space: SearchSpace, sweep_dir: Path, resume: bo
     with what every trial shares."""
     marker = sweep_dir / PARENT_FILE
     if resume and marker.exists():
-        return marker.read_text().strip()
+        run_id = marker.read_text().strip()
+        tracker.client.update_run(run_id, status="RUNNING")  # ended KILLED or FAILED when it was stopped
+        return run_id
     run_id = tracker.start(
         space.name,
         run_tags(
