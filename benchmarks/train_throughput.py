@@ -16,8 +16,7 @@ import time
 import torch
 
 import trainables
-from catrs.models import create_model
-from catrs.train import train_step
+from catrs.train import TrainConfig, TrainingRun, train_step
 from harness import device_and_models, parse_arguments  # benchmarks/harness.py
 from trainables.base import Batch, StepContext
 
@@ -34,12 +33,14 @@ PUBLISHED_SECONDS = {
 SIGMA = 0.5
 
 
+DATASETS = {"lenet": "mnist", "cifar_resnet20": "cifar10", "cifar_resnet110": "cifar10"}
+
+
 def step_seconds(name: str, model_name: str, device: torch.device) -> callable:
-    method = trainables.get(name)
-    hyper = method.make_config()
-    model = create_model(model_name, 10).to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    size = method.default_batch_size
+    spec = TrainConfig(method=name, dataset=DATASETS[model_name], arch=model_name, sigma=SIGMA, lr=0.01).resolve()
+    training = TrainingRun.create(spec, device)
+    model = training.model.train()
+    size = spec.method.default_batch_size
     generator = torch.Generator().manual_seed(0)
     y = torch.randint(0, 10, (size,), generator=generator)
     soft = torch.softmax(3 * torch.randn(size, 10, generator=generator), dim=1)
@@ -55,7 +56,7 @@ def step_seconds(name: str, model_name: str, device: torch.device) -> callable:
         if device.type == "cuda":
             torch.cuda.synchronize()
         began = time.perf_counter()
-        logged = train_step(model, optimizer, method, hyper, context, batch)
+        logged = train_step(training, model, context, batch)
         float(logged[-1]["loss"])  # wait for the step to finish
         return time.perf_counter() - began
 

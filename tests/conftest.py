@@ -12,6 +12,10 @@ from catrs.checkpoint import save_checkpoint
 from catrs.cli import main
 from tests.helpers import make_card
 
+# Every Ray service of the tests on 127.0.0.1, set before anything asks Ray for this machine's address (it keeps
+# the first answer): multi-node clusters and `ray start` heads are joined there (see the Ray notes).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_stores(tmp_path_factory):

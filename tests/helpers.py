@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import json
 import os
 import shutil
 import socket
@@ -141,3 +143,132 @@ class Postgres:
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.root / "data"), "-m", "fast", "-w", "stop")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class AutoscalingHead:
+    """A Ray head started with `ray start --head` and a fake autoscaler (Ray's `fake_multinode` provider, as
+    `ray.cluster_utils.AutoscalingCluster` would start it): no GPU on the head, and a node type with one
+    (logical) GPU and one CPU that starts at zero nodes, so GPUs exist only once work asks the autoscaler for
+    them. Started and ended by this object alone, by the processes it started: never `ray stop`, which would
+    end every Ray of the machine."""
+
+    def __init__(self, head_cpus: int = 2, gpu_nodes: int = 2) -> None:
+        # Short: Ray's socket paths live under it, and a Unix socket's path may not exceed 107 bytes.
+        self.folder, self.port = Path(tempfile.mkdtemp(prefix="catrs-ray-", dir="/tmp")), free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.config = self.folder / "autoscaling.json"
+        self.config.write_text(
+            json.dumps(
+                {
+                    "cluster_name": "catrs-test",
+                    "max_workers": gpu_nodes,
+                    "upscaling_speed": 1.0,
+                    "idle_timeout_minutes": 10,
+                    "provider": {
+                        "type": "fake_multinode",
+                        "use_node_id_as_ip": True,
+                        "disable_node_updaters": True,
+                        "disable_launch_config_check": True,
+                        "gcs_address": self.address,
+                    },
+                    "auth": {},
+                    "docker": {},
+                    "available_node_types": {
+                        "ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0},
+                        "gpu_1x": {
+                            "resources": {"CPU": 1, "GPU": 1},
+                            "node_config": {},
+                            "min_workers": 0,
+                            "max_workers": gpu_nodes,
+                        },
+                    },
+                    "head_node_type": "ray.head.default",
+                    **{key: [] for key in ("cluster_synced_files", "rsync_exclude", "rsync_filter")},
+                    **{
+                        key: []
+                        for key in (
+                            "initialization_commands",
+                            "setup_commands",
+                            "head_setup_commands",
+                            "worker_setup_commands",
+                            "head_start_ray_commands",
+                            "worker_start_ray_commands",
+                        )
+                    },
+                    "file_mounts": {},
+                    "file_mounts_sync_continuously": False,
+                }
+            )
+        )
+        self.head_cpus = head_cpus
+
+    def start(self) -> str:
+        """Starts the head (its autoscaler reads `config`); returns its address."""
+        environment = {
+            **os.environ,
+            "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+            "RAY_FAKE_CLUSTER": "1",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every service on 127.0.0.1
+            "RAY_AUTH_MODE": "token",  # as cluster.yaml starts its head: a token (made if missing) is required
+        }
+        ray = Path(sys.executable).parent / "ray"
+        subprocess.run(
+            [
+                str(ray),
+                "start",
+                "--head",
+                f"--port={self.port}",
+                f"--temp-dir={self.folder / 'ray'}",
+                f"--autoscaling-config={self.config}",
+                f"--num-cpus={self.head_cpus}",
+                "--num-gpus=0",
+                "--disable-usage-stats",
+            ],
+            env=environment,
+            check=True,
+            capture_output=True,
+        )
+        return self.address
+
+    def processes(self) -> list:
+        """This head's processes and their descendants (never this test's own process)."""
+        import psutil
+
+        marks = (str(self.folder), self.address)
+        roots = [
+            process
+            for process in psutil.process_iter(["cmdline"])
+            if process.pid != os.getpid() and any(m in a for a in process.info["cmdline"] or [] for m in marks)
+        ]
+        found = {process.pid: process for process in roots}
+        for process in roots:
+            with contextlib.suppress(psutil.Error):
+                found.update({child.pid: child for child in process.children(recursive=True)})
+        found.pop(os.getpid(), None)
+        return list(found.values())
+
+    def stop(self) -> None:
+        """Ends the head and the nodes its autoscaler started: asked first, then killed."""
+        import psutil
+
+        processes = self.processes()
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                process.terminate()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(_running(p) for p in processes):
+            time.sleep(0.2)
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _running(process: object) -> bool:
+    """Whether a process still runs (a zombie — ended, not yet reaped by a parent that is gone — does not)."""
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE  # type: ignore[attr-defined]
+    except psutil.Error:
+        return False

@@ -31,19 +31,23 @@ def refuse_to_train(*args, **kwargs):
 
 
 def test_an_object_store_cache_holds_the_teacher_and_the_table_and_a_second_request_reads_them(
-    ray_cluster, object_store
+    ray_cluster, object_store, tmp_path
 ):
     from catrs.distributed.train import cluster_producer
 
     cache = object_store.uri("cache-a")
-    table = soft_labels(SPEC, quiet_context(cache=cache), cluster_producer())
+    labels = soft_labels(SPEC, quiet_context(cache=cache), cluster_producer())
+    table = labels.table(tmp_path / "node").dense()
     assert table.shape == (1437, 10) and torch.allclose(table.sum(1), torch.ones(1437))
     keys = object_store.keys("cache-a/")
-    assert f"cache-a/soft-labels-{SPEC.key()}.pt" in keys
+    # The votes went to the cache by chunk, from the workers that counted them; the manifest came last.
+    chunks = [k for k in keys if k.startswith(f"cache-a/soft-labels-{SPEC.key()}/votes-")]
+    assert len(chunks) > 1 and f"cache-a/soft-labels-{SPEC.key()}/manifest.json" in keys
     # The teacher trained as a Ray Train job whose checkpoints live in the cache, where a restart finds them.
     assert any(k.startswith(f"cache-a/teachers/teacher-{SPEC.key()}/checkpoint_") for k in keys)
-    again = soft_labels(SPEC, quiet_context(cache=cache), replace(cluster_producer(), train_teacher=refuse_to_train))
-    assert torch.equal(again, table)
+    producer = replace(cluster_producer(), train_teacher=refuse_to_train, vote=refuse_to_train)
+    again = soft_labels(SPEC, quiet_context(cache=cache), producer)
+    assert torch.equal(again.table(tmp_path / "other-node").dense(), table)
 
 
 def test_concurrent_requests_for_one_key_compute_it_once(ray_cluster, tmp_path):
@@ -69,7 +73,7 @@ def test_concurrent_requests_for_one_key_compute_it_once(ray_cluster, tmp_path):
     for thread in threads:
         thread.join()
     assert len(trained) == 1
-    assert torch.equal(tables[0], tables[1]) and torch.equal(tables[0], tables[2])
+    assert tables[0] == tables[1] == tables[2]  # one entry, found by all
 
 
 def test_an_owner_that_dies_mid_computation_leaves_no_entry_and_its_lease_lapses(ray_cluster, object_store):
@@ -79,7 +83,7 @@ def test_an_owner_that_dies_mid_computation_leaves_no_entry_and_its_lease_lapses
     from catrs.distributed.train import cluster_producer
 
     cache = object_store.uri("cache-b")
-    entry = stored(cache).child(f"soft-labels-{SPEC.key()}.pt")
+    entry = stored(cache).child(f"soft-labels-{SPEC.key()}").child("manifest.json")
 
     @ray.remote(max_retries=0)
     def die_while_owning() -> None:
@@ -90,5 +94,5 @@ def test_an_owner_that_dies_mid_computation_leaves_no_entry_and_its_lease_lapses
     with pytest.raises(ray.exceptions.RayError):
         ray.get(die_while_owning.remote())
     assert not entry.exists() and stored(cache).child("started").exists()
-    table = soft_labels(SPEC, quiet_context(cache=cache), cluster_producer())  # waits for the lapse, then owns
-    assert entry.exists() and table.shape == (1437, 10)
+    labels = soft_labels(SPEC, quiet_context(cache=cache), cluster_producer())  # waits for the lapse, then owns
+    assert entry.exists() and (labels.size, labels.classes) == (1437, 10)

@@ -108,3 +108,15 @@ def test_the_readme_cluster_walkthrough_matches_cluster_yaml():
     assert "[cluster]" in " ".join(config["setup_commands"])  # psycopg and boto3 for PostgreSQL and S3
     ray_pin = re.search(r"ray\[default\]==([\d.]+)\.\*", _readme_walkthrough()).group(1)
     assert ray.__version__.startswith(ray_pin)
+
+
+def test_cluster_yaml_syncs_only_the_source_installs_torch_once_and_offers_gpus_catrs_can_plan_with():
+    from catrs.distributed.runtime import autoscaling_gpus
+
+    config = yaml.safe_load(CLUSTER.read_text())
+    assert {".venv", "data", "runs"} <= set(config["rsync_exclude"])
+    torch_install = next(c for c in config["setup_commands"] if "torch==" in c)
+    assert torch_install.startswith('python -c "import torch')  # skipped where torch is installed already
+    assert config["available_node_types"][config["head_node_type"]]["resources"].get("GPU", 0) == 0
+    # What the driver on the head plans with before any GPU node is up: 2 four-GPU nodes, then 6 one-GPU ones.
+    assert autoscaling_gpus(prepare_config(config)) == 2 * 4 + 6 * 1

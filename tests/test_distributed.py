@@ -3,17 +3,20 @@ instance."""
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from catrs.certify import CertifyRequest, CertifySettings, run_certification
 from catrs.checkpoint import load_checkpoint
-from catrs.data import get_dataset
 from catrs.results import read_results
 from catrs.sampling import SamplingProtocol
 from catrs.teacher import VoteJob, count_votes
 from catrs.train import TrainConfig, train
+from catrs.vote_store import SoftLabels, VoteStore
 from tests.helpers import certify_digits, quiet_context
 
 pytestmark = pytest.mark.slow
@@ -109,13 +112,21 @@ def test_the_planner_cuts_several_chunks_per_worker_and_never_less_than_one_pass
     assert [len(c) for c in plan_chunks(items[:7], workers=4, size=3)] == [3, 3, 1]
 
 
-def test_distributed_votes_equal_single_process_votes(ray_cluster, digits_checkpoint):
+def test_distributed_votes_equal_single_process_votes_and_resume_by_chunk(ray_cluster, digits_checkpoint, tmp_path):
     from catrs.distributed.chunks import distributed_votes
 
-    job = VoteJob(load_checkpoint(digits_checkpoint), "digits", 0.25, 50, seed=1, indices=tuple(range(25)))
+    checkpoint = load_checkpoint(digits_checkpoint)
     context = quiet_context()
-    assert torch.equal(distributed_votes(job, context, workers=2), count_votes(job, context))
-    assert len(get_dataset("digits", "train")) == 1437
+    here, queued = (VoteStore(str(tmp_path / name)) for name in ("here", "queued"))
+    assert count_votes(VoteJob(checkpoint, "digits", 0.25, 20, 1, here), context) == (1437, 10)
+    counts = np.load(io.BytesIO(here.chunks()[0][2].read()))
+    queued.write_chunk(0, torch.from_numpy(counts[:100].astype(np.int64)), 20)  # a run that did 100, then died
+    assert distributed_votes(VoteJob(checkpoint, "digits", 0.25, 20, 1, queued), context, workers=2) == (1437, 10)
+    files = [entry.name for _, _, entry in queued.chunks()]
+    assert len(files) > 2 and files[0] == "votes-000000000-000000099.npy"  # counted by chunk, the rest only
+    labels = [SoftLabels(store, "k" + store.folder.name, 1437, 10, 20) for store in (here, queued)]
+    first, second = (label.table(tmp_path / "node").dense() for label in labels)
+    assert torch.equal(first, second)
 
 
 def test_a_worker_killed_mid_run_restarts_from_the_checkpoint_and_ends_like_an_uninterrupted_run(
@@ -182,3 +193,16 @@ def test_the_cli_certifies_into_an_object_store_and_logs_the_table_to_mlflow(
     )
     logged = client.download_artifacts(run.info.run_id, "results/cert.parquet", str(tmp_path))
     pd.testing.assert_frame_equal(read_results(logged), read_results(out))
+
+
+def test_running_out_of_gpu_memory_is_reported_with_the_batch_to_lower_not_retried(
+    ray_cluster, digits_checkpoint, faults, tmp_path
+):
+    from catrs.distributed.chunks import certify_distributed
+    from catrs.errors import JobFailed
+
+    faults.arm("oom certify.group", 0)  # the chunk that starts at image 0 runs out of memory, every time
+    request = CertifyRequest(digits_checkpoint, "digits", 0.5, tmp_path / "oom.parquet", SETTINGS, max_index=12)
+    with pytest.raises(JobFailed, match="out of GPU memory with batches of 400 samples; lower --batch"):
+        certify_distributed(request, quiet_context(), 2, 6)
+    assert len(list(faults.folder.glob("oom-certify.group-0-*"))) == 1  # tried once: it would fail again

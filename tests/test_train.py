@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,9 +61,9 @@ def test_a_run_that_holds_out_val_never_trains_or_evaluates_on_it(run_cli, tmp_p
     from catrs.train import LocalSession, fit
 
     class Recording(LocalSession):
-        def loader(self, dataset, config, epoch):
+        def loader(self, dataset, config):
             seen.update(int(i) for i in dataset.keys)
-            return super().loader(dataset, config, epoch)
+            return super().loader(dataset, config)
 
     seen: set[int] = set()
     spec = TrainConfig(method="gaussian", epochs=1, train_split="train_minus_val", **QUICK).resolve()
@@ -98,17 +99,24 @@ def test_a_run_with_other_settings_in_the_same_directory_is_refused(tmp_path):
 
 def test_soft_labels_are_vote_histograms_cached_by_everything_that_determines_them(tmp_path):
     spec = TrainConfig(method="catrs", epochs=1, **QUICK, method_config={"teacher_noises": 30}).resolve().soft_labels()
-    table = soft_labels(spec, quiet_context(cache=tmp_path), local_producer())
-    assert table.shape == (512, 4)
+    labels = soft_labels(spec, quiet_context(cache=tmp_path), local_producer())
+    table = labels.table(tmp_path / "node").dense()
+    assert table.shape == (512, 4) and (labels.size, labels.classes) == (512, 4)
     torch.testing.assert_close(table.sum(dim=1), torch.ones(512))
     assert ((table * 30) - (table * 30).round()).abs().max() < 1e-4  # counts / N
     assert len(list(tmp_path.glob("teacher-*/checkpoint.pt"))) == 1
+    assert {p.name for p in (tmp_path / f"soft-labels-{spec.key()}").iterdir() if p.suffix != ".lock"} == {
+        "manifest.json",
+        "votes-000000000-000000511.npy",  # the counts, compact: uint16
+    }
+    assert labels.table(tmp_path / "node").counts.dtype == np.uint16
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("cached soft labels were recomputed")
 
     refusing = replace(local_producer(), train_teacher=must_not_run, vote=must_not_run)
-    assert torch.equal(soft_labels(spec, quiet_context(cache=tmp_path), refusing), table)
+    again = soft_labels(spec, quiet_context(cache=tmp_path), refusing)
+    assert torch.equal(again.table(tmp_path / "another-node").dense(), table)
     other_sigma = SoftLabelSpec(**{**spec.__dict__, "sigma0": 0.5})
     assert other_sigma.key() != spec.key()
     with pytest.raises(AssertionError, match="recomputed"):
@@ -235,20 +243,26 @@ def test_a_killed_catrs_train_resumes_with_the_same_command(faults, tmp_path):
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
 
 
-def test_a_soft_label_cache_holding_python_objects_is_refused(tmp_path):
-    import pickle
+class Exploit:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_a_soft_label_cache_holding_python_objects_is_refused(tmp_path, capsys):
+    import json
 
     from catrs.errors import UserError
 
     spec = TrainConfig(method="catrs", epochs=1, **QUICK).resolve().soft_labels()
-
-    class Exploit:
-        def __reduce__(self):
-            return (print, ("this must never run",))
-
-    (tmp_path / f"soft-labels-{spec.key()}.pt").write_bytes(pickle.dumps(Exploit()))
-    with pytest.raises(UserError, match="unreadable"):
-        soft_labels(spec, quiet_context(cache=tmp_path), local_producer())
+    folder = tmp_path / f"soft-labels-{spec.key()}"
+    folder.mkdir()
+    np.save(folder / "votes-000000000-000000511.npy", np.array([Exploit()] * 512, dtype=object), allow_pickle=True)
+    manifest = {"format": "catrs-soft-labels/2", "spec": spec.record(), "size": 512, "classes": 4}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    labels = soft_labels(spec, quiet_context(cache=tmp_path), local_producer())  # complete, as its manifest says
+    with pytest.raises(UserError, match="holds Python objects or is damaged"):
+        labels.table(tmp_path / "node")
+    assert "this must never run" not in capsys.readouterr().out
 
 
 def test_a_soft_label_key_hashes_the_vote_count_under_its_first_name_so_old_cache_entries_stay_valid():

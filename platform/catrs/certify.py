@@ -29,7 +29,7 @@ from catrs.context import RunContext
 from catrs.data import Indexed, dataset_spec, get_dataset
 from catrs.errors import UserError
 from catrs.faults import inject
-from catrs.inference import check_pass_fits, pick_device
+from catrs.inference import check_pass_fits, describe_device, pick_device
 from catrs.ownership import claim
 from catrs.results import CORRUPTION_COLUMNS, ResultRow, ResultWriter
 from catrs.sampling import DEFAULT_INFERENCE, INFERENCE_MODES, Mode, SamplingProtocol
@@ -201,6 +201,7 @@ def prepare_certification(request: CertifyRequest, context: RunContext) -> Prepa
         "mixed_precision": settings.mixed_precision,
         "checkpoint": request.checkpoint_source or str(request.checkpoint),
         "checkpoint_sha256": file_sha256(request.checkpoint),
+        "device": describe_device(pick_device(context.device)),  # the queue's workers may set theirs
     }
     extra = CORRUPTION_COLUMNS if spec.base else ()
     writer = ResultWriter(request.out, provenance, request.output_format, extra_columns=extra)
@@ -220,6 +221,7 @@ def run_certification(request: CertifyRequest, context: RunContext) -> Stored:
     output is this job's alone while it runs (`catrs.ownership`)."""
     prepared = prepare_certification(request, context)
     with prepared.claimed():
+        prepared.writer.check_device(prepared.provenance["device"])
         todo = prepared.todo
         bar = tqdm(total=len(todo), desc=request.mode.value, unit="img", disable=not context.progress, file=sys.stderr)
         try:

@@ -221,7 +221,12 @@ def _build_parser() -> argparse.ArgumentParser:
         default=0,
         help="train with Ray Train on K data-parallel workers (0: in this process, without Ray)",
     )
-    train.add_argument("--gpus-per-worker", type=float, default=0.0)
+    train.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="GPUs of each worker (default: one where the cluster has or can get GPUs, else none)",
+    )
     train.add_argument("--cpus-per-worker", type=float, default=1.0)
     train.add_argument(
         "--storage-path",
@@ -344,38 +349,50 @@ def _train_config(args: argparse.Namespace) -> Any:
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from catrs.data import get_dataset
     from catrs.tracking import Tracker, run_tags, tracked_run, ui_hint
     from catrs.train import check_run_folder, claimed_run
 
     spec = _train_config(args).resolve()
     config = spec.config
-    if args.workers < 0 or args.gpus_per_worker < 0 or args.cpus_per_worker <= 0:
+    if args.workers < 0 or (args.gpus_per_worker or 0) < 0 or args.cpus_per_worker <= 0:
         raise UserError("--workers and --gpus-per-worker must be ≥ 0 and --cpus-per-worker > 0")
     context = _context(args)
-    # Every refusal before the MLflow run starts: the folder, the data, a run of other settings in the folder.
+    # Every refusal before the MLflow run starts: the folder, a run of other settings in it, the data.
     check_run_folder(spec, args.out)
-    get_dataset(config.dataset, config.train_split, context.data_root, context.download)
+    data = _training_split(args, config, context)
     with claimed_run(spec, args.out):
         tracker = Tracker(context.tracking_uri, spool=args.out / "mlflow-pending")  # unusable: fails before work
         tags = run_tags("train", config.method, config.dataset, config.sigma)
         with tracked_run(tracker, args.out.name, tags, asdict(config)) as run_id:
-            tracker.log_dataset(run_id, config.dataset, config.train_split, "training", context.data_root)
+            tracker.log_dataset(run_id, data, "training")
             checkpoint = _train_locally_or_on_ray(args, spec, context, tracker, run_id)
             tracker.log_artifact(run_id, checkpoint.parent / "metrics.jsonl")
-            _log_model(tracker, run_id, checkpoint, config.dataset, context)
+            _log_model(tracker, run_id, checkpoint, data.example)
     print(f"checkpoint: {checkpoint}")
     print(ui_hint(tracker.uri, tracker.experiment_id, run_id))
 
 
-def _log_model(tracker: Any, run_id: str, checkpoint: Path, dataset: str, context: Any) -> None:
+def _training_split(args: argparse.Namespace, config: Any, context: Any) -> Any:
+    """The facts of the split a run trains on (readable, or refused before any work): read here, or — for Ray
+    workers on a cluster with GPUs, whose nodes hold the data — by one of them, not the driver on the head."""
+    from catrs.data import split_facts
+
+    if args.workers:
+        from catrs.distributed.chunks import facts_on_a_worker
+        from catrs.distributed.runtime import capacity, connect
+
+        connect()
+        if capacity().accelerated:
+            return facts_on_a_worker(config.dataset, (config.train_split,), context)[config.train_split]
+    return split_facts(config.dataset, config.train_split, context.data_root, context.download)
+
+
+def _log_model(tracker: Any, run_id: str, checkpoint: Path, example: Any) -> None:
     """The trained model on its run, as an MLflow PyTorch model with an input example (the checkpoint file is
     in it); a store that cannot take it costs only the model record, with a message."""
-    from catrs.data import get_dataset
-    from catrs.model_registry import input_example, log_checkpoint_model
+    from catrs.model_registry import log_checkpoint_model
 
     try:
-        example = input_example(get_dataset(dataset, "train", context.data_root, context.download))
         log_checkpoint_model(tracker, run_id, checkpoint, example)
     except Exception as error:  # MLflow raises many kinds for a store that cannot take models
         print(
@@ -392,7 +409,8 @@ def _train_locally_or_on_ray(args: argparse.Namespace, spec: Any, context: Any, 
 
     if args.workers:
         from catrs.checkpoint import load_checkpoint
-        from catrs.distributed.train import WorkerPlan, train_distributed
+        from catrs.distributed.train import train_distributed
+        from catrs.train import WorkerPlan
 
         plan = WorkerPlan(args.workers, args.gpus_per_worker, args.cpus_per_worker, args.storage_path)
         checkpoint = train_distributed(spec, args.out, plan, context)
@@ -461,6 +479,7 @@ def _run_sampling(args: argparse.Namespace) -> None:
 def _sample_and_track(args: argparse.Namespace, request: Any, prepared: Any, context: Any) -> tuple[Any, Any, str]:
     """The certification (or prediction) of a claimed output, recorded as an MLflow run."""
     from catrs.certify import run_certification
+    from catrs.data import split_facts
     from catrs.results import read_results
     from catrs.tracking import Tracker, run_tags, tracked_run
 
@@ -475,7 +494,7 @@ def _sample_and_track(args: argparse.Namespace, request: Any, prepared: Any, con
     dataset = request.dataset
     tags = run_tags(args.command, prepared.checkpoint.card.method, dataset, prepared.checkpoint.card.sigma)
     with tracked_run(tracker, name, tags, prepared.provenance) as run_id:
-        tracker.log_dataset(run_id, dataset, args.split, "evaluation", context.data_root)
+        tracker.log_dataset(run_id, split_facts(dataset, args.split, context.data_root, context.download), "evaluation")
         if args.workers:
             from catrs.distributed.chunks import certify_distributed
 

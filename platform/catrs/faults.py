@@ -14,6 +14,9 @@ A held process, for tests that act at a known moment: `hold POINT DETAIL` makes 
 `HOLD_SECONDS`, or until the test writes `DIR/release-POINT-DETAIL`; meanwhile the test removes that node, as
 a spot preemption would, or signals the process, or starts a rival command.
 
+Out of memory, for tests: `oom POINT DETAIL` makes every process there raise CUDA's out-of-memory error, as a
+batch too large for its GPU would.
+
 A straggler, for benchmarks: `slow POINT FACTOR` in `DIR/armed` makes the first process that calls
 `straggle(POINT, …)` take FACTOR times as long for its work at that point, every time, as a slow node would.
 """
@@ -36,6 +39,11 @@ def inject(point: str, detail: object) -> None:
     name = f"{point}-{str(detail).replace(':', '-')}"
     if f"{point} {detail}" in armed and _first(Path(folder) / f"fired-{name}", ""):
         os._exit(EXIT_CODE)
+    if f"oom {point} {detail}" in armed:
+        (Path(folder) / f"oom-{name}-{os.getpid()}-{time.monotonic_ns()}").touch()  # each attempt leaves one
+        import torch
+
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by catrs.faults)")
     if f"hold {point} {detail}" in armed and _first(
         Path(folder) / f"held-{name}", os.environ.get("CATRS_FAULTS_NODE") or f"pid {os.getpid()}"
     ):

@@ -75,6 +75,25 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def worker_device() -> torch.device:
+    """The device of a Ray worker process: the GPU Ray gave it (which CUDA numbers 0 in the process, Ray having
+    set CUDA_VISIBLE_DEVICES to it), or the CPU where the process sees no CUDA (a CPU worker, or a test
+    cluster's node that only advertises a GPU)."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def describe_device(device: torch.device) -> str:
+    """What rows computed on `device` depend on: the kind of device (CUDA's normal sampler lays its numbers
+    out by the GPU's multiprocessor count, so another GPU model draws other noise for the same index) and,
+    on CUDA, whether convolutions and matmuls may use TF32."""
+    if device.type == "cuda":
+        tf32 = torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
+        return f"cuda {torch.cuda.get_device_name(device)}{' tf32' if tf32 else ''}"
+    import platform
+
+    return f"{device.type} {platform.machine()}"
+
+
 def available_devices() -> list[str]:
     """The devices this process can run on."""
     found = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]

@@ -66,12 +66,6 @@ def _active_run(uri: str, run_id: str) -> Iterator[None]:
         mlflow.set_tracking_uri(previous)
 
 
-def input_example(dataset: Any) -> torch.Tensor:
-    """Two images of `dataset`, the input example of a logged model: a batch of one would fix the exported
-    model's batch size."""
-    return torch.stack([dataset[0][1], dataset[1][1]])
-
-
 def log_checkpoint_model(
     tracker: Tracker, run_id: str, checkpoint: Path, example: torch.Tensor, registered_name: str | None = None
 ) -> Any:

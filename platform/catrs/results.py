@@ -186,6 +186,7 @@ class ResultWriter:
         self.announce = announce  # whether a flush is noted as saved (`catrs.interrupts`): not for chunk files
         self._sidecar = self.path.sibling(self.path.name + ".provenance.json")
         self._rows: list[ResultRow] = []
+        self._devices: set[str] = set()  # the devices the rows already there were computed on
         self._unwritten = 0
         self._last_flush = time.monotonic()
         self.path.check_writable("--out")
@@ -209,8 +210,20 @@ class ResultWriter:
     def done(self) -> set[int]:
         return {int(row["idx"]) for row in self._rows}
 
+    def check_device(self, device: str) -> None:
+        """Refuses to add rows computed on `device` to rows computed on another: the noise of an index, and the
+        logits, differ between devices, so a file of mixed rows would be no one run's certificates."""
+        other = self._devices - {device}
+        if other:
+            raise UserError(
+                f"{self.path} holds rows computed on {', '.join(sorted(other))}, and this run computes on {device}; "
+                f"finish it on that kind of device, or choose another --out (each device's certificates are valid)"
+            )
+
     def _load_existing(self) -> list[ResultRow]:
         frame = read_results(self.path)
+        if "device" in frame.columns:
+            self._devices = set(frame["device"].dropna().astype(str))
         if self.format == "parquet":
             if self.path.read()[:4] != _PARQUET_MAGIC:
                 raise UserError(f"{self.path} exists and is not a Parquet file; choose another --out")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import sys
 from collections.abc import Callable
@@ -47,8 +46,7 @@ from catrs.inference import pick_device
 from catrs.seeds import derived_seed
 from catrs.smoothing import NoiseStream, Smooth
 from catrs.storage import Stored, stored
-
-FORMAT = "catrs-soft-labels"
+from catrs.vote_store import FORMAT, MANIFEST, SoftLabels, VoteStore
 
 
 @dataclass(frozen=True)
@@ -115,14 +113,15 @@ def _num_outputs(model: nn.Module, dataset: Dataset) -> int:
 
 @dataclass(frozen=True)
 class VoteJob:
-    """Votes of a teacher over (some of) a training split: what `count_votes` and its distributed twin compute."""
+    """Votes of a teacher over a training split, written by chunk into the cache entry `store`: what
+    `count_votes` and its distributed twin compute."""
 
     checkpoint: Checkpoint
     dataset: str
     sigma: float
     votes: int
     seed: int
-    indices: tuple[int, ...] | None = None  # None: the whole training split
+    store: VoteStore
 
 
 def teacher_and_train_set(job: VoteJob, context: RunContext) -> tuple[nn.Module, Indexed]:
@@ -131,11 +130,25 @@ def teacher_and_train_set(job: VoteJob, context: RunContext) -> tuple[nn.Module,
     return model, get_dataset(job.dataset, "train", context.data_root, context.download)
 
 
-def count_votes(job: VoteJob, context: RunContext) -> torch.Tensor:
-    """Vote counts (len(indices), C) for `job`, in this process."""
+def consecutive(indices: list[int]) -> list[list[int]]:
+    """`indices` (ascending) in runs of consecutive values: each run is one chunk file."""
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and runs[-1][-1] == index - 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return runs
+
+
+def count_votes(job: VoteJob, context: RunContext) -> tuple[int, int]:
+    """The votes of `job` in this process, for the indices no chunk file holds yet; (size, classes)."""
     model, train_set = teacher_and_train_set(job, context)
-    indices = list(job.indices) if job.indices is not None else list(range(len(train_set)))
-    return vote_histograms(model, train_set, indices, job.sigma, job.votes, seed=job.seed, progress=context.progress)
+    done = job.store.covered()
+    for run in consecutive([i for i in range(len(train_set)) if i not in done]):
+        counts = vote_histograms(model, train_set, run, job.sigma, job.votes, seed=job.seed, progress=context.progress)
+        job.store.write_chunk(run[0], counts, job.votes)
+    return len(train_set), job.checkpoint.card.num_classes
 
 
 class TeacherTrainer(Protocol):
@@ -146,9 +159,10 @@ class TeacherTrainer(Protocol):
 
 
 class VoteCounter(Protocol):
-    """Counts a teacher's votes (`count_votes` in this process, or the cluster's chunk queue)."""
+    """Counts a teacher's votes into its store (`count_votes` in this process, or the cluster's chunk queue);
+    returns the training split's size and the number of classes."""
 
-    def __call__(self, job: VoteJob, context: RunContext) -> torch.Tensor: ...
+    def __call__(self, job: VoteJob, context: RunContext) -> tuple[int, int]: ...
 
 
 def file_lock(entry: Stored) -> ContextManager:
@@ -174,43 +188,40 @@ class Producer:
 
 def soft_labels(
     spec: SoftLabelSpec, context: RunContext, producer: Producer, teacher_checkpoint: Path | None = None
-) -> torch.Tensor:
-    """ŷ (len(train split), C), float32, rows in dataset-index order: from the context's cache (a directory or
-    an object-store URI), or computed by `producer` and cached. The entry is written whole once computed, so a
-    crash mid-way leaves no entry that looks complete."""
-    cache = stored(context.cache)
-    entry = cache.child(f"soft-labels-{spec.key()}.pt")
-    if entry.exists():
-        return _load(entry, spec)
-    with producer.exclusive(entry):
-        if entry.exists():  # computed by the owner we waited for
-            return _load(entry, spec)
+) -> SoftLabels:
+    """The soft labels of `spec`, from the context's cache (a directory or an object-store URI), or computed by
+    `producer` into it: the teacher trained (unless given), its votes counted by chunk. The entry is complete
+    only once its manifest is written, so a crash mid-way leaves nothing that looks complete, and a re-run
+    counts only what no chunk holds."""
+    store = VoteStore(stored(context.cache).child(f"soft-labels-{spec.key()}").uri)
+    if (done := _complete(store, spec)) is not None:
+        return done
+    with producer.exclusive(store.folder.child(MANIFEST)):
+        if (done := _complete(store, spec)) is not None:  # computed by the owner we waited for
+            return done
         if teacher_checkpoint is None:
-            teacher_checkpoint = producer.train_teacher(spec, cache.child(f"teacher-{spec.key()}"), context)
-        table = _votes(spec, teacher_checkpoint, context, producer)
-        entry.write(lambda stream: torch.save({"format": FORMAT, "spec": spec.record(), "soft_labels": table}, stream))
-    return table
-
-
-def _votes(spec: SoftLabelSpec, teacher_checkpoint: Path, context: RunContext, producer: Producer) -> torch.Tensor:
-    """The teacher's vote histograms over the training split, as frequencies."""
-    checkpoint = load_checkpoint(teacher_checkpoint)
-    if checkpoint.card.dataset != spec.dataset:
-        raise UserError(
-            f"teacher {teacher_checkpoint} was trained on {checkpoint.card.dataset!r}, not {spec.dataset!r}"
+            teacher_checkpoint = producer.train_teacher(
+                spec, stored(context.cache).child(f"teacher-{spec.key()}"), context
+            )
+        checkpoint = load_checkpoint(teacher_checkpoint)
+        if checkpoint.card.dataset != spec.dataset:
+            raise UserError(
+                f"teacher {teacher_checkpoint} was trained on {checkpoint.card.dataset!r}, not {spec.dataset!r}"
+            )
+        size, classes = producer.vote(
+            VoteJob(checkpoint, spec.dataset, spec.sigma0, spec.votes, spec.seed, store), context
         )
-    counts = producer.vote(VoteJob(checkpoint, spec.dataset, spec.sigma0, spec.votes, spec.seed), context)
-    return counts.float() / spec.votes
+        store.complete(spec.record(), size, classes)
+    return SoftLabels(store, spec.key(), size, classes, spec.votes)
 
 
-def _load(path: Stored, spec: SoftLabelSpec) -> torch.Tensor:
-    try:
-        payload = torch.load(io.BytesIO(path.read()), map_location="cpu", weights_only=True)
-    except Exception:
-        raise UserError(f"soft-label cache {path} is unreadable; delete it to recompute") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("spec") != spec.record():
-        raise UserError(f"soft-label cache {path} does not hold what its name says; delete it to recompute")
-    return payload["soft_labels"]
+def _complete(store: VoteStore, spec: SoftLabelSpec) -> SoftLabels | None:
+    manifest = store.manifest()
+    if manifest is None:
+        return None
+    if manifest.get("format") != FORMAT or manifest.get("spec") != spec.record():
+        raise UserError(f"soft-label cache {store.uri} does not hold what its name says; delete it to recompute")
+    return SoftLabels(store, spec.key(), int(manifest["size"]), int(manifest["classes"]), spec.votes)
 
 
 def teacher_sha(path: str | Path) -> str:

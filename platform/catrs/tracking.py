@@ -32,6 +32,7 @@ from typing import Any
 import pandas as pd
 
 from catrs.context import resolve_tracking_uri
+from catrs.data import SplitFacts
 from catrs.errors import UserError
 from catrs.metrics import DEFAULT_RADII, certification_metrics, corruption_table
 from catrs.plots import plot_certified_accuracy, plot_corruption_accuracy
@@ -211,20 +212,17 @@ class Tracker:
     def rename(self, run_id: str, name: str) -> None:
         self.set_tags(run_id, {"mlflow.runName": name})
 
-    def log_dataset(self, run_id: str, dataset: str, split: str, context: str, root: Path | None = None) -> None:
+    def log_dataset(self, run_id: str, facts: SplitFacts, context: str) -> None:
         """The data set split a run trained or was evaluated on, as an MLflow dataset input (name, digest,
         size; `context` says how it was used: training, validation, test)."""
-        from catrs.data import split_digest
-
-        digest, size = split_digest(dataset, split, root)
         self._deliver(
             {
                 "op": "input",
                 "run_id": run_id,
-                "name": f"{dataset}/{split}",
-                "digest": digest,
-                "source": json.dumps({"dataset": dataset, "split": split}),
-                "profile": json.dumps({"num_rows": size}),
+                "name": f"{facts.dataset}/{facts.split}",
+                "digest": facts.digest,
+                "source": json.dumps({"dataset": facts.dataset, "split": facts.split}),
+                "profile": json.dumps({"num_rows": facts.size}),
                 "context": context,
             }
         )

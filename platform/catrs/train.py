@@ -22,9 +22,10 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,7 +33,7 @@ from typing import Any, Protocol
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 import trainables
@@ -41,13 +42,14 @@ from catrs.context import RunContext
 from catrs.data import TRAINING_SPLITS, DatasetSpec, dataset_spec, get_dataset
 from catrs.errors import UserError
 from catrs.faults import inject
-from catrs.inference import pick_device
+from catrs.inference import describe_device, pick_device
 from catrs.interrupts import note_saved
 from catrs.models import model_names
 from catrs.ownership import claim
 from catrs.seeds import derived_seed
 from catrs.storage import Stored, check_writable_folder, stored
 from catrs.teacher import Producer, SoftLabelSpec, count_votes, file_lock, soft_labels, teacher_sha
+from catrs.vote_store import SoftLabels, SoftLabelTable
 from trainables.base import Batch, Method, SoftLabelNeed, StepContext
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -87,6 +89,9 @@ class TrainConfig:
     momentum: float = setting(0.9, flag="--momentum", role="searchable")
     weight_decay: float = setting(1e-4, flag="--weight-decay", role="searchable")
     seed: int = setting(0, flag="--seed")
+    precision: str = setting(
+        "fp32", flag="--precision", help="fp32 (default), bf16 or fp16 (CUDA): the training step under autocast"
+    )
     method_config: dict[str, Any] = field(default_factory=dict)  # `--set KEY=VALUE`
     train_split: str = "train"  # or "train_minus_val": keep the `val` split unseen (every sweep trial does)
 
@@ -106,7 +111,11 @@ class TrainConfig:
             (self.batch_size is None or self.batch_size >= 1, f"--batch must be at least 1, got {self.batch_size}"),
             (self.lr > 0, f"--lr must be positive, got {self.lr}"),
             (self.lr_step >= 1, f"--lr-step must be at least 1, got {self.lr_step}"),
-            (self.seed >= 0, f"--seed must be non-negative, got {self.seed}"),
+            (0 <= self.seed < 2**63, f"--seed must be a non-negative integer below 2^63, got {self.seed}"),
+            (
+                self.precision in PRECISIONS,
+                f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+            ),
             (
                 self.train_split in TRAINING_SPLITS,
                 f"train_split must be one of {', '.join(TRAINING_SPLITS)}, got {self.train_split!r}",
@@ -224,19 +233,23 @@ class TrainingRun:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.StepLR
+    scaler: torch.amp.GradScaler | None = None  # fp16 training only
     next_epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
 
     @classmethod
     def create(cls, spec: RunSpec, device: torch.device) -> TrainingRun:
         config = spec.config
+        if config.precision == "fp16" and device.type != "cuda":
+            raise UserError(f"--precision fp16 trains on CUDA only; on {device} use bf16 or fp32")
         torch.manual_seed(config.seed)
         model = spec.card().build_model().to(device)
         optimizer = torch.optim.SGD(
             model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
-        return cls(spec, model, optimizer, scheduler)
+        scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
+        return cls(spec, model, optimizer, scheduler, scaler)
 
     @property
     def config(self) -> TrainConfig:
@@ -247,6 +260,9 @@ class TrainingRun:
             "config": asdict(self.config),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            # What the weights were computed on (a resume on another device continues the run, recorded anew).
+            "device": describe_device(next(self.model.parameters()).device),
             "next_epoch": self.next_epoch,
             "history": self.history,
         }
@@ -257,6 +273,8 @@ class TrainingRun:
         self.model.load_state_dict(checkpoint.state_dict)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.next_epoch = int(state["next_epoch"])
         self.history = list(state["history"])
 
@@ -304,6 +322,19 @@ def claimed_run(spec: RunSpec, out: Path) -> contextlib.AbstractContextManager:
 
 
 @dataclass(frozen=True)
+class WorkerPlan:
+    """How a run is spread over Ray Train workers (`catrs.distributed.train`): how many, the GPUs (None: one
+    each where the cluster has or can get GPUs, else none) and CPUs of each, where checkpoints go (a directory
+    or a cloud URI; None: the run directory's parent), and how many failures it survives."""
+
+    workers: int
+    gpus_per_worker: float | None = None
+    cpus_per_worker: float = 1.0
+    storage_path: str | None = None
+    max_failures: int = 3
+
+
+@dataclass(frozen=True)
 class RunFolder:
     """The files of a training run's folder (what `TrainingRun.write` leaves), for whoever reads them."""
 
@@ -330,24 +361,38 @@ class RunFolder:
         return [json.loads(line) for line in self.history_file.read_text().splitlines()]
 
 
-def train_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, method: Method, hyper: Any, context: StepContext, batch: Batch
-) -> list[dict[str, torch.Tensor]]:
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The forward passes of a training step in `precision`: fp32 as is, bf16 or fp16 under autocast."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def train_step(run: TrainingRun, model: nn.Module, context: StepContext, batch: Batch) -> list[dict[str, torch.Tensor]]:
     """One loader batch: split into the method's chunks, each taking its own optimizer step (as released).
 
     Returns each chunk's detached loss and scalars, still on the device (no host synchronisation).
     """
+    method, hyper = run.spec.method, run.spec.hyper
     count = method.chunks(hyper)
     xs = batch.x.chunk(count)  # fewer than `count` pieces for a batch smaller than that
     others = [t.chunk(count) if t is not None else [None] * len(xs) for t in (batch.y, batch.index, batch.soft_labels)]
-    pieces = zip(xs, *others, strict=True)
     logged = []
-    for x, y, index, soft in pieces:
-        output = method.loss(model, Batch(x=x, y=y, index=index, soft_labels=soft), hyper, context)
-        optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
-        optimizer.step()
-        logged.append({"loss": output.loss.detach(), **output.scalars})
+    for x, y, index, soft in zip(xs, *others, strict=True):
+        with autocast(run.config.precision, batch.x.device):
+            output = method.loss(model, Batch(x=x, y=y, index=index, soft_labels=soft), hyper, context)
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.scaler is None:
+            output.loss.backward()
+            run.optimizer.step()
+        else:  # fp16: the loss scaled against underflow, steps with non-finite gradients skipped
+            run.scaler.scale(output.loss).backward()
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        logged.append({"loss": output.loss.detach().float(), **output.scalars})
     return logged
 
 
@@ -356,16 +401,16 @@ def train_epoch(
     loader: DataLoader,
     device: torch.device,
     progress: bool = False,
-    soft_labels: torch.Tensor | None = None,
+    soft_labels: SoftLabelTable | None = None,
     model: nn.Module | None = None,
 ) -> dict[str, float]:
     """One pass over `loader`; returns the epoch's mean loss and method scalars (one host read at the end).
 
-    `soft_labels` (training-set size × classes, on `device`) is indexed by each item's dataset index;
+    `soft_labels` gives each item's ŷ by its dataset index (read on the host, copied with the batch);
     `model` is what the steps train (the run's model, or its data-parallel wrapper).
     """
     model = model or run.model
-    config, method, hyper = run.config, run.spec.method, run.spec.hyper
+    config = run.config
     context = StepContext(
         sigma=config.sigma,
         epoch=run.next_epoch,
@@ -375,14 +420,14 @@ def train_epoch(
     sums: dict[str, torch.Tensor] = {}
     steps = 0
     model.train()
+    overlap = device.type == "cuda"  # copies from pinned memory that overlap the step before
     for index, x, y in tqdm(
         loader, desc=f"epoch {run.next_epoch + 1}/{config.epochs}", leave=False, disable=not progress, file=sys.stderr
     ):
-        index = index.to(device)
-        batch = Batch(
-            x=x.to(device), y=y.to(device), index=index, soft_labels=None if soft_labels is None else soft_labels[index]
-        )
-        for logged in train_step(model, run.optimizer, method, hyper, context, batch):
+        soft = None if soft_labels is None else soft_labels.rows(index).to(device, non_blocking=overlap)
+        x, y, index = (t.to(device, non_blocking=overlap) for t in (x, y, index))
+        batch = Batch(x=x, y=y, index=index, soft_labels=soft)
+        for logged in train_step(run, model, context, batch):
             for name, value in logged.items():
                 sums[name] = sums.get(name, 0) + value
             steps += 1
@@ -391,19 +436,50 @@ def train_epoch(
 
 
 @torch.no_grad()
-def noisy_accuracy(
-    model: nn.Module, dataset: Dataset, sigma: float, device: torch.device, batch_size: int = 512, seed: int = 0
-) -> float:
-    """Accuracy of the base classifier on one noise draw per image (eval mode): a cheap progress signal."""
+def noisy_hits(
+    model: nn.Module, dataset: Dataset, part: tuple[int, int], sigma: float, device: torch.device, seed: int = 0
+) -> tuple[int, int]:
+    """(correct, count) of the base classifier on one noise draw per image (eval mode), over the images at
+    positions `rank::world` of `part = (rank, world)`: each worker's share of a cheap progress signal."""
     model.eval()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    hits, total = torch.zeros((), device=device), 0
-    for _, x, y in DataLoader(dataset, batch_size=batch_size):
+    rank, world = part
+    generator = torch.Generator(device=device).manual_seed(derived_seed(seed, rank))
+    share = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))  # type: ignore[arg-type]
+    hits, total = torch.zeros((), device=device, dtype=torch.long), 0
+    for _, x, y in DataLoader(share, batch_size=512):
         x, y = x.to(device), y.to(device)
         noise = torch.randn(x.shape, generator=generator, device=device)
         hits += (model(x + sigma * noise).argmax(dim=1) == y).sum()
         total += len(y)
-    return float(hits) / max(total, 1)
+    return int(hits), total
+
+
+class EpochShuffle(Sampler[int]):
+    """Every index once per epoch, in an order drawn from (seed, epoch) alone: set with `set_epoch`, so one
+    loader (and its worker processes) serves every epoch, and a resumed run draws what an uninterrupted one
+    would."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+        yield from torch.randperm(self.size, generator=generator).tolist()
+
+
+def loader_options(device: torch.device) -> dict[str, Any]:
+    """How a loader feeds `device`: on CUDA, decoding in worker processes (one per CPU this process was given,
+    but one left for the training step) into pinned memory; on a CPU, in this process, which needs the cores."""
+    if device.type != "cuda":
+        return {}
+    workers = max(0, len(os.sched_getaffinity(0)) - 1) if hasattr(os, "sched_getaffinity") else 0
+    return {"num_workers": workers, "pin_memory": True, "persistent_workers": workers > 0}
 
 
 class Session(Protocol):
@@ -419,34 +495,37 @@ class Session(Protocol):
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """The model as the loop should train it (wrapped for data parallelism where there are workers)."""
 
-    def loader(self, dataset: Dataset, config: TrainConfig, epoch: int) -> DataLoader:
-        """This worker's share of the training data for `epoch`, shuffled from (seed, epoch)."""
+    def loader(self, dataset: Dataset, config: TrainConfig) -> DataLoader:
+        """This worker's share of the training data, whose sampler's `set_epoch` shuffles it from (seed, epoch)."""
 
     def reduce(self, metrics: dict[str, float]) -> dict[str, float]:
         """Metrics averaged over workers."""
 
+    def gather(self, item: Any) -> list[Any]:
+        """Every worker's `item`, in rank order (every worker calls it)."""
+
     def report(self, metrics: dict[str, float], run: TrainingRun, evaluation: pd.DataFrame | None) -> None:
         """Records a finished epoch: its metrics and (from rank 0) the checkpoint."""
-
-
-def shuffled_loader(dataset: Dataset, config: TrainConfig, epoch: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(derived_seed(config.seed, epoch))
-    return DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator, drop_last=False)
 
 
 class SingleWorkerSession:
     """The parts of a `Session` that are the same wherever one worker trains alone."""
 
     rank, world_size = 0, 1
+    device: torch.device
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model
 
-    def loader(self, dataset: Dataset, config: TrainConfig, epoch: int) -> DataLoader:
-        return shuffled_loader(dataset, config, epoch)
+    def loader(self, dataset: Dataset, config: TrainConfig) -> DataLoader:
+        sampler = EpochShuffle(len(dataset), config.seed)  # type: ignore[arg-type]
+        return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, **loader_options(self.device))
 
     def reduce(self, metrics: dict[str, float]) -> dict[str, float]:
         return metrics
+
+    def gather(self, item: Any) -> list[Any]:
+        return [item]
 
 
 class LocalSession(SingleWorkerSession):
@@ -469,64 +548,74 @@ class LocalSession(SingleWorkerSession):
 
 
 class Evaluation(Protocol):
-    """A cheap evaluation at some epochs (a sweep's certification proxy, `catrs.sweep.proxy.ProxyEvaluation`)."""
+    """A cheap evaluation at some epochs (a sweep's certification proxy, `catrs.sweep.proxy.ProxyEvaluation`),
+    shared by the workers: each computes the rows of its part, the first turns them into metrics."""
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The metrics it reports (NaN at the epochs it does not run)."""
 
     def due(self, epoch: int, epochs: int) -> bool:
-        """Whether to evaluate (and report) after `epoch` (0-based) of `epochs`."""
+        """Whether to evaluate after `epoch` (0-based) of `epochs`."""
 
-    def run(self, model: nn.Module) -> tuple[dict[str, float], pd.DataFrame]:
-        """Metrics, and the rows they were computed from."""
+    def rows(self, model: nn.Module, part: tuple[int, int]) -> list[Any]:
+        """The rows of the images at positions `rank::world` of `part = (rank, world)`."""
+
+    def metrics(self, rows: list[Any]) -> tuple[dict[str, float], pd.DataFrame]:
+        """Metrics of all workers' rows, and the rows as a table."""
 
 
 def fit(
     spec: RunSpec,
     session: Session,
     context: RunContext,
-    soft_labels: torch.Tensor | None = None,
+    soft_labels: SoftLabels | None = None,
     evaluation: Evaluation | None = None,
 ) -> TrainingRun:
     """Trains the run `spec` to its last epoch on the session's device, resuming from the session's latest
-    checkpoint; data from the context's data root.
+    checkpoint; data from the context's data root, soft labels mapped from this node's copy.
 
-    Reports every epoch, or with an `evaluation` only at its epochs (with its metrics added), so that a
-    scheduler comparing trials sees the same metrics at every report.
+    Reports (and checkpoints) every epoch; with an `evaluation`, its metrics are added at its epochs and are
+    NaN at the others, so a scheduler comparing trials sees the same metric names in every report.
     """
     config, device = spec.config, session.device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN choose its fastest kernels once
     train_set = get_dataset(config.dataset, config.train_split, context.data_root, context.download)
     evaluation_set = get_dataset(config.dataset, config.evaluation_split, context.data_root, context.download)
+    table = None if soft_labels is None else soft_labels.table(context.local_cache)
     run = TrainingRun.create(spec, device)
     if (checkpoint := session.latest()) is not None:
         run.restore(checkpoint, "the run's latest checkpoint")
     trained = session.prepare_model(run.model)
-    table = None if soft_labels is None else soft_labels.to(device)
+    loader = session.loader(train_set, config)
     while run.next_epoch < config.epochs:
         epoch, began = run.next_epoch, time.perf_counter()
         torch.manual_seed(derived_seed(config.seed, epoch, session.rank))
-        loader = session.loader(train_set, config, epoch)
+        loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
         metrics = session.reduce(train_epoch(run, loader, device, context.progress, table, model=trained))
         inject("train.epoch", f"{epoch}:{session.rank}")
-        due = evaluation is None or evaluation.due(epoch, config.epochs)
+        part = (session.rank, session.world_size)
+        hits = session.gather(noisy_hits(run.model, evaluation_set, part, config.sigma, device, config.seed))
+        metrics[f"{config.evaluation_split}_noisy_accuracy"] = sum(h for h, _ in hits) / max(sum(t for _, t in hits), 1)
         rows = None
-        if session.rank == 0:  # only rank 0's report is kept: the others skip the evaluations
-            metrics[f"{config.evaluation_split}_noisy_accuracy"] = noisy_accuracy(
-                run.model, evaluation_set, config.sigma, device, seed=config.seed
-            )
-            if evaluation is not None and due:
-                extra, rows = evaluation.run(run.model)
+        if evaluation is not None:
+            metrics.update(dict.fromkeys(evaluation.names, math.nan))
+            if evaluation.due(epoch, config.epochs):
+                extra, rows = evaluation.metrics(sum(session.gather(evaluation.rows(run.model, part)), []))
                 metrics.update(extra)
         metrics.update(epoch=epoch + 1, lr=float(run.scheduler.get_last_lr()[0]), seconds=time.perf_counter() - began)
         run.history.append(metrics)
         run.next_epoch += 1
-        if due:
-            session.report(metrics, run, rows)
-        if not all(math.isfinite(v) for v in metrics.values()):
+        session.report(metrics, run, rows)
+        if not all(math.isfinite(v) for k, v in metrics.items() if evaluation is None or k not in evaluation.names):
             raise UserError(
                 f"training diverged at epoch {epoch + 1} (non-finite metrics); lower --lr and start a new --out"
             )
     return run
 
 
-def soft_labels_for(spec: RunSpec, context: RunContext, producer: Producer | None = None) -> torch.Tensor | None:
+def soft_labels_for(spec: RunSpec, context: RunContext, producer: Producer | None = None) -> SoftLabels | None:
     """The soft labels the run needs, from the context's cache or computed into it by `producer` (default: in
     this process); None if it needs none."""
     labels, need = spec.soft_labels(), spec.soft_label_need

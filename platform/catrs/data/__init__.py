@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from catrs.context import default_data_root
 from catrs.data.base import DATASETS, SPLITS, TRAINING_SPLITS, DatasetSpec, ImageSet, Indexed
@@ -34,11 +36,13 @@ __all__ = [
     "DatasetSpec",
     "Indexed",
     "SealedSplitError",
+    "SplitFacts",
     "corrupted_variant",
     "dataset_names",
     "dataset_spec",
     "get_dataset",
     "sealed",
+    "split_facts",
 ]
 
 
@@ -92,10 +96,26 @@ def get_dataset(name: str, split: str, root: str | Path | None = None, download:
         raise SealedSplitError(f"the {split} split of {name} is sealed here: what chooses must not read it")
     root = Path(root) if root is not None else default_data_root()
     files = "test" if split == "test" else "train"
-    base = spec.load(files, root, download, split in TRAINING_SPLITS)
+    with _downloading(root, download):
+        base = spec.load(files, root, download, split in TRAINING_SPLITS)
     dataset = Indexed(base, None if split in ("train", "test") else _split_keys(spec, split, base, root))
     _check_shape(dataset, spec, root)
     return dataset
+
+
+@contextlib.contextmanager
+def _downloading(root: Path, download: bool) -> Iterator[None]:
+    """While a data set may be downloaded into `root`, no other process of this machine downloads it there:
+    the workers of one node share its copy, made once (each node of a cluster without shared storage makes
+    its own)."""
+    if not download:
+        yield
+        return
+    from filelock import FileLock
+
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / ".catrs-download.lock")):
+        yield
 
 
 _HELD_OUT: dict[tuple[str, str, int], np.ndarray] = {}  # (data set, root, training size) -> `val` indices
@@ -128,11 +148,25 @@ def _check_shape(dataset: Indexed, spec: DatasetSpec, root: Path) -> None:
         )
 
 
+@dataclass(frozen=True)
+class SplitFacts:
+    """What a run records of the split it used (MLflow's dataset input): which images, by a short digest of the
+    data set, the split and every index (indices, not pixels), and how many; and two of them, the input example
+    of a logged model (a batch of one would fix an exported model's batch size)."""
+
+    dataset: str
+    split: str
+    digest: str
+    size: int
+    example: torch.Tensor
+
+
 @functools.lru_cache(maxsize=32)
-def split_digest(name: str, split: str, root: str | Path | None = None, download: bool = False) -> tuple[str, int]:
-    """A short digest of which images a split holds (the data set, the split and every index) and its size:
-    what MLflow records as the dataset a run used. Indices, not pixels, so a large set is not read."""
+def split_facts(name: str, split: str, root: str | Path | None = None, download: bool = False) -> SplitFacts:
+    """The facts of a split, read where the data is (a Ray driver asks a worker: `catrs.distributed.chunks`)."""
     import hashlib
 
     dataset = get_dataset(name, split, root, download)
-    return hashlib.sha256(f"{name}/{split}".encode() + dataset.keys.tobytes()).hexdigest()[:16], len(dataset)
+    digest = hashlib.sha256(f"{name}/{split}".encode() + dataset.keys.tobytes()).hexdigest()[:16]
+    example = torch.stack([dataset[i][1] for i in range(min(2, len(dataset)))])
+    return SplitFacts(name, split, digest, len(dataset), example)

@@ -12,7 +12,6 @@ by the cluster (`cluster_producer`, below) and handed to the workers through the
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -29,25 +28,27 @@ from catrs.context import RunContext
 from catrs.data import sealed
 from catrs.distributed.cache import cluster_exclusive
 from catrs.distributed.chunks import distributed_votes
-from catrs.distributed.runtime import cluster_has_gpus, connect
+from catrs.distributed.runtime import ask_for, capacity, connect, gpu_workers_see_cuda
 from catrs.errors import JobFailed
+from catrs.inference import worker_device
 from catrs.storage import Stored, stored
 from catrs.teacher import Producer, SoftLabelSpec
 from catrs.train import (
     Evaluation,
     RunFolder,
     RunSpec,
+    SingleWorkerSession,
     TrainConfig,
     TrainingRun,
+    WorkerPlan,
     claimed_run,
     fit,
-    shuffled_loader,
+    loader_options,
     soft_labels_for,
     teacher_run,
     train,
 )
-
-MAX_FAILURES = 3
+from catrs.vote_store import SoftLabels
 
 
 def from_ray_checkpoint(checkpoint: ray.train.Checkpoint | None) -> Checkpoint | None:
@@ -59,28 +60,28 @@ def from_ray_checkpoint(checkpoint: ray.train.Checkpoint | None) -> Checkpoint |
 
 
 class RayTrainSession:
-    """`catrs.train.Session` inside a Ray Train worker, on the device Ray gave it."""
+    """`catrs.train.Session` inside a Ray Train worker, on the device it actually has."""
 
     def __init__(self) -> None:
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.device = worker_device()
 
     def latest(self) -> Checkpoint | None:
         return from_ray_checkpoint(ray.train.get_checkpoint())
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        return ray.train.torch.prepare_model(model)
+        return ray.train.torch.prepare_model(model, move_to_device=self.device)
 
-    def loader(self, dataset: Dataset, config: TrainConfig, epoch: int) -> DataLoader:
+    def loader(self, dataset: Dataset, config: TrainConfig) -> DataLoader:
         if self.world_size == 1:
-            return shuffled_loader(dataset, config, epoch)
+            return SingleWorkerSession.loader(self, dataset, config)  # type: ignore[arg-type]
         sampler: DistributedSampler[int] = DistributedSampler(
             dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=config.seed
         )
-        sampler.set_epoch(epoch)
-        return DataLoader(dataset, batch_size=max(1, config.batch_size // self.world_size), sampler=sampler)
+        batch = max(1, config.batch_size // self.world_size)
+        return DataLoader(dataset, batch_size=batch, sampler=sampler, **loader_options(self.device))
 
     def reduce(self, metrics: dict[str, float]) -> dict[str, float]:
         if self.world_size == 1:
@@ -88,6 +89,13 @@ class RayTrainSession:
         values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.device)
         dist.all_reduce(values)
         return dict(zip(metrics, (values / self.world_size).tolist(), strict=True))
+
+    def gather(self, item: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [item]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, item)
+        return gathered
 
     def report(self, metrics: dict[str, float], run: TrainingRun, evaluation) -> None:
         with tempfile.TemporaryDirectory() as folder:
@@ -100,40 +108,40 @@ class RayTrainSession:
 
 def worker_settings(
     spec: RunSpec,
-    soft_labels: ray.ObjectRef | None,
+    soft_labels: SoftLabels | None,
     context: RunContext,
     evaluation: Evaluation | None = None,
     sealed: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """`worker_loop`'s argument: the run, and its soft labels as a reference into the object store (each worker
-    fetches them there, so no node needs a shared file system); `sealed`: splits the workers must not read."""
+    """`worker_loop`'s argument: the run, its soft labels (where they are in the cache: each node maps its own
+    copy, so no node needs a shared file system and no rank holds a copy of its own); `sealed`: splits the
+    workers must not read."""
     return {"run": spec, "soft_labels": soft_labels, "context": context, "evaluation": evaluation, "sealed": sealed}
 
 
 def worker_loop(settings: dict[str, Any]) -> None:
     """What each Ray Train worker runs: `fit` with a `RayTrainSession`."""
-    table = ray.get(settings["soft_labels"]) if settings["soft_labels"] is not None else None
     with sealed(*settings["sealed"]):
-        fit(settings["run"], RayTrainSession(), settings["context"], table, settings["evaluation"])
+        fit(settings["run"], RayTrainSession(), settings["context"], settings["soft_labels"], settings["evaluation"])
 
 
-@dataclass(frozen=True)
-class WorkerPlan:
-    """How a run is spread over Ray Train workers: how many, the GPUs and CPUs of each, where checkpoints go
-    (a directory or a cloud URI; None: the run directory's parent), and how many failures it survives."""
-
-    workers: int
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-    storage_path: str | None = None
-    max_failures: int = MAX_FAILURES
+def gpus_of(plan: WorkerPlan) -> float:
+    """The GPUs of each worker of `plan`, decided from the cluster's capacity where the plan leaves it open."""
+    if plan.gpus_per_worker is not None:
+        return plan.gpus_per_worker
+    return 1.0 if capacity().accelerated else 0.0
 
 
 def scaling(plan: WorkerPlan) -> ray.train.ScalingConfig:
-    resources = {"CPU": plan.cpus_per_worker, **({"GPU": plan.gpus_per_worker} if plan.gpus_per_worker else {})}
-    return ray.train.ScalingConfig(
-        num_workers=plan.workers, use_gpu=plan.gpus_per_worker > 0, resources_per_worker=resources
-    )
+    gpus = gpus_of(plan)
+    resources = {"CPU": plan.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+    return ray.train.ScalingConfig(num_workers=plan.workers, use_gpu=gpus > 0, resources_per_worker=resources)
+
+
+def torch_config(plan: WorkerPlan) -> TorchConfig:
+    """The collective backend of what the workers actually have: NCCL between GPUs that CUDA sees, gloo
+    otherwise (CPUs, or GPUs a test cluster only advertises)."""
+    return TorchConfig(backend="nccl" if gpus_of(plan) and gpu_workers_see_cuda() else "gloo")
 
 
 def train_distributed(spec: RunSpec, out: Path, plan: WorkerPlan, context: RunContext) -> Path:
@@ -145,12 +153,14 @@ def train_distributed(spec: RunSpec, out: Path, plan: WorkerPlan, context: RunCo
 
 def _train_on_workers(spec: RunSpec, out: Path, plan: WorkerPlan, context: RunContext) -> Path:
     connect()
-    table = soft_labels_for(spec, context, cluster_producer())
-    settings = worker_settings(spec, None if table is None else ray.put(table), context)
+    settings = worker_settings(spec, soft_labels_for(spec, context, cluster_producer()), context)
+    gpus = gpus_of(plan)
+    ask_for([{"GPU": gpus, "CPU": plan.cpus_per_worker}] * plan.workers if gpus else [])
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config=settings,
         scaling_config=scaling(plan),
+        torch_config=torch_config(plan),
         run_config=ray.train.RunConfig(
             name=out.name,
             storage_path=plan.storage_path or str(out.parent),
@@ -166,6 +176,8 @@ def _train_on_workers(spec: RunSpec, out: Path, plan: WorkerPlan, context: RunCo
             f"{str(error).splitlines()[0][:300]}; the same command resumes from the latest "
             f"checkpoint"
         ) from None
+    finally:
+        ask_for([])  # the workers are done: the autoscaler may let their nodes go
     if result.checkpoint is None:  # every epoch reports one: only a run with no epoch to train gets here
         raise JobFailed(f"distributed training of {out} ended without a checkpoint")
     out.mkdir(parents=True, exist_ok=True)
@@ -178,11 +190,7 @@ def train_teacher_on_workers(spec: SoftLabelSpec, folder: Stored, context: RunCo
     cache's `teachers/` folder."""
     storage = folder.sibling("teachers")
     local = context.local_cache / "teacher-checkpoints" / folder.name  # the driver's copy of the final one
-    plan = WorkerPlan(
-        workers=1,
-        gpus_per_worker=1.0 if cluster_has_gpus() else 0.0,
-        storage_path=str(Path(storage.uri).resolve()) if storage.local else storage.uri,
-    )
+    plan = WorkerPlan(workers=1, storage_path=str(Path(storage.uri).resolve()) if storage.local else storage.uri)
     return train_distributed(teacher_run(spec), local, plan, context)
 
 
@@ -205,7 +213,7 @@ def train_on_a_worker(spec: RunSpec, out: Path, plan: WorkerPlan, context: RunCo
     to `out`; or on Ray Train workers (a plan of several)."""
     if plan.workers > 1:
         return train_distributed(spec, out, plan, context)
-    task = _train_task.options(num_cpus=plan.cpus_per_worker, num_gpus=plan.gpus_per_worker)
+    task = _train_task.options(num_cpus=plan.cpus_per_worker, num_gpus=gpus_of(plan))
     try:
         checkpoint = ray.get(task.remote(spec, context))
     except ray.exceptions.RayError as error:

@@ -37,12 +37,13 @@ from ray.tune.search.optuna import OptunaSearch
 from catrs.checkpoint import Checkpoint
 from catrs.context import RunContext
 from catrs.data import sealed
-from catrs.distributed.train import WorkerPlan, from_ray_checkpoint, scaling, worker_loop, worker_settings
+from catrs.distributed.train import from_ray_checkpoint, gpus_of, scaling, torch_config, worker_loop, worker_settings
 from catrs.inference import pick_device
 from catrs.sweep.proxy import proxy_of
 from catrs.sweep.space import Domain, SearchSpace
 from catrs.sweep.trial import TrialObserver, TrialResult
 from catrs.train import SingleWorkerSession, TrainingRun, fit
+from catrs.vote_store import SoftLabels
 
 SEALED = ("test",)  # what no trial, and the driver until its choice, may read
 # What Tune adds to every result; everything else a trial reports is a metric of catrs's own.
@@ -94,11 +95,12 @@ class TuneSession(SingleWorkerSession):
 
 @dataclass(frozen=True)
 class TrialSetup:
-    """What every trial of a sweep shares: the space, the soft-label tables per key (references into the object
-    store, one per teacher), the run context, and where Ray Train trials keep their checkpoints."""
+    """What every trial of a sweep shares: the space, the soft-label tables per key (one per teacher: where they
+    are in the cache, each node mapping its own copy), the run context, and where Ray Train trials keep their
+    checkpoints."""
 
     space: SearchSpace
-    soft_label_tables: dict[str, Any]
+    soft_label_tables: dict[str, SoftLabels]
     context: RunContext
     storage_path: str
 
@@ -106,8 +108,8 @@ class TrialSetup:
 def sweep_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     """One trial: train the point `params`, reporting the proxy certification (the Tune function trainable).
 
-    Soft labels come from the object store (the driver made one table per teacher), so a trial on any node
-    of a cluster finds them without a shared file system.
+    Soft labels come from the cache (the driver had one table made per teacher), which each node maps once,
+    so a trial on any node of a cluster finds them without a shared file system.
     """
     space, context = setup.space, setup.context
     spec = space.resolve(params)
@@ -117,16 +119,16 @@ def sweep_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     resources = space.resources
     if resources.workers == 1:
         with sealed(*SEALED):
-            session = TuneSession(pick_device(None))
-            fit(spec, session, context, None if table is None else ray.get(table), evaluation)
+            fit(spec, TuneSession(pick_device(None)), context, table, evaluation)
         return
     trial_id = ray.tune.get_context().get_trial_id()
     settings = worker_settings(spec, table, context, evaluation, sealed=SEALED)
-    plan = WorkerPlan(resources.workers, resources.gpus_per_worker, resources.cpus_per_worker, max_failures=2)
+    plan = resources.plan(max_failures=2)
     TorchTrainer(
         worker_loop,
         train_loop_config=settings,
         scaling_config=scaling(plan),
+        torch_config=torch_config(plan),
         run_config=ray.train.RunConfig(
             name=f"train-{trial_id}",
             storage_path=setup.storage_path,
@@ -152,7 +154,7 @@ def trial_trainable(setup: TrialSetup) -> Any:
     """`sweep_trial` with its setup bound and the resources each trial asks for."""
     resources = setup.space.resources
     if resources.workers == 1:
-        request = {"cpu": resources.cpus_per_worker, "gpu": resources.gpus_per_worker}
+        request = {"cpu": resources.cpus_per_worker, "gpu": gpus_of(resources.plan())}
     else:  # the trial only drives a TorchTrainer, whose workers ask for their own resources
         request = {"cpu": 1}
     return ray.tune.with_resources(ray.tune.with_parameters(sweep_trial, setup=setup), request)
@@ -205,9 +207,10 @@ def quiet_tune() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def tuner(space: SearchSpace, storage: str, trainable: Any, num_samples: int, callbacks: list) -> ray.tune.Tuner:
+def tuner(space: SearchSpace, storage: str, trainable: Any, callbacks: list) -> ray.tune.Tuner:
     """A new sweep's tuner: Optuna's TPE (the file's points first), ASHA at the file's rungs (or FIFO)."""
     epochs, budget = space.epochs, space.budget
+    num_samples = budget.num_samples
     sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=max(1, min(10, num_samples // 2)))
     search = PrunedAwareOptunaSearch(epochs, sampler=sampler, points_to_evaluate=space.points_to_evaluate or None)
     scheduler = (
@@ -233,6 +236,7 @@ def tuner(space: SearchSpace, storage: str, trainable: Any, num_samples: int, ca
             storage_path=storage,
             callbacks=callbacks,
             failure_config=ray.tune.FailureConfig(max_failures=1),
+            checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=1),  # every epoch's, the latest kept
             verbose=0,
         ),
     )
@@ -240,11 +244,10 @@ def tuner(space: SearchSpace, storage: str, trainable: Any, num_samples: int, ca
 
 @dataclass(frozen=True)
 class TrialsPlan:
-    """A sweep's trials as Tune runs them: the space, how many, where Tune's experiment lives (`storage`, a
-    directory or a cloud URI), and whether to finish a killed one."""
+    """A sweep's trials as Tune runs them: the space (its budget says how many), where Tune's experiment lives
+    (`storage`, a directory or a cloud URI), and whether to finish a killed one."""
 
     space: SearchSpace
-    num_samples: int
     storage: str
     resume: bool = False
 
@@ -257,16 +260,15 @@ class TrialsPlan:
 
 
 def run_trials(
-    plan: TrialsPlan, soft_labels: dict[str, torch.Tensor], context: RunContext, observers: list[TrialObserver]
+    plan: TrialsPlan, soft_labels: dict[str, SoftLabels], context: RunContext, observers: list[TrialObserver]
 ) -> list[TrialResult]:
     """Every trial of the sweep (`soft_labels`: the tables the trials share, by key), told to `observers`."""
-    tables = {key: ray.put(table) for key, table in soft_labels.items()}
-    trainable = trial_trainable(TrialSetup(plan.space, tables, context, f"{plan.experiment}-train"))
+    trainable = trial_trainable(TrialSetup(plan.space, soft_labels, context, f"{plan.experiment}-train"))
     quiet_tune()
     if plan.resume:
         grid = ray.tune.Tuner.restore(plan.experiment, trainable, resume_unfinished=True, resume_errored=True).fit()
     else:
-        grid = tuner(plan.space, plan.storage, trainable, plan.num_samples, [Observe(observers)]).fit()
+        grid = tuner(plan.space, plan.storage, trainable, [Observe(observers)]).fit()
     return [_result(grid[i], plan.space) for i in range(len(grid))]
 
 

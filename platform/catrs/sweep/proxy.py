@@ -20,6 +20,7 @@ from catrs.certify import CertifySettings, certify_rows, select_positions
 from catrs.context import RunContext
 from catrs.data import Indexed, dataset_spec, get_dataset
 from catrs.metrics import certification_metrics, objective_value
+from catrs.results import ResultRow
 from catrs.sampling import Mode
 from catrs.sweep.space import SearchSpace
 
@@ -56,6 +57,12 @@ class ProxyEvaluation:
     objective: str
     context: RunContext
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The metrics it reports."""
+        accuracies = certification_metrics(pd.DataFrame(columns=["predict", "radius", "correct"]))
+        return tuple(f"val_{name}" for name in dict.fromkeys([*accuracies, self.objective]) if name != "abstain_rate")
+
     def due(self, epoch: int, epochs: int) -> bool:
         return epoch + 1 in self.epochs or epoch + 1 == epochs
 
@@ -64,11 +71,17 @@ class ProxyEvaluation:
         """Loaded at the first evaluation, kept for the trial's later ones."""
         return get_dataset(self.dataset, "val", self.context.data_root, self.context.download)
 
-    def run(self, model: nn.Module) -> tuple[dict[str, float], pd.DataFrame]:
+    def rows(self, model: nn.Module, part: tuple[int, int] = (0, 1)) -> list[ResultRow]:
+        """The rows of this worker's share (`part = (rank, world)`) of the proxy's images."""
         smooth = self.settings.smoothed(model, dataset_spec(self.dataset).num_classes, self.sigma)
         positions = select_positions(len(self.val_set), *spread(len(self.val_set), self.images))
-        groups = certify_rows(smooth, self.val_set, positions, self.settings, Mode.EVALUATE)
-        frame = pd.DataFrame([row for group in groups for row in group])
+        rank, world = part
+        groups = certify_rows(smooth, self.val_set, positions[rank::world], self.settings, Mode.EVALUATE)
+        return [row for group in groups for row in group]
+
+    def metrics(self, rows: list[ResultRow]) -> tuple[dict[str, float], pd.DataFrame]:
+        ordered: list[ResultRow] = sorted(rows, key=_index)
+        frame = pd.DataFrame(ordered)
         return evaluation_metrics(frame, self.objective, "val_"), frame
 
 
@@ -84,3 +97,7 @@ def proxy_of(space: SearchSpace, context: RunContext) -> ProxyEvaluation:
         space.objective,
         context,
     )
+
+
+def _index(row: ResultRow) -> int:
+    return row["idx"]

@@ -22,18 +22,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from catrs.certify import CertifyRequest, run_certification
 from catrs.context import RunContext
-from catrs.data import get_dataset, sealed
-from catrs.distributed.chunks import certify_distributed
-from catrs.distributed.runtime import connect
-from catrs.distributed.train import WorkerPlan, cluster_producer, train_on_a_worker
+from catrs.data import SplitFacts, sealed, split_facts
+from catrs.distributed.chunks import certify_distributed, facts_on_a_worker
+from catrs.distributed.runtime import capacity, connect
+from catrs.distributed.train import cluster_producer, train_on_a_worker
 from catrs.distributed.tune import SEALED, TrialsPlan, run_trials
 from catrs.errors import JobFailed, UserError
 from catrs.interrupts import forget_saved, note_saved
-from catrs.model_registry import input_example, register_checkpoint
+from catrs.model_registry import register_checkpoint
 from catrs.ownership import claim
 from catrs.results import read_results
 from catrs.storage import Stored, stored
@@ -45,6 +44,7 @@ from catrs.sweep.story import PARENT_FILE, TrialRecords, close_orphans, parent_r
 from catrs.sweep.trial import TrialObserver, TrialResult
 from catrs.tracking import Tracker, system_metrics
 from catrs.train import RunFolder, soft_labels_for
+from catrs.vote_store import SoftLabels
 
 BEST_DIR = "best"  # the best trial's checkpoint, beside the sweep's final results
 
@@ -67,10 +67,10 @@ def run_sweep(space: SearchSpace, options: SweepOptions, context: RunContext) ->
     """Runs (or with `options.resume`, finishes) the sweep of `space`; chooses on val, certifies the choice on
     test, registers it; logs all to MLflow. The sweep's folder is this process's alone while it runs; a sweep
     stopped by a signal or an error ends its MLflow runs KILLED or FAILED, and `--resume` finishes it."""
-    num_samples = space.trials(options.num_samples)
+    space = replace(space, budget=replace(space.budget, num_samples=space.trials(options.num_samples)))
     sweep_dir = options.local_dir.resolve() / space.name
     storage = options.storage_path or str(options.local_dir)
-    plan = TrialsPlan(space, num_samples, storage if "://" in storage else str(Path(storage).resolve()), options.resume)
+    plan = TrialsPlan(space, storage if "://" in storage else str(Path(storage).resolve()), options.resume)
     with claim(stored(str(sweep_dir)), "sweep"):
         started = (sweep_dir / PARENT_FILE).exists()
         if plan.resume and not started and not plan.can_resume():
@@ -83,9 +83,11 @@ def run_sweep(space: SearchSpace, options: SweepOptions, context: RunContext) ->
         # A sweep stopped before Tune saved its first state has no trials to resume: they start anew.
         plan = replace(plan, resume=plan.resume and plan.can_resume())
         tracker = Tracker(context.tracking_uri, spool=sweep_dir / "mlflow-pending")  # unreachable: fails first
-        parent = parent_run(tracker, space, sweep_dir, options.resume, num_samples)
+        connect()
+        data = split_facts_of(space.dataset, ("train_minus_val", "val"), context)
+        parent = parent_run(tracker, space, sweep_dir, options.resume, data)
         try:
-            return _sweep(space, plan, (sweep_dir, parent, tracker), options, context)
+            return _sweep(plan, (sweep_dir, parent, tracker), data, options, context)
         except BaseException as error:
             tracker.end_abruptly(parent, error)
             close_orphans(tracker, parent, set())
@@ -94,22 +96,21 @@ def run_sweep(space: SearchSpace, options: SweepOptions, context: RunContext) ->
 
 
 def _sweep(
-    space: SearchSpace,
     plan: TrialsPlan,
     where: tuple[Path, str, Tracker],
+    data: dict[str, SplitFacts],
     options: SweepOptions,
     context: RunContext,
 ) -> SweepOutcome:
-    """The sweep of `plan` under its parent run (`where`: the sweep's folder, the parent run, its tracker)."""
-    sweep_dir, parent, tracker = where
-    num_samples = plan.num_samples
+    """The sweep of `plan` under its parent run (`where`: the sweep's folder, the parent run, its tracker);
+    `data`: the facts of the splits the trials use."""
+    space, (sweep_dir, parent, tracker) = plan.space, where
     resume = options.resume_command or "`catrs demo` starts a new sweep each time"
     note_saved(str(sweep_dir), f"the sweep's trials so far, in {plan.experiment}", resume)
     with system_metrics(tracker, parent):  # the driver's machine: CPU and memory while it sweeps
-        connect()
-        records = TrialRecords(tracker.uri, parent, space, sweep_dir / "mlflow-pending")
+        records = TrialRecords(tracker.uri, parent, space, data, sweep_dir / "mlflow-pending")
         with sealed(*SEALED):
-            progress = SweepProgress(num_samples, space.metric)
+            progress = SweepProgress(space.budget.num_samples, space.metric)
             observers: list[TrialObserver] = [records, progress] if context.progress else [records]
             results = run_trials(plan, _shared_soft_labels(space, context), context, observers)
             progress.close()
@@ -120,7 +121,7 @@ def _sweep(
                     f"no trial of {space.name} was trained to its last epoch; see the trial logs in {plan.experiment}"
                 )
             for candidate in shortlisted:
-                _validate(candidate, space, sweep_dir, context)
+                _validate(candidate, space, sweep_dir, data["val"].size, context)
                 records.log_to_child(candidate.trial_id, candidate.val_metrics)
             winner = selection.choose(shortlisted, space.objective)
         # The choice is made: from here on the test split may be read, once.
@@ -137,12 +138,12 @@ def _sweep(
             summary = Path(folder) / "trials.csv"
             table.to_csv(summary, index=False)
             tracker.log_artifact(parent, summary)
-        example = input_example(get_dataset(space.dataset, "val", context.data_root, context.download))
         winner_run = records.child(winner.trial_id)
         # The model goes on the run it came from: the winning trial's, or the parent's when it was re-trained.
         model_run = parent if space.selection.refit or winner_run is None else winner_run
-        version = register_checkpoint(tracker, model_run, space.name, best, example)
-        tell_the_story(tracker, space, parent, winner, winner_run, table, test_metrics)
+        version = register_checkpoint(tracker, model_run, space.name, best, data["val"].example)
+        test_split = split_facts_of(space.dataset, ("test",), context)["test"]
+        tell_the_story(tracker, space, parent, winner, winner_run, table, test_metrics, test_split)
         close_orphans(tracker, parent, {str(t) for t in table["trial"]})
         report = trade_off_report(tracker, parent, space)
     tracker.end(parent, "FINISHED")
@@ -163,7 +164,7 @@ def _sweep(
     )
 
 
-def _shared_soft_labels(space: SearchSpace, context: RunContext) -> dict[str, torch.Tensor]:
+def _shared_soft_labels(space: SearchSpace, context: RunContext) -> dict[str, SoftLabels]:
     """The soft-label tables the trials share, by cache key: one per teacher the space allows, made by the
     cluster (or read from the cache)."""
     tables = {}
@@ -207,20 +208,30 @@ def candidates(results: list[TrialResult], space: SearchSpace) -> list[selection
     ]
 
 
+def split_facts_of(dataset: str, splits: tuple[str, ...], context: RunContext) -> dict[str, SplitFacts]:
+    """The facts the driver records of splits: read by a worker where the cluster has (or can get) GPUs, whose
+    nodes hold the data, rather than by the driver on the head; here, on a machine of its own."""
+    if capacity().accelerated:
+        return facts_on_a_worker(dataset, splits, context)
+    return {split: split_facts(dataset, split, context.data_root, context.download) for split in splits}
+
+
 def _certify(request: CertifyRequest, workers: int, context: RunContext) -> Stored:
-    """The request on `workers` Ray workers pulling chunks, or in this process for one."""
-    if workers > 1:
+    """The request on `workers` Ray workers pulling chunks; in this process for one, unless the cluster has (or
+    can get) GPUs: the driver on the head samples nothing."""
+    if workers > 1 or capacity().accelerated:
         return certify_distributed(request, context, workers)
     return stored(run_certification(request, context))
 
 
-def _validate(candidate: selection.Candidate, space: SearchSpace, folder: Path, context: RunContext) -> None:
+def _validate(
+    candidate: selection.Candidate, space: SearchSpace, folder: Path, val_size: int, context: RunContext
+) -> None:
     """Certifies the candidate on val with the selection protocol; its figures go to `candidate.val_metrics`."""
     local = folder / "trials" / candidate.trial_id
     candidate.checkpoint.to_directory(str(local))
     out = folder / "selection" / f"{candidate.trial_id}.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
-    val_size = len(get_dataset(space.dataset, "val", context.data_root, context.download))
     request = selection.validation_request(space, RunFolder(local).checkpoint, out, val_size)
     frame = read_results(_certify(request, space.final.workers, context))
     candidate.val_metrics = evaluation_metrics(frame, space.objective, selection.VAL_PREFIX)
@@ -231,9 +242,9 @@ def _winner_checkpoint(space: SearchSpace, winner: selection.Candidate, sweep_di
     training split where the trials trained (`selection.refit`); kept in `SWEEP/best/`."""
     best_dir = sweep_dir / BEST_DIR
     if space.selection.refit:
-        resources = space.resources
-        plan = WorkerPlan(resources.workers, resources.gpus_per_worker, resources.cpus_per_worker)
-        return train_on_a_worker(space.resolve(winner.point, train_split="train"), best_dir, plan, context)
+        return train_on_a_worker(
+            space.resolve(winner.point, train_split="train"), best_dir, space.resources.plan(), context
+        )
     winner.checkpoint.to_directory(str(best_dir))
     return RunFolder(best_dir).checkpoint
 

@@ -35,7 +35,7 @@ from catrs.data import dataset_names
 from catrs.errors import UserError
 from catrs.models import model_names
 from catrs.sampling import SamplingProtocol
-from catrs.train import RunSpec, TrainConfig, schedule_keys, searchable_keys
+from catrs.train import RunSpec, TrainConfig, WorkerPlan, schedule_keys, searchable_keys
 
 TOP_LEVEL = {
     "name",
@@ -139,8 +139,13 @@ class Budget:
 @dataclass(frozen=True)
 class Resources:
     workers: int = 1  # >1: each trial trains with Ray Train (DDP)
-    gpus_per_worker: float = 0.0
+    # None: one per worker where the cluster has or can get GPUs, else none
+    gpus_per_worker: float | None = field(default=None, metadata={"type": float})
     cpus_per_worker: float = 1.0
+
+    def plan(self, max_failures: int = 3) -> WorkerPlan:
+        """A trial's (or the refit's) workers, as `catrs.distributed.train` spreads a run over them."""
+        return WorkerPlan(self.workers, self.gpus_per_worker, self.cpus_per_worker, max_failures=max_failures)
 
 
 @dataclass(frozen=True)
@@ -254,8 +259,9 @@ class _Checker:
         self.only(data, {f.name for f in fields(cls)}, key)
         defaults = cls()
         values = {}
+        types = {f.name: f.metadata.get("type") for f in fields(cls)}
         for name, value in data.items():
-            kind = type(getattr(defaults, name))
+            kind = types[name] or type(getattr(defaults, name))
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
@@ -511,7 +517,7 @@ def _run_sections(check: _Checker, raw: dict[str, Any]) -> dict[str, Any]:
         check.fail("budget.scheduler", f"expected asha or none, got {budget.scheduler!r}")
     if budget.reduction_factor < 2:
         check.fail("budget.reduction_factor", f"must be at least 2, got {budget.reduction_factor}")
-    if resources.gpus_per_worker < 0 or resources.cpus_per_worker <= 0:
+    if (resources.gpus_per_worker or 0) < 0 or resources.cpus_per_worker <= 0:
         check.fail("resources", "gpus_per_worker must be ≥ 0 and cpus_per_worker > 0")
     return {"proxy": proxy, "selection": selection, "final": final, "budget": budget, "resources": resources}
 

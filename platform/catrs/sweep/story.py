@@ -25,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 
+from catrs.data import SplitFacts
 from catrs.errors import UserError
 from catrs.metrics import DEFAULT_RADII
 from catrs.plots import plot_certified_accuracy
@@ -59,7 +60,7 @@ def parent_name(space: SearchSpace, test: float) -> str:
     return f"{space.name} · test {space.objective} {test:.3f}"
 
 
-def shared_params(space: SearchSpace, num_samples: int) -> dict[str, str]:
+def shared_params(space: SearchSpace) -> dict[str, str]:
     """What every trial of the sweep shares, flattened: the resolved run of the file's first point without the
     searched keys, the protocols of proxy, selection and final certification, and the budget."""
     config = space.resolve(space.first_point()).config
@@ -72,7 +73,6 @@ def shared_params(space: SearchSpace, num_samples: int) -> dict[str, str]:
         **flatten(asdict(space.selection), "selection."),
         **flatten(asdict(space.final), "final."),
         **flatten(asdict(space.budget), "budget."),
-        "budget.num_samples": str(num_samples),
         "search_space": str(space.path),
         "objective": space.objective,
     }
@@ -125,8 +125,11 @@ class TrialRecords:
     experiment.
     """
 
-    def __init__(self, tracking_uri: str, parent_run_id: str, space: SearchSpace, spool: Path) -> None:
+    def __init__(
+        self, tracking_uri: str, parent_run_id: str, space: SearchSpace, data: dict[str, SplitFacts], spool: Path
+    ) -> None:
         self.tracking_uri, self.parent_run_id, self.space, self.spool = tracking_uri, parent_run_id, space, spool
+        self.data = data  # the facts of the splits the trials train and are evaluated on
         self._tracker: Tracker | None = None
         self._runs: dict[str, str] = {}
         self._reported: dict[str, set[int]] = {}  # the epochs each trial reported, so logged already
@@ -151,8 +154,8 @@ class TrialRecords:
                 tags = run_tags("trial", space.method, space.dataset, space.sigma, trial_id=trial_id, sweep=space.name)
                 run_id = self.tracker.start(trial_name(point), tags, self.parent_run_id)
                 self.tracker.log_params(run_id, point)  # what differs; the parent has what all share
-                self.tracker.log_dataset(run_id, space.dataset, "train_minus_val", "training")
-                self.tracker.log_dataset(run_id, space.dataset, "val", "validation")
+                self.tracker.log_dataset(run_id, self.data["train_minus_val"], "training")
+                self.tracker.log_dataset(run_id, self.data["val"], "validation")
             self._runs[trial_id] = run_id
         return self._runs[trial_id]
 
@@ -236,7 +239,7 @@ class TrialRecords:
                 self.tracker.log_metrics(run_id, {k: v for k, v in row.items() if k != "epoch"}, step=epoch)
 
 
-def parent_run(tracker: Tracker, space: SearchSpace, sweep_dir: Path, resume: bool, num_samples: int) -> str:
+def parent_run(tracker: Tracker, space: SearchSpace, sweep_dir: Path, resume: bool, data: dict[str, SplitFacts]) -> str:
     """The sweep's parent run: found again on a resume (its id is kept in the sweep's folder), else created
     with what every trial shares."""
     marker = sweep_dir / PARENT_FILE
@@ -256,9 +259,9 @@ def parent_run(tracker: Tracker, space: SearchSpace, sweep_dir: Path, resume: bo
             searched=",".join(f"{k}:{d.kind}" for k, d in space.search.items()),
         ),
     )
-    tracker.log_params(run_id, shared_params(space, num_samples))
-    tracker.log_dataset(run_id, space.dataset, "train_minus_val", "training")
-    tracker.log_dataset(run_id, space.dataset, "val", "validation")
+    tracker.log_params(run_id, shared_params(space))
+    tracker.log_dataset(run_id, data["train_minus_val"], "training")
+    tracker.log_dataset(run_id, data["val"], "validation")
     tracker.log_artifact(run_id, space.path)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(run_id)
@@ -273,11 +276,12 @@ def tell_the_story(
     winner_run: str | None,
     table: pd.DataFrame,
     test_metrics: dict[str, float],
+    test_split: SplitFacts,
 ) -> None:
     """Names, tags and the parent's description that make the UI's runs table read as the sweep went
     (above): the parent with its test figure and the trials table, the winner starred."""
     test = test_metrics.get(space.objective, math.nan)
-    tracker.log_dataset(parent, space.dataset, "test", "evaluation")
+    tracker.log_dataset(parent, test_split, "evaluation")
     tracker.rename(parent, parent_name(space, test))
     link = f"#/experiments/{tracker.experiment_id}/runs/{winner_run}" if winner_run else ""
     tracker.set_tags(
@@ -291,7 +295,7 @@ def tell_the_story(
         tracker.log_params(winner_run, asdict(space.resolve(winner.point).config))
         tracker.set_tags(winner_run, {"catrs.winner": "true"})
         tracker.rename(winner_run, winner_name(winner.point, space.objective, winner.val(space.objective), test))
-        tracker.log_dataset(winner_run, space.dataset, "test", "evaluation")
+        tracker.log_dataset(winner_run, test_split, "evaluation")
 
 
 def trade_off_report(tracker: Tracker, parent: str, space: SearchSpace) -> SweepReport | None:
