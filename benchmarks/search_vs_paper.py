@@ -14,9 +14,11 @@ sweeps it, seeded by that seed. Then, apart from the sweep:
 
 It prints per seed and as mean ± std: the test ACR of (a) and (b) and their difference; the selection
 regret (the best final val ACR among the trials minus the chosen trial's); Spearman's ρ between the proxy at
-each rung and at the last epoch (over the trials that reached it) and the trials' final val ACR; and the
-sweep's wall time against one training run of the paper's point in this process. Targets (issue 11):
-gain ≥ +0.02, regret ≤ 0.005, ρ ≥ 0.9 at the first rung where trials are cut.
+each rung (an epoch, or a budgeted fraction of the steps) and at the last epoch (over the trials that
+reached it) and the trials' final val ACR; the sweep's wall time against one training run of the paper's point
+in this process; the configurations it explored and the training-run equivalents its ledger counted. Targets
+(issue 22): gain ≥ +0.03, regret ≤ 0.005, ρ ≥ 0.9 at the first rung where trials are cut, ≥ 27
+configurations, ≤ 5 training-run equivalents, sweep ≤ 8× one training run.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import math
 import tempfile
 import time
 from dataclasses import replace
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +43,9 @@ from catrs.distributed.chunks import certify_distributed
 from catrs.distributed.runtime import connect
 from catrs.metrics import average_certified_radius
 from catrs.results import read_results
-from catrs.sampling import Mode
 from catrs.sweep.proxy import evaluation_metrics
 from catrs.sweep.run import SweepOptions, run_sweep
+from catrs.sweep.selection import trained_out_val_request
 from catrs.sweep.space import SearchSpace, find_search_space, load_search_space
 from catrs.tracking import Tracker
 from catrs.train import train
@@ -91,6 +94,14 @@ def trial_histories(tracker: Tracker, parent: str, metric: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def proxy_steps(space: SearchSpace) -> dict[str, int]:
+    """Where a trial's proxy was reported, by name: at each epoch rung and the last epoch, or at the end of each
+    budgeted rung (its trial's metrics count steps on over the climb: rung k ends at step (k + 1) · epochs)."""
+    if ladder := space.budget.ladder():
+        return {f"{Fraction(r.fraction).limit_denominator(1000)}": (r.index + 1) * space.epochs for r in ladder}
+    return {str(epoch): epoch for epoch in [*space.budget.rungs(space.epochs), space.epochs]}
+
+
 def typed_point(space: SearchSpace, params: dict[str, str]) -> dict:
     """A trial's searched values from MLflow's strings, typed as the space's ranges."""
     point = {}
@@ -104,15 +115,7 @@ def typed_point(space: SearchSpace, params: dict[str, str]) -> dict:
 def final_val_acr(space: SearchSpace, point: dict, folder: Path, context: RunContext) -> float:
     """`point` trained to its end as a trial trains, then its ACR on val with the final protocol."""
     checkpoint = train(space.resolve(point), folder, context)
-    request = CertifyRequest(
-        checkpoint=checkpoint,
-        dataset=space.dataset,
-        sigma=space.sigma,
-        out=folder / "val.parquet",
-        settings=CertifySettings(space.final.protocol(), seed=space.seed),
-        mode=Mode.EVALUATE,
-        split="val",
-    )
+    request = trained_out_val_request(space, checkpoint, folder / "val.parquet")
     return evaluation_metrics(read_results(run_certification(request, context)), "acr", "")["acr"]
 
 
@@ -149,10 +152,10 @@ def one_seed(space: SearchSpace, folder: Path, test_n: int) -> dict:
     )
     trials["final_val_acr"] = finals
     rho = {}
-    for epoch in space.budget.rungs(space.epochs) + [space.epochs]:  # each rung, and the proxy that shortlists
-        reached = trials.dropna(subset=[f"proxy@{epoch}"])[[f"proxy@{epoch}", "final_val_acr"]]
+    for name, step in proxy_steps(space).items():  # each rung, and the proxy that shortlists
+        reached = trials.dropna(subset=[f"proxy@{step}"])[[f"proxy@{step}", "final_val_acr"]]
         ranked = len(reached) > 2 and (reached.nunique() > 1).all()  # a tie throughout has no ranking
-        rho[f"rho@{epoch}"] = spearmanr(reached.iloc[:, 0], reached.iloc[:, 1])[0] if ranked else math.nan
+        rho[f"rho@{name}"] = spearmanr(reached.iloc[:, 0], reached.iloc[:, 1])[0] if ranked else math.nan
     paper_test = test_acr(space, paper, folder / "paper_test.parquet", test_n, context)
     chosen_test = test_acr(space, outcome.best_checkpoint, folder / "chosen_test.parquet", test_n, context)
     chosen = trials.loc[trials["trial"] == outcome.best_trial, "final_val_acr"].item()
@@ -166,6 +169,8 @@ def one_seed(space: SearchSpace, folder: Path, test_n: int) -> dict:
         "sweep_s": sweep_seconds,
         "train_s": train_seconds,
         "sweep÷train": sweep_seconds / train_seconds,
+        "run_equivalents": outcome.ledger.training_run_equivalents() if outcome.ledger else math.nan,
+        "configs": len(trials),
         "chosen_trial": outcome.best_trial,
     }
 

@@ -222,6 +222,10 @@ class AutoscalingHead:
                 f"--autoscaling-config={self.config}",
                 f"--num-cpus={self.head_cpus}",
                 "--num-gpus=0",
+                # A port of its own: another Ray on the machine may hold the default one (the tests read the
+                # cluster's state through this dashboard).
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={free_port()}",
                 "--disable-usage-stats",
             ],
             env=environment,

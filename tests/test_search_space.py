@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -107,16 +108,21 @@ def test_cli_tune_of_an_unknown_name_is_one_line_exit_2(run_cli, tmp_path, monke
 def test_dry_run_resolves_and_validates_as_the_command_would_and_starts_nothing(run_cli, tmp_path, monkeypatch):
     import re
 
+    from catrs.sweep.ledger import expected_cost
+
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli("demo", "--dry-run")
     assert code == 0, err
-    first, sweep, last = out.splitlines()
+    first, sweep, cost, last = out.splitlines()
     assert first == f"search space: {(SHIPPED / 'demo_digits.yaml').resolve()} (valid)"
+    demo = load_search_space(SHIPPED / "demo_digits.yaml")
     assert re.fullmatch(
         r"sweep demo_digits-\d{8}-\d{6}: catrs on digits \(digits_cnn\) at σ = 0.5, searching lbd, "
-        r"epsilon, sigma0, confidence_mask; 10 trials, 2 at a time",
+        rf"epsilon, sigma0, confidence_mask; {demo.budget.num_samples} trials, 2 at a time",
         sweep,
     ), sweep
+    expected = expected_cost(demo, demo.budget.num_samples)["training_run_equivalents"]
+    assert cost.startswith(f"expected cost: ≈ {expected:.2f} training-run equivalents in trials, 2 teacher run(s)")
     assert last == "dry run: nothing started"
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump(VALID))
     code, out, err = run_cli("tune", "mine.yaml", "--dry-run", "--num-samples", "3")
@@ -171,6 +177,15 @@ CASES = [
     ("wrong type", "budget.num_samples", "many", "budget.num_samples: expected int"),
     ("unknown scheduler", "budget.scheduler", "hyperband", "budget.scheduler: expected asha or none"),
     ("zero workers", "resources.workers", 0, "resources.workers: must be at least 1"),
+    ("unknown fidelity", "budget.fidelity", "steps", "budget.fidelity: expected epochs or fraction"),
+    (
+        "a fraction off the ladder",
+        "budget",
+        {"fidelity": "fraction", "min_fraction": 0.2},
+        "budget.min_fraction: must be",
+    ),
+    ("a fraction of one", "budget", {"fidelity": "fraction", "min_fraction": 1.0}, "budget.min_fraction: must be"),
+    ("rungs nobody cuts", "budget", {"fidelity": "fraction", "scheduler": "none"}, "fraction needs scheduler: asha"),
 ]
 
 
@@ -235,6 +250,21 @@ def test_asha_compares_trials_at_geometric_rungs_below_the_last_epoch_and_the_pr
     assert space.metric == "val_acr" and space.selection.refit is False
 
 
+def test_budgeted_rungs_climb_from_the_least_fraction_to_the_whole_run_on_ashas_clock(tmp_path):
+    from catrs.sweep.proxy import proxy_of
+    from tests.helpers import quiet_context
+
+    path = tmp_path / "space.yaml"
+    budget = {"fidelity": "fraction", "min_fraction": 0.111, "reduction_factor": 3}
+    path.write_text(yaml.safe_dump({**VALID, "train": {"epochs": 8}, "budget": budget}))
+    space = load_search_space(path)
+    ladder = space.budget.ladder()
+    assert [(r.fraction, r.budget, r.previous) for r in ladder] == [(1 / 9, 1, 0), (1 / 3, 3, 1), (1.0, 9, 3)]
+    assert space.budget.rungs(8) == []  # no epoch rungs: the proxy runs at each rung's last epoch only
+    proxy = proxy_of(space, quiet_context())
+    assert [epoch + 1 for epoch in range(8) if proxy.due(epoch, 8)] == [8]
+
+
 def test_trials_hold_out_val_and_the_selection_defaults_to_the_final_protocol(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump({**VALID, "final": {"n": 3000, "alpha": 0.01}, "selection": {"top_k": 2}}))
@@ -262,9 +292,15 @@ def test_optuna_learns_a_stopped_trial_as_pruned_and_a_trained_out_one_as_comple
         for step, epoch in enumerate(epochs, 1):
             search.on_trial_result(trial, {"val_acr": value, "epoch": epoch, "training_iteration": step})
         search.on_trial_complete(trial, {"val_acr": value, "epoch": epochs[-1]})
-    stopped, trained_out = search._ot_study.trials
+    search.suggest("stopped at a rung")  # every epoch of its budgeted run, but not every step
+    search.on_trial_result(
+        "stopped at a rung", {"val_acr": 0.4, "epoch": 8, "fraction": 1 / 9, "training_iteration": 8}
+    )
+    search.on_trial_complete("stopped at a rung", {"val_acr": 0.4, "epoch": 8, "fraction": 1 / 9})
+    stopped, trained_out, at_a_rung = search._ot_study.trials
     assert stopped.state == optuna.trial.TrialState.PRUNED and stopped.intermediate_values == {1: 0.30}
     assert trained_out.state == optuna.trial.TrialState.COMPLETE and trained_out.value == 0.25
+    assert at_a_rung.state == optuna.trial.TrialState.PRUNED and at_a_rung.intermediate_values == {8: 0.4}
 
 
 @pytest.mark.parametrize(
@@ -293,3 +329,30 @@ def test_trials_that_share_a_sigma0_share_one_teacher_whatever_schedule_they_sea
     keys = {space.resolve({"lr": lr, "sigma0": s}).soft_labels().key() for lr in (0.01, 0.05) for s in (0.25, 0.5)}
     assert keys == {space.resolve(point).soft_labels().key() for point in space.teacher_points()}
     assert len(keys) == 2
+
+
+def test_asha_on_budgeted_rungs_cuts_only_at_a_rungs_end_and_keeps_the_better_half(tmp_path):
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from catrs.distributed.tune import scheduler
+
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({**VALID, "budget": {"fidelity": "fraction", "min_fraction": 0.25}}))
+    asha = scheduler(load_search_space(path))
+    asha.set_search_properties("val_acr", "max")
+    trials = [SimpleNamespace(trial_id=name) for name in ("good", "bad", "better")]
+    for trial in trials:
+        asha.on_trial_add(None, trial)
+
+    def report(trial, budget: int, value: float) -> str:
+        return asha.on_trial_result(None, trial, {"budget": budget, "val_acr": value})
+
+    good, bad, better = trials
+    assert report(good, 0, math.nan) == TrialScheduler.CONTINUE  # an epoch inside the first rung: no figure
+    assert report(good, 1, 0.5) == TrialScheduler.CONTINUE  # the first at a rung goes on
+    assert report(good, 1, math.nan) == TrialScheduler.CONTINUE  # training the next rung: compared already
+    assert report(bad, 1, 0.2) == TrialScheduler.STOP  # below the better half of those at the rung
+    assert report(better, 1, 0.7) == TrialScheduler.CONTINUE
+    assert report(better, 2, 0.8) == TrialScheduler.CONTINUE and report(better, 4, 0.9) == TrialScheduler.STOP

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from catrs.checkpoint import load_checkpoint
 from catrs.context import resolve_tracking_uri
 from catrs.data import get_dataset
 from catrs.results import read_results
@@ -78,12 +79,29 @@ def test_a_small_sweep_runs_to_completion_and_is_on_record_in_mlflow(ray_cluster
         )
         assert len(proxy_rows) == 16 and set(proxy_rows["idx"]) <= val_keys  # the proxy certified val images
 
+    # The cost ledger adds up what the trials, the teachers, the selection and the test certification spent.
+    cost = {k.removeprefix("cost/"): v for k, v in parent.data.metrics.items() if k.startswith("cost/")}
+    epochs = [len(client.get_metric_history(c.info.run_id, "lr")) for c in children]
+    train_images = len(get_dataset("synthetic", "train_minus_val"))
+    assert cost["epochs/full"] == sum(epochs) and cost["training_run_equivalents"] == sum(epochs) / 2
+    assert cost["optimizer_steps"] == sum(epochs) * -(-train_images // 128)
+    votes = 2 * len(get_dataset("synthetic", "train")) * 20  # a teacher per σ0, voting on the training split
+    assert cost["teacher_runs"] == 2 and cost["samples/votes"] == votes
+    proxies = sum(len(client.get_metric_history(c.info.run_id, "val_samples")) for c in children)
+    assert proxies * 16 * 16 <= cost["samples/proxy"] <= proxies * 16 * (16 + 64)
+    assert cost["samples/test"] == 40 * (16 + 100)  # every test image: n0 + n
+    assert (
+        0
+        < cost["samples/selection"]
+        <= len(shortlisted := [c for c in children if "final_val_acr" in c.data.metrics]) * 32 * 116
+    )
+    assert "training-run equivalents in trials" in out and f"test {40 * 116:,}" in out
+
     # The choice is made on val; test is read once, after it, for the winner alone.
     winner = parent.data.tags["best_trial"]
     [chosen] = [c for c in children if c.data.tags["catrs.trial_id"] == winner]
     assert [c for c in children if "test_acr" in c.data.metrics] == [chosen]
     assert chosen.data.metrics["test_acr"] == parent.data.metrics["test_acr"]
-    shortlisted = [c for c in children if "final_val_acr" in c.data.metrics]
     assert chosen in shortlisted and 1 <= len(shortlisted) <= 2
     assert chosen.data.metrics["final_val_acr"] == max(c.data.metrics["final_val_acr"] for c in shortlisted)
     chose_at = max(client.get_metric_history(c.info.run_id, "final_val_acr")[0].timestamp for c in shortlisted)
@@ -93,7 +111,8 @@ def test_a_small_sweep_runs_to_completion_and_is_on_record_in_mlflow(ray_cluster
     assert paper_point, "the paper's setting is among the trials"
 
     # The choice is the registered champion, and certifies to the same rows as its checkpoint.
-    version = client.get_model_version_by_alias(sweep_dir.name, "champion")
+    version = client.get_model_version_by_alias("tiny", "champion")  # the space's model; a version per sweep
+    assert version.tags["catrs.sweep"] == sweep_dir.name and version.tags["catrs.val_metric"] == "final_val_acr"
     assert version.run_id == chosen.info.run_id and parent.data.tags["best_checkpoint"] == str(
         sweep_dir / "best" / "checkpoint.pt"
     )  # the model is logged on the run it came from
@@ -102,7 +121,7 @@ def test_a_small_sweep_runs_to_completion_and_is_on_record_in_mlflow(ray_cluster
     rows = {}
     for name, checkpoint in (
         ("file", sweep_dir / "best" / "checkpoint.pt"),
-        ("registry", f"models:/{sweep_dir.name}@champion"),
+        ("registry", "models:/tiny@champion"),
     ):
         code, _, err = run_cli(
             "certify",
@@ -127,7 +146,7 @@ def test_a_small_sweep_runs_to_completion_and_is_on_record_in_mlflow(ray_cluster
         rows[name] = read_results(tmp_path / f"{name}.parquet")
     columns = ["idx", "label", "predict", "radius", "correct", "checkpoint_sha256"]
     pd.testing.assert_frame_equal(rows["file"][columns], rows["registry"][columns])
-    assert rows["registry"]["checkpoint"].unique().tolist() == [f"models:/{sweep_dir.name}@champion"]
+    assert rows["registry"]["checkpoint"].unique().tolist() == ["models:/tiny@champion"]
 
     # The trade-off report: written by `catrs tune` itself, and again on demand from the store.
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "sweep_report")} == {
@@ -148,7 +167,7 @@ def test_a_small_sweep_runs_to_completion_and_is_on_record_in_mlflow(ray_cluster
 
     _the_ui_tells_the_story(client, parent, children, chosen)
     _the_ui_server_answers_with_the_same_story(
-        parent.info.experiment_id, parent.info.run_id, sweep_dir.name, chosen.info.run_id, tmp_path
+        parent.info.experiment_id, parent.info.run_id, "tiny", chosen.info.run_id, tmp_path
     )
 
 
@@ -185,11 +204,11 @@ def _the_ui_tells_the_story(client, parent, children, chosen):
         ("synthetic/test", "evaluation"),
     }
     for child in children:
-        stopped = child.data.tags.get("catrs.stopped_at_epoch")
-        epochs = int(stopped) if stopped else 2
+        stopped = child.data.tags.get("catrs.stopped_at")
+        epochs = int(stopped.removeprefix("epoch ")) if stopped else 2
         assert [m.step for m in client.get_metric_history(child.info.run_id, "lr")] == list(range(1, epochs + 1))
         if stopped:
-            assert client.get_run(child.info.run_id).info.run_name.endswith(f"stopped at epoch {stopped}")
+            assert client.get_run(child.info.run_id).info.run_name.endswith(f"stopped at {stopped}")
 
 
 def test_a_killed_sweep_driver_resumes_to_the_planned_trials_without_duplicate_runs(
@@ -206,7 +225,8 @@ def test_a_killed_sweep_driver_resumes_to_the_planned_trials_without_duplicate_r
         **SPACE,
         "name": "killed",
         "train": {**SPACE["train"], "epochs": 3},
-        "budget": {"num_samples": 4, "max_concurrent": 1, "scheduler": "none"},
+        # Budgeted rungs (half the steps, then all): the kill may fall mid-climb, and the climb resumes.
+        "budget": {"num_samples": 4, "max_concurrent": 1, "fidelity": "fraction", "min_fraction": 0.5},
     }
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump(space))
@@ -245,6 +265,12 @@ def test_a_killed_sweep_driver_resumes_to_the_planned_trials_without_duplicate_r
     assert "sweep killed: 4 trials" in out
     assert len(client.search_runs(experiments(), "tags.`catrs.kind` = 'sweep' and tags.`catrs.sweep` = 'killed'")) == 1
     assert read_results(tmp_path / "runs" / "sweeps" / "killed" / "final.parquet")["idx"].tolist() == list(range(40))
+    for run in runs:  # a trial stopped at the lower rung trained its 3 epochs once, one trained out twice
+        stopped = run.data.tags.get("catrs.stopped_at")
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "lr")]
+        assert (stopped, steps) in (("1/2 of the steps", [1, 2, 3]), (None, [1, 2, 3, 4, 5, 6])), (stopped, steps)
+    best = load_checkpoint(tmp_path / "runs" / "sweeps" / "killed" / "best" / "checkpoint.pt")
+    assert best.training_state["config"]["fraction"] == 1.0  # the choice is a run trained on every step
 
 
 def _the_ui_server_answers_with_the_same_story(

@@ -141,7 +141,7 @@ def test_sweeps_compare_their_frontiers_with_the_higher_one_marked(run_cli, two_
         "certified": 0.3,
         "val_acr": pytest.approx(0.21),
         "pareto": False,
-        "stopped_at_epoch": "",
+        "stopped_at": "",
         "final_val": None,
     }  # trained out, not shortlisted
 

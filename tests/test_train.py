@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -11,8 +12,9 @@ import torch
 
 from catrs.checkpoint import load_checkpoint
 from catrs.results import read_results
+from catrs.sweep.space import Budget
 from catrs.teacher import SoftLabelSpec, soft_labels
-from catrs.train import TrainConfig, local_producer, train
+from catrs.train import EpochShuffle, LocalSession, TrainConfig, climb, local_producer, train
 from tests.helpers import QUICK_TRAIN, quiet_context
 
 QUICK = dict(dataset="synthetic", sigma=0.25, batch_size=64, lr=0.05, lr_step=2)
@@ -315,3 +317,59 @@ def test_the_train_flags_and_a_sweep_files_keys_come_from_train_config_alone():
     assert "lr_gamma" in schedule_keys() and "lr_gamma" not in searchable_keys()
     args = train.parse_args(["--out", "x", "--lr-gamma", "0.5", "--batch", "32"])
     assert (args.lr_gamma, args.batch_size) == (0.5, 32)
+
+
+@pytest.mark.parametrize("fraction, replicas", [(1.0, 1), (1 / 3, 1), (1 / 3, 2), (0.5, 3)])
+def test_budgeted_epochs_draw_a_fresh_share_of_the_split_dealt_evenly_to_the_workers(fraction, replicas):
+    size = 100
+    drawn = math.ceil(fraction * size - 1e-9)
+
+    def epoch(number: int) -> list[list[int]]:
+        shares = [EpochShuffle(size, 7, fraction, rank, replicas) for rank in range(replicas)]
+        for share in shares:
+            share.set_epoch(number)
+        return [list(share) for share in shares]
+
+    first, second = epoch(0), epoch(1)
+    assert len({len(share) for share in first}) == 1  # every worker takes as many steps
+    assert len(set(sum(first, []))) == drawn and len(sum(first, [])) < drawn + replicas  # the draw, padded
+    assert epoch(0) == first  # drawn from (seed, epoch) alone: a resumed epoch draws the same
+    if fraction < 1:
+        assert set(sum(first, [])) != set(sum(second, []))  # a fresh share every epoch, not a fixed subset
+
+
+class Recording(LocalSession):
+    """A local run that keeps every report and can stop the process once (as a kill would) at one of them."""
+
+    def __init__(self, out, stop_at: int | None = None) -> None:
+        super().__init__(out, torch.device("cpu"))
+        self.reports: list[dict[str, float]] = []
+        self.stop_at = stop_at
+
+    def report(self, metrics, run, evaluation) -> None:
+        super().report(metrics, run, evaluation)
+        self.reports.append(metrics)
+        if len(self.reports) == self.stop_at:
+            raise KeyboardInterrupt
+
+
+def test_a_climb_trains_each_rung_from_scratch_reports_asha_its_clock_and_resumes_at_its_rung(tmp_path):
+    spec = TrainConfig(method="gaussian", epochs=2, **QUICK).resolve()
+    rungs = Budget(fidelity="fraction", min_fraction=0.25, reduction_factor=2).ladder()
+    session = Recording(tmp_path / "climb")
+    last = climb(spec, session, quiet_context(), None, None, rungs)
+    assert [(r["fraction"], r["budget"], r["step"]) for r in session.reports] == [
+        (0.25, 0, 1), (0.25, 1, 2), (0.5, 1, 3), (0.5, 2, 4), (1.0, 2, 5), (1.0, 4, 6)
+    ]  # fmt: skip
+    plain = train(spec, tmp_path / "plain", quiet_context())  # the top rung is the run trained as it is
+    top = load_checkpoint(plain).state_dict
+    assert last is not None and all(torch.equal(last.model.state_dict()[k], top[k]) for k in top)
+
+    stopped = Recording(tmp_path / "killed", stop_at=3)  # killed after the first epoch of rung 2
+    with pytest.raises(KeyboardInterrupt):
+        climb(spec, stopped, quiet_context(), None, None, rungs)
+    resumed = Recording(tmp_path / "killed")
+    climb(spec, resumed, quiet_context(), None, None, rungs)
+    assert [(r["fraction"], r["step"]) for r in resumed.reports] == [(0.5, 4), (1.0, 5), (1.0, 6)]
+    again = load_checkpoint(tmp_path / "killed" / "checkpoint.pt").state_dict
+    assert all(torch.equal(again[k], top[k]) for k in top)

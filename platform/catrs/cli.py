@@ -683,12 +683,14 @@ def _sweep_space(args: argparse.Namespace) -> Any:
 
     space = load_search_space(find_search_space(args.space))
     if args.command == "demo":
-        space = replace(space, name=f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        space = replace(space, name=f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}", registered_name=space.name)
     return space
 
 
 def _dry_run(args: argparse.Namespace, space: Any) -> None:
-    """What the sweep would run, in three lines; nothing is started."""
+    """What the sweep would run and should cost, in four lines; nothing is started."""
+    from catrs.sweep.ledger import format_expected_cost
+
     trials = space.trials(args.num_samples)
     arch = f" ({space.arch})" if space.arch else ""
     print(f"search space: {space.path.resolve()} (valid)")
@@ -696,6 +698,7 @@ def _dry_run(args: argparse.Namespace, space: Any) -> None:
         f"sweep {space.name}: {space.method} on {space.dataset}{arch} at σ = {space.sigma:g}, searching "
         f"{', '.join(space.search)}; {trials} trials, {space.budget.max_concurrent} at a time"
     )
+    print(format_expected_cost(space, trials))
     print("dry run: nothing started")
 
 

@@ -89,6 +89,12 @@ class TrainConfig:
     momentum: float = setting(0.9, flag="--momentum", role="searchable")
     weight_decay: float = setting(1e-4, flag="--weight-decay", role="searchable")
     seed: int = setting(0, flag="--seed")
+    fraction: float = setting(
+        1.0,
+        flag="--fraction",
+        help="budgeted training: each epoch a fresh random share of the training split, so the whole schedule "
+        "runs in that share of the steps (a sweep's low fidelity; default 1: every image every epoch)",
+    )
     precision: str = setting(
         "fp32", flag="--precision", help="fp32 (default), bf16 or fp16 (CUDA): the training step under autocast"
     )
@@ -111,6 +117,7 @@ class TrainConfig:
             (self.batch_size is None or self.batch_size >= 1, f"--batch must be at least 1, got {self.batch_size}"),
             (self.lr > 0, f"--lr must be positive, got {self.lr}"),
             (self.lr_step >= 1, f"--lr-step must be at least 1, got {self.lr_step}"),
+            (0 < self.fraction <= 1, f"--fraction must be in (0, 1], got {self.fraction}"),
             (0 <= self.seed < 2**63, f"--seed must be a non-negative integer below 2^63, got {self.seed}"),
             (
                 self.precision in PRECISIONS,
@@ -455,22 +462,30 @@ def noisy_hits(
 
 
 class EpochShuffle(Sampler[int]):
-    """Every index once per epoch, in an order drawn from (seed, epoch) alone: set with `set_epoch`, so one
-    loader (and its worker processes) serves every epoch, and a resumed run draws what an uninterrupted one
-    would."""
+    """This worker's share of each epoch's draw, in an order drawn from (seed, epoch) alone: set with
+    `set_epoch`, so one loader (and its worker processes) serves every epoch, and a resumed run draws what an
+    uninterrupted one would.
 
-    def __init__(self, size: int, seed: int) -> None:
+    An epoch draws `fraction` of the `size` indices (all of them at 1), fresh each epoch; the draw is padded by
+    wrapping to a multiple of `replicas` and dealt out rank by rank, so every worker takes as many steps."""
+
+    def __init__(self, size: int, seed: int, fraction: float = 1.0, rank: int = 0, replicas: int = 1) -> None:
         self.size, self.seed, self.epoch = size, seed, 0
+        self.rank, self.replicas = rank, replicas
+        self.drawn = max(1, math.ceil(fraction * size - 1e-9))  # (1e-9: 1/3 of 9 images is 3, not 4)
+        self.per_rank = math.ceil(self.drawn / replicas)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.size
+        return self.per_rank
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
-        yield from torch.randperm(self.size, generator=generator).tolist()
+        drawn = torch.randperm(self.size, generator=generator)[: self.drawn]
+        padded = drawn.repeat(math.ceil(self.per_rank * self.replicas / self.drawn))[: self.per_rank * self.replicas]
+        yield from padded[self.rank :: self.replicas].tolist()
 
 
 def loader_options(device: torch.device) -> dict[str, Any]:
@@ -518,7 +533,7 @@ class SingleWorkerSession:
         return model
 
     def loader(self, dataset: Dataset, config: TrainConfig) -> DataLoader:
-        sampler = EpochShuffle(len(dataset), config.seed)  # type: ignore[arg-type]
+        sampler = EpochShuffle(len(dataset), config.seed, config.fraction)  # type: ignore[arg-type]
         return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, **loader_options(self.device))
 
     def reduce(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -612,6 +627,82 @@ def fit(
             raise UserError(
                 f"training diverged at epoch {epoch + 1} (non-finite metrics); lower --lr and start a new --out"
             )
+    return run
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One step of a sweep's fidelity ladder: the run trained at `fraction` of its steps (budgeted training,
+    `TrainConfig.fraction`), the `index`-th from the bottom. A scheduler that compares trials on a clock
+    (`budget`: 1, η, η², …) sees `budget` with the step's last epoch and `previous` (a clock value it has
+    already compared) with the epochs before."""
+
+    index: int
+    fraction: float
+    budget: int
+    previous: int
+
+
+def checkpoint_fraction(checkpoint: Checkpoint | None) -> float:
+    """The fraction of its steps the checkpoint's run trains at (0 without a checkpoint)."""
+    if checkpoint is None or checkpoint.training_state is None:
+        return 0.0
+    return float(checkpoint.training_state["config"].get("fraction", 1.0))
+
+
+class AtRung:
+    """A session training one rung of a ladder: it resumes only from a checkpoint of that rung and reports the
+    rung with every epoch."""
+
+    def __init__(self, session: Session, rung: Rung) -> None:
+        self.session, self.rung = session, rung
+        self.rank, self.world_size, self.device = session.rank, session.world_size, session.device
+
+    def latest(self) -> Checkpoint | None:
+        checkpoint = self.session.latest()
+        return checkpoint if checkpoint_fraction(checkpoint) == self.rung.fraction else None
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return self.session.prepare_model(model)
+
+    def loader(self, dataset: Dataset, config: TrainConfig) -> DataLoader:
+        return self.session.loader(dataset, config)
+
+    def reduce(self, metrics: dict[str, float]) -> dict[str, float]:
+        return self.session.reduce(metrics)
+
+    def gather(self, item: Any) -> list[Any]:
+        return self.session.gather(item)
+
+    def report(self, metrics: dict[str, float], run: TrainingRun, evaluation: pd.DataFrame | None) -> None:
+        done = run.next_epoch >= run.config.epochs
+        rung = {
+            "fraction": self.rung.fraction,
+            "budget": self.rung.budget if done else self.rung.previous,
+            "step": self.rung.index * run.config.epochs + run.next_epoch,  # epochs trained on the climb so far
+        }
+        self.session.report({**metrics, **rung}, run, evaluation)
+
+
+def climb(
+    spec: RunSpec,
+    session: Session,
+    context: RunContext,
+    soft_labels: SoftLabels | None,
+    evaluation: Evaluation | None,
+    rungs: tuple[Rung, ...],
+) -> TrainingRun | None:
+    """Trains the run at each rung's fraction of its steps in turn, each from scratch: a schedule compressed
+    into fewer steps has dropped its learning rate already and cannot be continued into a longer one. A
+    scheduler stops the climb between rungs; a resumed climb skips the rungs below its latest checkpoint's.
+    Without rungs it is `fit`: the run as it is."""
+    if not rungs:
+        return fit(spec, session, context, soft_labels, evaluation)
+    reached, run = checkpoint_fraction(session.latest()), None
+    for rung in rungs:
+        if rung.fraction >= reached:
+            at = replace(spec.config, fraction=rung.fraction).resolve(teacher_schedule=spec.teacher_schedule)
+            run = fit(at, AtRung(session, rung), context, soft_labels, evaluation)
     return run
 
 

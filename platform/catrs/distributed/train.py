@@ -1,7 +1,7 @@
 """Distributed training with Ray Train: `catrs train … --workers K [--gpus-per-worker G]`.
 
 The training loop (`catrs.train.fit`) runs in a `TorchTrainer` with K workers (DDP over gloo on CPUs, NCCL
-on GPUs). The global batch keeps its meaning: each worker takes batch/K of it from a `DistributedSampler`,
+on GPUs). The global batch keeps its meaning: each worker takes batch/K of it (its share of `catrs.train.EpochShuffle`),
 and each of its chunks is one synchronised optimizer step, so the released per-noise chunking is intact.
 Checkpoints go to the run's storage (`--storage-path`, a local directory or a cloud URI; default the run
 directory's parent, so the run's own directory is its storage); a worker failure restarts the group from the
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from ray.train.torch import TorchConfig, TorchTrainer
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from catrs.checkpoint import Checkpoint, load_checkpoint
 from catrs.context import RunContext
@@ -34,15 +34,17 @@ from catrs.inference import worker_device
 from catrs.storage import Stored, stored
 from catrs.teacher import Producer, SoftLabelSpec
 from catrs.train import (
+    EpochShuffle,
     Evaluation,
     RunFolder,
+    Rung,
     RunSpec,
     SingleWorkerSession,
     TrainConfig,
     TrainingRun,
     WorkerPlan,
     claimed_run,
-    fit,
+    climb,
     loader_options,
     soft_labels_for,
     teacher_run,
@@ -77,9 +79,7 @@ class RayTrainSession:
     def loader(self, dataset: Dataset, config: TrainConfig) -> DataLoader:
         if self.world_size == 1:
             return SingleWorkerSession.loader(self, dataset, config)  # type: ignore[arg-type]
-        sampler: DistributedSampler[int] = DistributedSampler(
-            dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=config.seed
-        )
+        sampler = EpochShuffle(len(dataset), config.seed, config.fraction, self.rank, self.world_size)  # type: ignore[arg-type]
         batch = max(1, config.batch_size // self.world_size)
         return DataLoader(dataset, batch_size=batch, sampler=sampler, **loader_options(self.device))
 
@@ -112,17 +112,26 @@ def worker_settings(
     context: RunContext,
     evaluation: Evaluation | None = None,
     sealed: tuple[str, ...] = (),
+    rungs: tuple[Rung, ...] = (),
 ) -> dict[str, Any]:
     """`worker_loop`'s argument: the run, its soft labels (where they are in the cache: each node maps its own
     copy, so no node needs a shared file system and no rank holds a copy of its own); `sealed`: splits the
-    workers must not read."""
-    return {"run": spec, "soft_labels": soft_labels, "context": context, "evaluation": evaluation, "sealed": sealed}
+    workers must not read; `rungs`: the fidelity ladder a sweep's trial climbs (none: train the run as it is)."""
+    return {
+        "run": spec,
+        "soft_labels": soft_labels,
+        "context": context,
+        "evaluation": evaluation,
+        "sealed": sealed,
+        "rungs": rungs,
+    }
 
 
 def worker_loop(settings: dict[str, Any]) -> None:
-    """What each Ray Train worker runs: `fit` with a `RayTrainSession`."""
+    """What each Ray Train worker runs: `fit` (or a trial's `climb`) with a `RayTrainSession`."""
+    run, session, context = settings["run"], RayTrainSession(), settings["context"]
     with sealed(*settings["sealed"]):
-        fit(settings["run"], RayTrainSession(), settings["context"], settings["soft_labels"], settings["evaluation"])
+        climb(run, session, context, settings["soft_labels"], settings["evaluation"], settings["rungs"])
 
 
 def gpus_of(plan: WorkerPlan) -> float:

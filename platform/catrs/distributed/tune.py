@@ -3,10 +3,11 @@ callback that tells the sweep what happens.
 
     catrs tune demo_digits          (`catrs.sweep.run` calls `run_trials`)
 
-A trial is the training loop (`catrs.train.fit`; with Ray Train when the file asks for several workers) on
-`train_minus_val`, reporting at ASHA's rungs and at the last epoch the cheap certification of the val split
-(`catrs.sweep.proxy`), so that ASHA can stop trials that fall behind at equal budgets. The test split is
-sealed in every trial (`catrs.data.sealed`).
+A trial is the training loop (`catrs.train.climb`: `fit`, or with budgeted rungs `fit` at each fraction of the
+steps in turn; with Ray Train when the file asks for several workers) on `train_minus_val`, reporting every
+epoch and, at ASHA's rungs and each run's last epoch, the cheap certification of the val split
+(`catrs.sweep.proxy`), so that ASHA can stop trials that fall behind at equal budgets (`scheduler`). The test
+split is sealed in every trial (`catrs.data.sealed`).
 
 Early-stopped trials and Optuna: a trial that ASHA stopped is told to Optuna as PRUNED, with its proxy at
 each rung as intermediate values, never as a complete trial: its partial figure is not what its setting
@@ -41,8 +42,8 @@ from catrs.distributed.train import from_ray_checkpoint, gpus_of, scaling, torch
 from catrs.inference import pick_device
 from catrs.sweep.proxy import proxy_of
 from catrs.sweep.space import Domain, SearchSpace
-from catrs.sweep.trial import TrialObserver, TrialResult
-from catrs.train import SingleWorkerSession, TrainingRun, fit
+from catrs.sweep.trial import TrialObserver, TrialResult, stopped_at
+from catrs.train import SingleWorkerSession, TrainingRun, climb
 from catrs.vote_store import SoftLabels
 
 SEALED = ("test",)  # what no trial, and the driver until its choice, may read
@@ -117,12 +118,13 @@ def sweep_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     table = None if labels is None else setup.soft_label_tables[labels.key()]
     evaluation = proxy_of(space, context)
     resources = space.resources
+    rungs = space.budget.ladder()
     if resources.workers == 1:
         with sealed(*SEALED):
-            fit(spec, TuneSession(pick_device(None)), context, table, evaluation)
+            climb(spec, TuneSession(pick_device(None)), context, table, evaluation, rungs)
         return
     trial_id = ray.tune.get_context().get_trial_id()
-    settings = worker_settings(spec, table, context, evaluation, sealed=SEALED)
+    settings = worker_settings(spec, table, context, evaluation, sealed=SEALED, rungs=rungs)
     plan = resources.plan(max_failures=2)
     TorchTrainer(
         worker_loop,
@@ -161,15 +163,15 @@ def trial_trainable(setup: TrialSetup) -> Any:
 
 
 class PrunedAwareOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells Optuna a trial ASHA stopped before its last epoch as PRUNED (see the module
-    docstring), keeping its rung figures as intermediate values; trials trained out are COMPLETE."""
+    """OptunaSearch that tells Optuna a trial ASHA stopped before its last epoch or rung as PRUNED (see the
+    module docstring), keeping its rung figures as intermediate values; trials trained out are COMPLETE."""
 
     def __init__(self, epochs: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.epochs = epochs
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        stopped = result is not None and not error and result.get("epoch", self.epochs) < self.epochs
+        stopped = result is not None and not error and stopped_at(result, self.epochs) != ""
         super().on_trial_complete(trial_id, None if stopped else result, error)
 
 
@@ -204,7 +206,24 @@ def quiet_tune() -> None:
     stops the sweep instead (`--resume` finishes it from Tune's saved state)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    # Every epoch's checkpoint (the latest kept) makes Tune save its state often; it warns each time.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def scheduler(space: SearchSpace) -> ASHAScheduler | FIFOScheduler:
+    """ASHA on the file's fidelity: epochs trained (rungs at first_rung · η^k), or the clock of a trial's
+    budgeted rungs (1, η, …: `Budget.ladder`); FIFO without a scheduler."""
+    budget = space.budget
+    if budget.scheduler != "asha":
+        return FIFOScheduler()
+    if rungs := budget.ladder():
+        return ASHAScheduler(
+            time_attr="budget", max_t=rungs[-1].budget, grace_period=1, reduction_factor=budget.reduction_factor
+        )
+    return ASHAScheduler(
+        time_attr="epoch", max_t=space.epochs, grace_period=budget.first_rung, reduction_factor=budget.reduction_factor
+    )
 
 
 def tuner(space: SearchSpace, storage: str, trainable: Any, callbacks: list) -> ray.tune.Tuner:
@@ -213,13 +232,6 @@ def tuner(space: SearchSpace, storage: str, trainable: Any, callbacks: list) -> 
     num_samples = budget.num_samples
     sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=max(1, min(10, num_samples // 2)))
     search = PrunedAwareOptunaSearch(epochs, sampler=sampler, points_to_evaluate=space.points_to_evaluate or None)
-    scheduler = (
-        ASHAScheduler(
-            time_attr="epoch", max_t=epochs, grace_period=budget.first_rung, reduction_factor=budget.reduction_factor
-        )
-        if budget.scheduler == "asha"
-        else FIFOScheduler()
-    )
     return ray.tune.Tuner(
         trainable,
         param_space={key: tune_domain(domain) for key, domain in space.search.items()},
@@ -227,7 +239,7 @@ def tuner(space: SearchSpace, storage: str, trainable: Any, callbacks: list) -> 
             metric=space.metric,
             mode="max",
             search_alg=search,
-            scheduler=scheduler,
+            scheduler=scheduler(space),
             num_samples=num_samples,
             max_concurrent_trials=budget.max_concurrent,
         ),

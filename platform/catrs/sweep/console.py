@@ -19,7 +19,9 @@ from tqdm import tqdm
 from catrs.data import corrupted_variant
 from catrs.errors import UserError
 from catrs.metrics import DEFAULT_RADII
+from catrs.model_registry import Registration
 from catrs.report import build_report, format_report
+from catrs.sweep.ledger import Ledger
 from catrs.sweep.report import SweepReport, format_sweep_report
 from catrs.sweep.selection import VAL_PREFIX
 from catrs.sweep.space import SearchSpace
@@ -72,8 +74,9 @@ class SweepOutcome:
     best_checkpoint: Path
     final_results: Path  # the winner's certification on test
     trade_off: SweepReport | None = None
-    model_version: str | None = None
+    registration: Registration | None = None
     experiment_id: str | None = None
+    ledger: Ledger | None = None  # what it spent
 
 
 def format_outcome(
@@ -82,7 +85,12 @@ def format_outcome(
     """The summary a sweep prints: every trial with its last proxy on val, the shortlist's validation figure,
     the winner (*) and its figure on test, the winner's test report, the trade-off report, the next commands."""
     refit = " (re-trained on the whole training split)" if space.selection.refit else ""
-    model = f", registered as {space.name}@champion (version {outcome.model_version})" if outcome.model_version else ""
+    registered = outcome.registration
+    model = (
+        f"; registered as {space.model_name} version {registered.version}, @{registered.alias}: {registered.reason}"
+        if registered
+        else ""
+    )
     lines = [
         f"sweep {space.name}: {len(outcome.trials)} trials; chosen on val by {VAL_PREFIX}"
         f"{space.objective} among the top {space.selection.top_k} by the proxy ({space.metric}); test read "
@@ -90,6 +98,7 @@ def format_outcome(
         outcome.trials.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep=""),
         f"\nchosen: trial {outcome.best_trial} {outcome.best_config}{refit}{model}",
         format_report(build_report(outcome.final_results, DEFAULT_RADII), linf=False),
+        *(outcome.ledger.lines() if outcome.ledger else []),
     ]
     if outcome.trade_off is not None:
         lines.append(format_sweep_report(outcome.trade_off))

@@ -22,6 +22,7 @@ from catrs.data import Indexed, dataset_spec, get_dataset
 from catrs.metrics import certification_metrics, objective_value
 from catrs.results import ResultRow
 from catrs.sampling import Mode
+from catrs.sweep.ledger import samples_spent
 from catrs.sweep.space import SearchSpace
 
 
@@ -61,7 +62,8 @@ class ProxyEvaluation:
     def names(self) -> tuple[str, ...]:
         """The metrics it reports."""
         accuracies = certification_metrics(pd.DataFrame(columns=["predict", "radius", "correct"]))
-        return tuple(f"val_{name}" for name in dict.fromkeys([*accuracies, self.objective]) if name != "abstain_rate")
+        names = [*accuracies, self.objective, "samples"]
+        return tuple(f"val_{name}" for name in dict.fromkeys(names) if name != "abstain_rate")
 
     def due(self, epoch: int, epochs: int) -> bool:
         return epoch + 1 in self.epochs or epoch + 1 == epochs
@@ -82,7 +84,9 @@ class ProxyEvaluation:
     def metrics(self, rows: list[ResultRow]) -> tuple[dict[str, float], pd.DataFrame]:
         ordered: list[ResultRow] = sorted(rows, key=_index)
         frame = pd.DataFrame(ordered)
-        return evaluation_metrics(frame, self.objective, "val_"), frame
+        metrics = evaluation_metrics(frame, self.objective, "val_")
+        metrics["val_samples"] = samples_spent(frame, self.settings.protocol, Mode.EVALUATE)  # for the ledger
+        return metrics, frame
 
 
 def proxy_of(space: SearchSpace, context: RunContext) -> ProxyEvaluation:

@@ -130,7 +130,7 @@ def sweep_report(tracker: Tracker, parent_run_id: str, radius: float = 0.5, labe
         rows.append(
             {
                 "trial": child.data.tags.get("catrs.trial_id", child.info.run_id),
-                "stopped_at_epoch": child.data.tags.get("catrs.stopped_at_epoch", ""),
+                "stopped_at": child.data.tags.get("catrs.stopped_at", ""),
                 "final_val": metrics.get("final_" + objective, np.nan),
                 **{f"param:{k}": v for k, v in searched.items()},
                 "clean": metrics.get("val_certified_accuracy_0", metrics.get("val_clean_accuracy")),
@@ -198,7 +198,7 @@ def plot_objective_by_param(report: SweepReport, path: Path) -> Path:
     Log-uniform values on a log axis, choices on a categorical one."""
     params = report.params or ["trial"]
     trials = report.trials
-    stopped = trials.get("stopped_at_epoch", pd.Series("", index=trials.index)).astype(str) != ""
+    stopped = trials.get("stopped_at", pd.Series("", index=trials.index)).astype(str) != ""
     with png_figure(path, ncols=len(params), figsize=(3.4 * len(params), 3.2), squeeze=False) as axes:
         for axis, param in zip(axes[0], params, strict=True):
             kind = report.kinds.get(param.removeprefix("param:"), "choice" if param == "trial" else "uniform")
@@ -272,13 +272,13 @@ def log_sweep_report(tracker: Tracker, report: SweepReport) -> None:
 
 def format_sweep_report(report: SweepReport) -> str:
     shown = report.trials.rename(columns=lambda c: c.removeprefix("param:")).rename(
-        columns={"final_val": "final_" + report.objective, "stopped_at_epoch": "stopped at epoch"}
+        columns={"final_val": "final_" + report.objective, "stopped_at": "stopped at"}
     )
     shown["pareto"] = shown["pareto"].map({True: "*", False: ""})
     shown = shown.drop(
         columns=[
             c
-            for c in ("stopped at epoch", "final_" + report.objective)
+            for c in ("stopped at", "final_" + report.objective)
             if c in shown and not shown[c].replace("", np.nan).notna().any()
         ]
     )

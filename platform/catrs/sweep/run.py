@@ -6,9 +6,11 @@ The soft labels the trials share (CAT-RS: one teacher per σ0 the space allows, 
 winner is chosen on val (`catrs.sweep.selection`: the top-k trials trained to their end, certified on val
 with the selection protocol), and only then is the test split read: the winner (re-trained on the whole
 training split if the file asks) is certified on it with the final protocol, and registered in MLflow's Model
-Registry as the sweep's `champion`. The driver and every trial seal the test split until then
+Registry. The driver and every trial seal the test split until then
 (`catrs.data.sealed`), so nothing that chooses can read it. MLflow hears the story as it happens
-(`catrs.sweep.story`), the terminal sees a progress bar and the outcome (`catrs.sweep.console`).
+(`catrs.sweep.story`), the terminal sees a progress bar and the outcome (`catrs.sweep.console`), and the
+ledger counts what each phase spent (`catrs.sweep.ledger`). The choice becomes a new version of the space's
+registered model, `@champion` only if it beats the current one on val (`catrs.model_registry`).
 
 `--resume` continues a killed sweep (unfinished trials from their last checkpoint, then the rest of the
 samples), re-using its MLflow parent and child runs instead of creating new ones.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,16 +35,18 @@ from catrs.distributed.train import cluster_producer, train_on_a_worker
 from catrs.distributed.tune import SEALED, TrialsPlan, run_trials
 from catrs.errors import JobFailed, UserError
 from catrs.interrupts import forget_saved, note_saved
-from catrs.model_registry import register_checkpoint
+from catrs.model_registry import Standing, register_checkpoint
 from catrs.ownership import claim
 from catrs.results import read_results
 from catrs.storage import Stored, stored
 from catrs.sweep import selection
 from catrs.sweep.console import SweepOutcome, SweepProgress
+from catrs.sweep.ledger import Ledger
 from catrs.sweep.proxy import evaluation_metrics
 from catrs.sweep.space import SearchSpace
 from catrs.sweep.story import PARENT_FILE, TrialRecords, close_orphans, parent_run, tell_the_story, trade_off_report
 from catrs.sweep.trial import TrialObserver, TrialResult
+from catrs.teacher import Producer
 from catrs.tracking import Tracker, system_metrics
 from catrs.train import RunFolder, soft_labels_for
 from catrs.vote_store import SoftLabels
@@ -109,10 +114,14 @@ def _sweep(
     note_saved(str(sweep_dir), f"the sweep's trials so far, in {plan.experiment}", resume)
     with system_metrics(tracker, parent):  # the driver's machine: CPU and memory while it sweeps
         records = TrialRecords(tracker.uri, parent, space, data, sweep_dir / "mlflow-pending")
+        ledger = Ledger(space, data["train_minus_val"].size)
         with sealed(*SEALED):
             progress = SweepProgress(space.budget.num_samples, space.metric)
-            observers: list[TrialObserver] = [records, progress] if context.progress else [records]
-            results = run_trials(plan, _shared_soft_labels(space, context), context, observers)
+            observers: list[TrialObserver] = [records, ledger, progress] if context.progress else [records, ledger]
+            with ledger.phase("teachers"):
+                soft_labels = _shared_soft_labels(space, context, ledger.counting(cluster_producer()))
+            with ledger.phase("trials"):
+                results = run_trials(plan, soft_labels, context, observers)
             progress.close()
             table = trials_table(results, space)
             shortlisted = selection.shortlist(candidates(results, space), space.selection.top_k)
@@ -120,15 +129,20 @@ def _sweep(
                 raise JobFailed(
                     f"no trial of {space.name} was trained to its last epoch; see the trial logs in {plan.experiment}"
                 )
-            for candidate in shortlisted:
-                _validate(candidate, space, sweep_dir, data["val"].size, context)
-                records.log_to_child(candidate.trial_id, candidate.val_metrics)
+            with ledger.phase("selection"):
+                for candidate in shortlisted:
+                    _validate(candidate, space, sweep_dir, data["val"].size, context, ledger)
+                    records.log_to_child(candidate.trial_id, candidate.val_metrics)
             winner = selection.choose(shortlisted, space.objective)
         # The choice is made: from here on the test split may be read, once.
-        best = _winner_checkpoint(space, winner, sweep_dir, context)
-        final = sweep_dir / "final.parquet"
-        _certify(selection.final_request(space, best, final), space.final.workers, context)
+        with ledger.phase("test"):
+            best = _winner_checkpoint(space, winner, sweep_dir, context, ledger)
+            final = sweep_dir / "final.parquet"
+            request = selection.final_request(space, best, final)
+            _certify(request, space.final.workers, context)
+            ledger.certified("test", read_results(final), request.settings.protocol, request.mode)
         test_metrics = tracker.log_results(parent, read_results(final), final, prefix=selection.TEST_PREFIX)
+        tracker.log_metrics(parent, ledger.metrics())
         records.log_to_child(winner.trial_id, {selection.TEST_PREFIX + k: v for k, v in test_metrics.items()})
         tracker.log_metrics(parent, winner.val_metrics)
         tracker.log_params(parent, {f"best.{k}": v for k, v in winner.point.items()})
@@ -141,7 +155,9 @@ def _sweep(
         winner_run = records.child(winner.trial_id)
         # The model goes on the run it came from: the winning trial's, or the parent's when it was re-trained.
         model_run = parent if space.selection.refit or winner_run is None else winner_run
-        version = register_checkpoint(tracker, model_run, space.name, best, data["val"].example)
+        registration = register_checkpoint(
+            tracker, model_run, space.model_name, best, data["val"].example, _standing(space, winner, data["val"])
+        )
         test_split = split_facts_of(space.dataset, ("test",), context)["test"]
         tell_the_story(tracker, space, parent, winner, winner_run, table, test_metrics, test_split)
         close_orphans(tracker, parent, {str(t) for t in table["trial"]})
@@ -159,27 +175,42 @@ def _sweep(
         best,
         final,
         report,
-        version,
+        registration,
         tracker.experiment_id,
+        ledger,
     )
 
 
-def _shared_soft_labels(space: SearchSpace, context: RunContext) -> dict[str, SoftLabels]:
-    """The soft-label tables the trials share, by cache key: one per teacher the space allows, made by the
-    cluster (or read from the cache)."""
-    tables = {}
-    for point in space.teacher_points():
-        spec = space.resolve(point)
-        labels, table = spec.soft_labels(), soft_labels_for(spec, context, cluster_producer())
-        if labels is not None and table is not None:
-            tables[labels.key()] = table
-    return tables
+def _standing(space: SearchSpace, winner: selection.Candidate, val: SplitFacts) -> Standing:
+    """The choice's figure on val and the protocol behind it: what decides whether it becomes champion."""
+    chosen = space.selection
+    protocol = (
+        f"{space.dataset} val {val.digest} sigma={space.sigma:g} n0={chosen.n0} n={chosen.n} "
+        f"alpha={chosen.alpha:g} images={chosen.images or val.size}"
+    )
+    metric = selection.VAL_PREFIX + space.objective
+    return Standing(metric, winner.val(space.objective), protocol, space.name)
+
+
+def _shared_soft_labels(space: SearchSpace, context: RunContext, producer: Producer) -> dict[str, SoftLabels]:
+    """The soft-label tables the trials share, by cache key: one per teacher the space allows, made by
+    `producer` (or read from the cache) all at once — each teacher is a job of its own on the cluster, so
+    their start-up and their votes overlap instead of adding up."""
+    specs = [space.resolve(point) for point in space.teacher_points()]
+    with ThreadPoolExecutor(max_workers=max(1, len(specs))) as pool:
+        tables = list(pool.map(lambda spec: soft_labels_for(spec, context, producer), specs))
+    return {
+        labels.key(): table
+        for spec, table in zip(specs, tables, strict=True)
+        if (labels := spec.soft_labels()) is not None and table is not None
+    }
 
 
 def _status(result: TrialResult, epochs: int) -> str:
     if result.error:
         return "error"
-    return "done" if result.reached() >= epochs else f"stopped at epoch {result.reached()}"
+    where = result.stopped_at(epochs)
+    return f"stopped at {where}" if where else "done"
 
 
 def trials_table(results: list[TrialResult], space: SearchSpace) -> pd.DataFrame:
@@ -225,7 +256,12 @@ def _certify(request: CertifyRequest, workers: int, context: RunContext) -> Stor
 
 
 def _validate(
-    candidate: selection.Candidate, space: SearchSpace, folder: Path, val_size: int, context: RunContext
+    candidate: selection.Candidate,
+    space: SearchSpace,
+    folder: Path,
+    val_size: int,
+    context: RunContext,
+    ledger: Ledger,
 ) -> None:
     """Certifies the candidate on val with the selection protocol; its figures go to `candidate.val_metrics`."""
     local = folder / "trials" / candidate.trial_id
@@ -234,14 +270,18 @@ def _validate(
     out.parent.mkdir(parents=True, exist_ok=True)
     request = selection.validation_request(space, RunFolder(local).checkpoint, out, val_size)
     frame = read_results(_certify(request, space.final.workers, context))
+    ledger.certified("selection", frame, request.settings.protocol, request.mode)
     candidate.val_metrics = evaluation_metrics(frame, space.objective, selection.VAL_PREFIX)
 
 
-def _winner_checkpoint(space: SearchSpace, winner: selection.Candidate, sweep_dir: Path, context: RunContext) -> Path:
+def _winner_checkpoint(
+    space: SearchSpace, winner: selection.Candidate, sweep_dir: Path, context: RunContext, ledger: Ledger
+) -> Path:
     """The checkpoint the sweep certifies on test: the winning trial's, or its setting re-trained on all of the
     training split where the trials trained (`selection.refit`); kept in `SWEEP/best/`."""
     best_dir = sweep_dir / BEST_DIR
     if space.selection.refit:
+        ledger.refit = True
         return train_on_a_worker(
             space.resolve(winner.point, train_split="train"), best_dir, space.resources.plan(), context
         )

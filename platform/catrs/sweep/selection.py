@@ -72,6 +72,20 @@ def validation_request(space: SearchSpace, checkpoint: Path, out: Path, val_size
     )
 
 
+def trained_out_val_request(space: SearchSpace, checkpoint: Path, out: Path) -> CertifyRequest:
+    """A trained-out run on every val image with the file's final protocol: the reference a benchmark ranks
+    trials and fidelities against (the selection's own figure where it certifies all of val)."""
+    return CertifyRequest(
+        checkpoint=checkpoint,
+        dataset=space.dataset,
+        sigma=space.sigma,
+        out=out,
+        settings=CertifySettings(space.final.protocol(), seed=space.seed),
+        mode=Mode.EVALUATE,
+        split="val",
+    )
+
+
 def final_request(space: SearchSpace, checkpoint: Path, out: Path) -> CertifyRequest:
     """The winner on the test split with the file's final protocol: the sweep's one look at it."""
     final = space.final

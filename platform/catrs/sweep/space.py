@@ -35,7 +35,7 @@ from catrs.data import dataset_names
 from catrs.errors import UserError
 from catrs.models import model_names
 from catrs.sampling import SamplingProtocol
-from catrs.train import RunSpec, TrainConfig, WorkerPlan, schedule_keys, searchable_keys
+from catrs.train import Rung, RunSpec, TrainConfig, WorkerPlan, schedule_keys, searchable_keys
 
 TOP_LEVEL = {
     "name",
@@ -121,19 +121,34 @@ class Final(SamplingProtocol):
 
 @dataclass(frozen=True)
 class Budget:
+    """How many trials, how many at once, and how ASHA cuts them: at epochs (`fidelity: epochs`: a trial
+    trains on and is compared after first_rung · η^k epochs) or at budgets (`fidelity: fraction`: a trial
+    trains its whole schedule in min_fraction · η^k of the steps, from scratch at each rung, and is compared
+    after each), η being `reduction_factor`."""
+
     num_samples: int = 8
     max_concurrent: int = 1
     scheduler: str = "asha"  # or "none"
-    first_rung: int = 1  # epochs: ASHA compares trials at first_rung · reduction_factor^k, below the last epoch
+    fidelity: str = "epochs"  # or "fraction"
+    first_rung: int = 1  # epochs (fidelity: epochs)
+    min_fraction: float = 1 / 9  # of the steps (fidelity: fraction): reduction_factor^-k
     reduction_factor: int = 2
 
     def rungs(self, epochs: int) -> list[int]:
-        """The epochs at which ASHA compares trials (none without a scheduler)."""
+        """The epochs at which ASHA compares truncated trials (none without a scheduler or by fraction)."""
         rungs: list[int] = []
-        if self.scheduler == "asha":
+        if self.scheduler == "asha" and self.fidelity == "epochs":
             while (rung := self.first_rung * self.reduction_factor ** len(rungs)) < epochs:
                 rungs.append(rung)
         return rungs
+
+    def ladder(self) -> tuple[Rung, ...]:
+        """The fractions of the steps a trial climbs (fidelity: fraction), on ASHA's clock 1, η, …, η^k."""
+        if self.scheduler != "asha" or self.fidelity != "fraction":
+            return ()
+        steps = round(math.log(1 / self.min_fraction, self.reduction_factor))
+        clock = [self.reduction_factor**k for k in range(steps + 1)]
+        return tuple(Rung(k, budget / clock[-1], budget, clock[k - 1] if k else 0) for k, budget in enumerate(clock))
 
 
 @dataclass(frozen=True)
@@ -167,6 +182,12 @@ class SearchSpace:
     final: Final = field(default_factory=Final)
     budget: Budget = field(default_factory=Budget)
     resources: Resources = field(default_factory=Resources)
+    registered_name: str = ""  # the registered model's name, where it is not the sweep's (the demo's)
+
+    @property
+    def model_name(self) -> str:
+        """The registered model every sweep of this space adds a version to."""
+        return self.registered_name or self.name
 
     @property
     def metric(self) -> str:
@@ -405,7 +426,7 @@ def load_search_space(path: str | Path) -> SearchSpace:
         epochs = space.epochs
     except UserError as error:
         check.fail("train", str(error))
-    if space.budget.scheduler == "asha" and not space.budget.rungs(epochs):
+    if space.budget.scheduler == "asha" and space.budget.fidelity == "epochs" and not space.budget.rungs(epochs):
         check.fail(
             "budget.first_rung",
             f"{space.budget.first_rung} is not below the last epoch ({epochs}): ASHA "
@@ -517,9 +538,26 @@ def _run_sections(check: _Checker, raw: dict[str, Any]) -> dict[str, Any]:
         check.fail("budget.scheduler", f"expected asha or none, got {budget.scheduler!r}")
     if budget.reduction_factor < 2:
         check.fail("budget.reduction_factor", f"must be at least 2, got {budget.reduction_factor}")
+    _check_fidelity(check, budget)
     if (resources.gpus_per_worker or 0) < 0 or resources.cpus_per_worker <= 0:
         check.fail("resources", "gpus_per_worker must be ≥ 0 and cpus_per_worker > 0")
     return {"proxy": proxy, "selection": selection, "final": final, "budget": budget, "resources": resources}
+
+
+def _check_fidelity(check: _Checker, budget: Budget) -> None:
+    if budget.fidelity not in ("epochs", "fraction"):
+        check.fail("budget.fidelity", f"expected epochs or fraction, got {budget.fidelity!r}")
+    if budget.fidelity != "fraction":
+        return
+    if budget.scheduler != "asha":
+        check.fail("budget.fidelity", "fraction needs scheduler: asha (without one every trial would climb every rung)")
+    eta, lowest = budget.reduction_factor, budget.min_fraction
+    steps = math.log(1 / lowest, eta) if 0 < lowest < 1 else math.nan
+    if not (steps >= 0.99 and abs(steps - round(steps)) < 0.01):
+        check.fail(
+            "budget.min_fraction",
+            f"must be reduction_factor^-k for some k ≥ 1 (e.g. {1 / eta**2:.4g} = 1/{eta**2}), got {lowest}",
+        )
 
 
 def _protocol(check: _Checker, cls: type, raw: Any, key: str, positive: tuple[str, ...]) -> Any:

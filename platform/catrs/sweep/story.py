@@ -32,7 +32,7 @@ from catrs.plots import plot_certified_accuracy
 from catrs.sweep.report import SweepReport, log_sweep_report, sweep_report
 from catrs.sweep.selection import Candidate
 from catrs.sweep.space import SearchSpace
-from catrs.sweep.trial import TrialCheckpoint
+from catrs.sweep.trial import TrialCheckpoint, stopped_at
 from catrs.tracking import Tracker, flatten, run_tags
 from catrs.train import RunFolder
 
@@ -48,8 +48,8 @@ def trial_name(point: Mapping[str, Any]) -> str:
     return " ".join(f"{key}={_short(value)}" for key, value in point.items())
 
 
-def stopped_name(point: Mapping[str, Any], epoch: int) -> str:
-    return f"{trial_name(point)} · stopped at epoch {epoch}"
+def stopped_name(point: Mapping[str, Any], where: str) -> str:
+    return f"{trial_name(point)} · stopped at {where}"
 
 
 def winner_name(point: Mapping[str, Any], objective: str, val: float, test: float) -> str:
@@ -172,20 +172,21 @@ class TrialRecords:
         self._guarded(lambda: self.run_for(trial_id, point))
 
     def reported(self, trial_id: str, point: dict[str, Any], metrics: dict[str, float]) -> None:
-        epoch = int(metrics.get("epoch", 0))
-        self._reported.setdefault(trial_id, set()).add(epoch)
-        self._guarded(lambda: self.tracker.log_metrics(self.run_for(trial_id, point), metrics, step=epoch))
+        step = int(metrics.get("step", metrics.get("epoch", 0)))  # (a trial climbing rungs counts on over them)
+        self._reported.setdefault(trial_id, set()).add(step)
+        self._guarded(lambda: self.tracker.log_metrics(self.run_for(trial_id, point), metrics, step=step))
 
     def completed(
         self, trial_id: str, point: dict[str, Any], last: dict[str, Any], checkpoint: TrialCheckpoint | None
     ) -> None:
         def finish() -> None:
             run_id = self.run_for(trial_id, point)
-            self._log_trial_files(run_id, trial_id, point, checkpoint)
-            reached = int(last.get("epoch", self.space.epochs))
-            if reached < self.space.epochs:  # the scheduler stopped it: say so where the runs are listed
-                self.tracker.set_tags(run_id, {"catrs.stopped_at_epoch": str(reached)})
-                self.tracker.rename(run_id, stopped_name(point, reached))
+            # The history in the checkpoint is its last rung's: its epoch E was reported at step `offset` + E.
+            offset = int(last.get("step", last.get("epoch", 0))) - int(last.get("epoch", 0))
+            self._log_trial_files(run_id, trial_id, point, checkpoint, offset)
+            if where := stopped_at(last, self.space.epochs):  # the scheduler stopped it: say so in the run list
+                self.tracker.set_tags(run_id, {"catrs.stopped_at": where})
+                self.tracker.rename(run_id, stopped_name(point, where))
             self.tracker.end(run_id, "FINISHED")
 
         self._guarded(finish)
@@ -205,7 +206,7 @@ class TrialRecords:
             )
 
     def _log_trial_files(
-        self, run_id: str, trial_id: str, point: dict[str, Any], checkpoint: TrialCheckpoint | None
+        self, run_id: str, trial_id: str, point: dict[str, Any], checkpoint: TrialCheckpoint | None, offset: int
     ) -> None:
         """The proxy results, their curve, the metric history and the resolved config, from the run storage."""
         with tempfile.TemporaryDirectory() as scratch:
@@ -227,16 +228,16 @@ class TrialRecords:
                 self.tracker.log_artifact(run_id, folder / "proxy_certified_accuracy.png", "plots")
             if run.history_file.exists():
                 self.tracker.log_artifact(run_id, run.history_file)
-                self._log_every_epoch(run_id, trial_id, run.history())
+                self._log_every_epoch(run_id, trial_id, run.history(), offset)
 
-    def _log_every_epoch(self, run_id: str, trial_id: str, history: list[dict[str, float]]) -> None:
-        """The training metrics of the epochs the trial did not report (it reports at rungs and at its end,
-        where the proxy runs), from its metric history, so that the run has every epoch."""
+    def _log_every_epoch(self, run_id: str, trial_id: str, history: list[dict[str, float]], offset: int) -> None:
+        """The training metrics of the epochs whose reports this driver did not see (a driver killed and
+        resumed misses those in between), from the trial's metric history, so that the run has every epoch."""
         reported = self._reported.get(trial_id, set())
         for row in history:
-            epoch = int(row["epoch"])
-            if epoch not in reported:
-                self.tracker.log_metrics(run_id, {k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            step = offset + int(row["epoch"])
+            if step not in reported:
+                self.tracker.log_metrics(run_id, {k: v for k, v in row.items() if k != "epoch"}, step=step)
 
 
 def parent_run(tracker: Tracker, space: SearchSpace, sweep_dir: Path, resume: bool, data: dict[str, SplitFacts]) -> str:

@@ -7,7 +7,9 @@ while they run (`TrialObserver`: the MLflow records and the progress bar are obs
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Protocol
 
 
@@ -28,9 +30,19 @@ class TrialResult:
     checkpoint: TrialCheckpoint | None = None
     error: bool = False
 
-    def reached(self) -> int:
-        """The last epoch it reported."""
-        return int(self.metrics.get("epoch", 0))
+    def stopped_at(self, epochs: int) -> str:
+        """Where the scheduler stopped it ("" if it trained out)."""
+        return stopped_at(self.metrics, epochs)
+
+
+def stopped_at(last: Mapping[str, Any], epochs: int) -> str:
+    """Where a trial whose last report is `last` stopped: "epoch E" (truncated training), "1/9 of the steps"
+    (a rung of budgeted training), or "" if it trained out: every epoch, every step."""
+    fraction = float(last.get("fraction", 1.0))
+    if fraction < 1:
+        return f"{Fraction(fraction).limit_denominator(1000)} of the steps"
+    epoch = int(last.get("epoch", epochs))
+    return f"epoch {epoch}" if epoch < epochs else ""
 
 
 class TrialObserver(Protocol):
@@ -44,6 +56,6 @@ class TrialObserver(Protocol):
     def completed(
         self, trial_id: str, point: dict[str, Any], last: dict[str, Any], checkpoint: TrialCheckpoint | None
     ) -> None:
-        """The trial ended: trained out, or stopped by the scheduler (`last["epoch"]` says where)."""
+        """The trial ended: trained out, or stopped by the scheduler (`stopped_at(last, epochs)` says where)."""
 
     def failed(self, trial_id: str, point: dict[str, Any]) -> None: ...

@@ -1,0 +1,184 @@
+"""Which low fidelity ranks a sweep's configurations as their trained-out val ACR does, per unit of cost.
+
+    .venv/bin/python benchmarks/fidelity.py --configs 24 --seeds 0 1
+
+Draws `--configs` points of the search space (default: the demo's; the file's first point, then uniform
+draws from each range, seeded), trains each at every seed as a sweep trial (on `train_minus_val`, with the
+trials' soft labels), and measures on `val`:
+
+- the reference: trained out, certified with the file's final protocol (the figure selection compares);
+- truncated training: the file's proxy after each epoch of that run (`trunc@E`);
+- budgeted training (`budget@F`): the whole schedule with every epoch a fresh random share F of the training
+  split (`catrs train --fraction F`), so the learning rate still drops, then the proxy;
+- a lighter inner search (`light@F`): budgeted training with CAT-RS's M and T halved, then the proxy.
+
+Cost is training seconds with one proxy evaluation, relative to the trained-out run's. Each fidelity's row gives
+its cost, Spearman's ρ against the reference (per seed, then averaged; and of the seed means), and how many of
+the reference's top 3 it puts in its own top 3 (of the seed means). The `seed to seed` row is the ceiling:
+the reference at one seed ranking the reference at the other. Runs are Ray tasks, one CPU each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import ray
+import torch
+from scipy.stats import spearmanr
+
+from catrs.certify import run_certification
+from catrs.context import RunContext
+from catrs.distributed.runtime import connect
+from catrs.results import read_results
+from catrs.sweep.proxy import evaluation_metrics, proxy_of
+from catrs.sweep.selection import trained_out_val_request
+from catrs.sweep.space import Domain, SearchSpace, find_search_space, load_search_space
+from catrs.train import RunFolder, RunSpec, fit, soft_labels_for
+from landscape import EveryEpoch  # benchmarks/landscape.py
+
+DEMO = find_search_space("demo_digits")
+TOP = 3
+
+
+def draw(domain: Domain, rng: np.random.Generator) -> object:
+    """One uniform draw of a search range (log-uniform on the log scale)."""
+    if domain.kind == "choice":
+        return domain.values[int(rng.integers(len(domain.values)))]
+    low, high = domain.values
+    if domain.kind == "loguniform":
+        return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+    if domain.kind == "int":
+        return int(rng.integers(low, high + 1))
+    return float(rng.uniform(low, high))
+
+
+def points(space: SearchSpace, count: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    drawn = [{key: draw(domain, rng) for key, domain in space.search.items()} for _ in range(count - 1)]
+    return [space.first_point(), *drawn]
+
+
+def budgeted(spec: RunSpec, fraction: float, light: bool) -> RunSpec:
+    """The run at `fraction` of its steps (and with M and T halved if `light`), teacher unchanged."""
+    method_config = dict(spec.config.method_config)
+    if light:
+        for key in ("num_noises", "num_steps"):
+            method_config[key] = max(1, method_config[key] // 2)
+    config = replace(spec.config, fraction=fraction, method_config=method_config)
+    return config.resolve(teacher_schedule=spec.teacher_schedule)
+
+
+def timed_fit(spec: RunSpec, folder: Path, context: RunContext, soft, evaluation) -> tuple[EveryEpoch, Any, float]:
+    """The run's reports, its trained state, and its wall time."""
+    session = EveryEpoch(folder)
+    began = time.perf_counter()
+    run = fit(spec, session, context, soft, evaluation)
+    return session, run, time.perf_counter() - began
+
+
+@ray.remote(num_cpus=1)
+def measure(space: SearchSpace, point: dict, fractions: list[float], folder: Path) -> dict:
+    """One configuration at one seed: every fidelity's figure and training cost, and the reference."""
+    torch.set_num_threads(1)
+    spec = space.resolve(point)
+    context = RunContext.create(cache=folder.parent / "cache", progress=False)
+    soft = soft_labels_for(spec, context)
+    proxy = proxy_of(space, context)
+    epochs = spec.config.epochs
+    session, run, _ = timed_fit(
+        spec, folder / "full", context, soft, replace(proxy, epochs=tuple(range(1, epochs + 1)))
+    )
+    began = time.perf_counter()
+    proxy.metrics(proxy.rows(run.model, (0, 1)))
+    proxy_seconds = time.perf_counter() - began
+    per_epoch = [m["seconds"] - proxy_seconds for m in session.reports]  # training (and the noisy accuracy)
+    figures: dict[str, float] = {}
+    for epoch, metrics in enumerate(session.reports, start=1):
+        figures[f"trunc@{epoch}"] = metrics[space.metric]
+        figures[f"trunc@{epoch} cost"] = sum(per_epoch[:epoch]) + proxy_seconds
+    for light in (False, True):
+        for fraction in fractions:
+            name = f"{'light' if light else 'budget'}@{fraction:.3g}"
+            low, _, seconds = timed_fit(
+                budgeted(spec, fraction, light), folder / name, context, soft, replace(proxy, epochs=(epochs,))
+            )
+            figures[name], figures[f"{name} cost"] = low.reports[-1][space.metric], seconds
+    full = RunFolder(folder / "full")
+    request = trained_out_val_request(space, full.checkpoint, full.path / "val.parquet")
+    figures["reference"] = evaluation_metrics(read_results(run_certification(request, context)), "acr", "")["acr"]
+    return figures
+
+
+def top_agreement(figures: pd.Series, reference: pd.Series) -> int:
+    return len(set(figures.nlargest(TOP).index) & set(reference.nlargest(TOP).index))
+
+
+def table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per fidelity: cost relative to trained out, ρ per seed averaged, ρ and top-3 of the seed means."""
+    fidelities = [c for c in runs.columns if "@" in c and not c.endswith(" cost")]
+    means = runs.groupby("config").mean(numeric_only=True)
+    full_cost = runs[f"trunc@{max(int(c.split('@')[1]) for c in fidelities if c.startswith('trunc'))} cost"]
+    rows = []
+    for name in fidelities:
+        per_seed = [spearmanr(group[name], group["reference"])[0] for _, group in runs.groupby("seed")]
+        rows.append(
+            {
+                "fidelity": name,
+                "cost": float((runs[f"{name} cost"] / full_cost).median()),
+                "rho per seed": float(np.mean(per_seed)),
+                "rho of means": float(spearmanr(means[name], means["reference"])[0]),
+                f"top-{TOP}": top_agreement(means[name], means["reference"]),
+            }
+        )
+    by_seed = runs.pivot(index="config", columns="seed", values="reference")
+    if by_seed.shape[1] >= 2:
+        first, second = by_seed.columns[:2]
+        rows.append(
+            {
+                "fidelity": "seed to seed",
+                "cost": 1.0,
+                "rho per seed": float(spearmanr(by_seed[first], by_seed[second])[0]),
+                "rho of means": math.nan,
+                f"top-{TOP}": top_agreement(by_seed[first], by_seed[second]),
+            }
+        )
+    return pd.DataFrame(rows).set_index("fidelity")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--space", type=Path, default=DEMO)
+    parser.add_argument("--configs", type=int, default=24)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--fractions", type=float, nargs="+", default=[1 / 9, 1 / 3])
+    parser.add_argument("--csv", type=Path, help="also write every run's figures here")
+    args = parser.parse_args()
+    base = load_search_space(args.space)
+    configs = points(base, args.configs, base.seed)
+    connect()
+    with tempfile.TemporaryDirectory() as folder:
+        jobs = {
+            (i, seed): measure.remote(replace(base, seed=seed), point, args.fractions, Path(folder) / f"{i}-{seed}")
+            for i, point in enumerate(configs)
+            for seed in args.seeds
+        }
+        runs = pd.DataFrame([{"config": i, "seed": seed, **ray.get(ref)} for (i, seed), ref in jobs.items()])
+    if args.csv:
+        runs.to_csv(args.csv, index=False)
+    print(
+        f"{base.path.name}: {len(configs)} configurations × seeds {' '.join(map(str, args.seeds))}; reference: "
+        f"trained out, final protocol (n = {base.final.n}) on val; fidelities: proxy (n = {base.proxy.n}) on val"
+    )
+    print(table(runs).to_string(float_format=lambda v: f"{v:.3f}"))
+
+
+if __name__ == "__main__":
+    main()
