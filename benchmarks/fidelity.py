@@ -10,12 +10,15 @@ trials' soft labels), and measures on `val`:
 - truncated training: the file's proxy after each epoch of that run (`trunc@E`);
 - budgeted training (`budget@F`): the whole schedule with every epoch a fresh random share F of the training
   split (`catrs train --fraction F`), so the learning rate still drops, then the proxy;
-- a lighter inner search (`light@F`): budgeted training with CAT-RS's M and T halved, then the proxy.
+- a lighter inner search (`light@F`): budgeted training with CAT-RS's M and T halved, then the proxy;
+- learning-curve forecasts from the truncated run's proxies up to epoch E, at truncation's cost: their mean
+  (`mean@E`) and the line through the last three extrapolated to the last epoch (`line@E`).
 
 Cost is training seconds with one proxy evaluation, relative to the trained-out run's. Each fidelity's row gives
 its cost, Spearman's ρ against the reference (per seed, then averaged; and of the seed means), and how many of
 the reference's top 3 it puts in its own top 3 (of the seed means). The `seed to seed` row is the ceiling:
-the reference at one seed ranking the reference at the other. Runs are Ray tasks, one CPU each.
+the reference at one seed ranking the reference at the other. Runs are Ray tasks, one CPU each;
+`--csv` keeps every run's figures, and `--from-csv` prints the table of such a file again without training.
 """
 
 from __future__ import annotations
@@ -117,6 +120,20 @@ def measure(space: SearchSpace, point: dict, fractions: list[float], folder: Pat
     return figures
 
 
+def with_forecasts(runs: pd.DataFrame) -> pd.DataFrame:
+    """`runs` with learning-curve forecasts from the truncated proxies (`mean@E`, `line@E`), each at the cost of
+    truncating at E."""
+    runs = runs.copy()
+    epochs = sorted(int(c.split("@")[1]) for c in runs.columns if c.startswith("trunc@") and not c.endswith("cost"))
+    for epoch in epochs[1:-1]:
+        curve = runs[[f"trunc@{e}" for e in range(1, epoch + 1)]].to_numpy()
+        last = np.arange(max(1, epoch - 2), epoch + 1)
+        slope = np.polyfit(last, curve[:, last - 1].T, 1)[0]
+        for name, values in (("mean", curve.mean(axis=1)), ("line", curve[:, -1] + slope * (epochs[-1] - epoch))):
+            runs[f"{name}@{epoch}"], runs[f"{name}@{epoch} cost"] = values, runs[f"trunc@{epoch} cost"]
+    return runs
+
+
 def top_agreement(figures: pd.Series, reference: pd.Series) -> int:
     return len(set(figures.nlargest(TOP).index) & set(reference.nlargest(TOP).index))
 
@@ -160,7 +177,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--fractions", type=float, nargs="+", default=[1 / 9, 1 / 3])
     parser.add_argument("--csv", type=Path, help="also write every run's figures here")
+    parser.add_argument("--from-csv", type=Path, help="print the table of a file --csv wrote; train nothing")
     args = parser.parse_args()
+    if args.from_csv:
+        print(table(with_forecasts(pd.read_csv(args.from_csv))).to_string(float_format=lambda v: f"{v:.3f}"))
+        return
     base = load_search_space(args.space)
     configs = points(base, args.configs, base.seed)
     connect()
@@ -177,7 +198,7 @@ def main() -> None:
         f"{base.path.name}: {len(configs)} configurations × seeds {' '.join(map(str, args.seeds))}; reference: "
         f"trained out, final protocol (n = {base.final.n}) on val; fidelities: proxy (n = {base.proxy.n}) on val"
     )
-    print(table(runs).to_string(float_format=lambda v: f"{v:.3f}"))
+    print(table(with_forecasts(runs)).to_string(float_format=lambda v: f"{v:.3f}"))
 
 
 if __name__ == "__main__":
