@@ -315,7 +315,7 @@ CASES = {
     ),
     "a key given twice": lambda tmp, good: (
         ["tune", _space_with(tmp, DEMO_LINES.replace("sigma: 0.5\n", "sigma: 0.5\nsigma: 0.25\n")), "--dry-run"],
-        "line 21: key 'sigma' is given twice in one mapping",
+        f"line {DEMO_LINES.splitlines().index('sigma: 0.5') + 2}: key 'sigma' is given twice in one mapping",
     ),
     "a range given twice": lambda tmp, good: (
         [
