@@ -1,6 +1,9 @@
 """Which low fidelity ranks a sweep's configurations as their trained-out val ACR does, per unit of cost.
 
-    .venv/bin/python benchmarks/fidelity.py --configs 24 --seeds 0 1
+    cd benchmarks && ../.venv/bin/python fidelity.py --configs 24 --seeds 0 1 --csv fidelity.csv
+    cd benchmarks && ../.venv/bin/python fidelity.py --from-csv fidelity.csv     (the table again, no training)
+
+(From `benchmarks/`: the Ray tasks import `landscape` from the working directory.)
 
 Draws `--configs` points of the search space (default: the demo's; the file's first point, then uniform
 draws from each range, seeded), trains each at every seed as a sweep trial (on `train_minus_val`, with the
