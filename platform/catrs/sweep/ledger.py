@@ -31,8 +31,7 @@ from catrs.sampling import Mode, SamplingProtocol
 from catrs.storage import Stored
 from catrs.sweep.space import SearchSpace
 from catrs.teacher import Producer, SoftLabelSpec, VoteJob
-
-PHASES = ("teachers", "trials", "selection", "test")
+from catrs.train import EpochShuffle
 
 
 def samples_spent(frame: pd.DataFrame, protocol: SamplingProtocol, mode: Mode) -> int:
@@ -72,17 +71,23 @@ class Ledger:
 
     # --- the trials' reports (TrialObserver)
     def started(self, trial_id: str, point: dict[str, Any]) -> None:
-        self._batches[trial_id] = int(self.space.resolve(point).config.batch_size or 1)
+        self._batch(trial_id, point)
 
     def reported(self, trial_id: str, point: dict[str, Any], metrics: dict[str, float]) -> None:
         fraction = float(metrics.get("fraction", 1.0))
         self.epochs[fraction] += 1
-        drawn = max(1, math.ceil(fraction * self.train_images - 1e-9))
-        batch = self._batches.get(trial_id) or int(self.space.resolve(point).config.batch_size or 1)
-        self.steps += math.ceil(drawn / batch)
+        drawn = len(EpochShuffle(self.train_images, 0, fraction))  # the images an epoch at `fraction` draws
+        self.steps += math.ceil(drawn / self._batch(trial_id, point))
         self.trial_worker_seconds += float(metrics.get("seconds", 0.0)) * self.space.resources.workers
         if math.isfinite(samples := float(metrics.get("val_samples", math.nan))):
             self.samples["proxy"] += int(samples)
+
+    def _batch(self, trial_id: str, point: dict[str, Any]) -> int:
+        """The trial's batch size (searched or fixed), resolved once per trial (a resumed driver sees reports
+        of trials whose start it did not see)."""
+        if trial_id not in self._batches:
+            self._batches[trial_id] = int(self.space.resolve(point).config.batch_size or 1)
+        return self._batches[trial_id]
 
     def completed(self, trial_id: str, point: dict[str, Any], last: dict[str, Any], checkpoint: Any) -> None:
         pass
