@@ -140,8 +140,9 @@ def _sweep(
             final = sweep_dir / "final.parquet"
             request = selection.final_request(space, best, final)
             _certify(request, space.final.workers, context)
-            ledger.certified("test", read_results(final), request.settings.protocol, request.mode)
-        test_metrics = tracker.log_results(parent, read_results(final), final, prefix=selection.TEST_PREFIX)
+            test_rows = read_results(final)
+            ledger.certified("test", test_rows, request.settings.protocol, request.mode)
+        test_metrics = tracker.log_results(parent, test_rows, final, prefix=selection.TEST_PREFIX)
         tracker.log_metrics(parent, ledger.metrics())
         records.log_to_child(winner.trial_id, {selection.TEST_PREFIX + k: v for k, v in test_metrics.items()})
         tracker.log_metrics(parent, winner.val_metrics)
