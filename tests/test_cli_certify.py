@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -171,6 +172,40 @@ def test_existing_output_with_other_provenance_is_left_untouched(run_cli, digits
     assert out.read_bytes() == before
 
 
+def test_adaptive_certify_records_each_images_samples_and_refuses_to_mix_procedures(
+    run_cli, digits_checkpoint, tmp_path
+):
+    out = tmp_path / "adaptive.parquet"
+    code, _, err = certify(run_cli, digits_checkpoint, out, "--max", "12", "--n", "2000", "--adaptive")
+    assert code == 0, err
+    frame = pq.read_table(out).to_pandas()
+    assert (frame["procedure"] == "adaptive").all() and (frame["tolerance"] == 0.01).all()
+    assert (frame["samples"] == frame["pilot_samples"] + frame["estimation_samples"]).all()
+    assert (frame["pilot_samples"] >= 20).all() and (frame["estimation_samples"] <= 2000).all()
+    assert frame["estimation_samples"].nunique() > 1  # each image got its own n
+    code, report, _ = run_cli("report", out)
+    assert code == 0 and f"samples per image {frame['samples'].mean():,.0f} (pilot" in report
+    before = out.read_bytes()
+    for other in (["--n", "2000"], ["--n", "2000", "--adaptive", "--tolerance", "0.1"]):
+        code, _, err = certify(run_cli, digits_checkpoint, out, "--max", "24", *other)
+        assert code == 2 and "other provenance" in err and ("procedure" in err or "tolerance" in err)
+    assert out.read_bytes() == before
+    code, _, err = certify(run_cli, digits_checkpoint, tmp_path / "x.parquet", "--adaptive", "--tolerance", "-1")
+    assert code == 2 and "--tolerance must lie between 0 and 1" in err
+
+
+def test_a_fixed_n_file_written_before_rows_recorded_samples_resumes(run_cli, digits_checkpoint, tmp_path):
+    out = tmp_path / "old.parquet"
+    certify(run_cli, digits_checkpoint, out, "--max", "3")
+    old = pq.read_table(out).to_pandas().drop(columns=["samples", "procedure", "tolerance"])
+    pq.write_table(pa.Table.from_pandas(old, preserve_index=False), out)
+    code, _, err = certify(run_cli, digits_checkpoint, out, "--max", "6")
+    assert code == 0, err
+    frame = pq.read_table(out).to_pandas()
+    assert frame["idx"].tolist() == list(range(6)) and (frame["samples"] == 20 + 200).all()
+    assert (frame["procedure"] == "fixed").all()
+
+
 # (case, options replaced in a valid command, what the one-line error must say)
 BAD_INPUTS = [
     ("unknown dataset", {"--dataset": "svhn"}, "unknown dataset 'svhn'"),
@@ -188,6 +223,7 @@ BAD_INPUTS = [
     ("sigma mismatch", {"--sigma": "0.25"}, "trained at sigma=0.5, not 0.25"),
     ("dataset mismatch", {"--dataset": "synthetic"}, "trained on 'digits'"),
     ("missing output directory", {"--out": "{tmp}/no/dir.parquet"}, "output directory does not exist"),
+    ("tolerance without adaptive", {"--tolerance": "0.05"}, "--tolerance applies to adaptive certification only"),
 ]
 
 

@@ -103,7 +103,7 @@ def test_certify_corruptions_on_the_embedded_default(run_cli, digits_checkpoint,
     assert run.data.metrics["mAcc"] == pytest.approx(table.loc["mean", "accuracy"])
     assert run.data.metrics["acr/rotate"] == pytest.approx(table.loc["rotate", "acr"])
     plots = {a.path for a in MlflowClient(resolve_tracking_uri()).list_artifacts(run.info.run_id, "plots")}
-    assert plots == {"plots/certified_accuracy.png", "plots/accuracy_by_corruption.png"}
+    assert plots == {"plots/certified_accuracy.png", "plots/accuracy_by_corruption.png", "plots/p_lower.png"}
 
 
 def _latest_certify_run():
@@ -129,6 +129,7 @@ def test_a_sweep_on_digits_ends_with_the_commands_for_the_papers_tables(tmp_path
     table3 = _build_parser().parse_args(lines["Table 3"][1:])
     assert table3.corruptions and table3.dataset == "digits" and table3.sigma == space.sigma
     assert table3.checkpoint == str(outcome.best_checkpoint) and table3.n == space.final.n
+    assert (table3.adaptive, table3.tolerance) == (space.final.adaptive, space.final.tolerance)  # the protocol's
     assert table3.tracking_uri == "sqlite:///elsewhere.db" and table3.data_root == tmp_path / "data"
     assert TEST_SIZE // table3.skip >= 30  # enough images per (corruption, severity) for a mean
     figure = _build_parser().parse_args(lines["Figure 2(c)"][1:])

@@ -57,6 +57,8 @@ def test_the_ledger_adds_epochs_by_fidelity_steps_samples_and_teachers(space):
     assert cost["cost/samples/selection"] == 3 * 10 + 2 * 100 and cost["cost/samples/test"] == 3 * 110
     assert cost["cost/teacher_runs"] == 1 and cost["cost/samples/votes"] == 900 * 50
     assert samples_spent(frame, SamplingProtocol(n0=10, n=100), Mode.PREDICT) == 300
+    # rows that record their samples (an adaptive protocol's vary per image) are summed as they are
+    assert samples_spent(frame.assign(samples=[7, 110, 1]), SamplingProtocol(n0=10, n=100), Mode.CERTIFY) == 118
 
 
 def test_the_expected_cost_of_budgeted_rungs_keeps_a_third_at_each(space):

@@ -8,14 +8,21 @@ from itertools import pairwise
 
 import pandas as pd
 import pytest
+from scipy.stats import norm
 
 from catrs.metrics import (
     DEFAULT_RADII,
     abstain_rate,
     average_certified_radius,
+    certification_metrics,
     certified_accuracy,
     certified_accuracy_curve,
+    clean_accuracy,
     linf_radius,
+    outcome_metrics,
+    outcome_shares,
+    sample_means,
+    summarize,
 )
 from catrs.results import read_results
 from tests.helpers import REFERENCE_TSV, certify_digits
@@ -56,6 +63,97 @@ def test_published_tsv_gives_the_papers_acr_and_table1_row():
     assert frame["time"].iloc[0] == pytest.approx(8.593859)  # H:MM:SS.ffffff parsed to seconds
 
 
+SIGMA = 0.5
+
+
+def adaptive_evaluation():
+    """Ten images of an adaptive evaluation at σ = 0.5: one abstained; two misclassified (one certified for the
+    wrong class, one never estimated); seven correct, whose p_A bounds fall in six bins, two of them on an edge."""
+    radius = [0.0, SIGMA * norm.ppf(0.8), 0.0, *(SIGMA * norm.ppf([0.5, 0.65, 0.85, 0.95, 0.97, 0.9995])), 5.0]
+    frame = rows(*((i, i % 4, i % 4, r, 1) for i, r in enumerate(radius)))
+    frame.loc[0, ["predict", "correct"]] = [-1, 0]
+    frame.loc[[1, 2], ["predict", "correct"]] = [[3, 0], [0, 0]]
+    frame["estimated"] = [True, True, False, *[True] * 7]
+    frame["pilot_samples"] = [100, 400, 100, 200, 200, 400, 400, 400, 800, 1000]
+    frame["estimation_samples"] = [0, 1000, 0, 1000, 1000, 2000, 2000, 4000, 8000, 1000]
+    frame["samples"] = frame["pilot_samples"] + frame["estimation_samples"]
+    frame["sigma"], frame["procedure"], frame["tolerance"] = SIGMA, "adaptive", 0.05
+    return frame
+
+
+OUTCOMES = {
+    "abstained": 0.1,
+    "misclassified": 0.2,
+    "0.5-0.6": 0.1,  # radius 0: p_A's bound is 0.5, the lowest edge
+    "0.6-0.7": 0.1,
+    "0.7-0.8": 0.0,
+    "0.8-0.9": 0.1,
+    "0.9-0.99": 0.2,
+    "0.99-0.999": 0.0,
+    "0.999-0.9999": 0.1,
+    "0.9999-1": 0.1,  # radius 10σ: Φ is 1 in floating point, the top edge, which the last bin holds
+}
+
+
+def test_outcomes_split_every_row_once_and_the_bins_add_up_to_the_clean_accuracy():
+    frame = adaptive_evaluation()
+    shares = outcome_shares(frame, SIGMA)
+    assert shares == pytest.approx(OUTCOMES) and list(shares) == list(OUTCOMES)
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert sum(list(shares.values())[2:]) == pytest.approx(clean_accuracy(frame))
+    assert sample_means(frame) == {
+        "mean_samples": 2400.0,
+        "mean_pilot_samples": 400.0,
+        "mean_estimation_samples": 2000.0,
+    }
+    assert summarize(frame)["misclassification_rate"] == pytest.approx(0.2)
+    assert set(certification_metrics(frame)) == set(certification_metrics(rows()))  # the sweep's names stay
+
+
+def test_outcome_metrics_need_sigma_for_the_histogram_and_samples_for_their_mean():
+    frame = adaptive_evaluation()
+    metrics = outcome_metrics(frame, SIGMA)
+    assert metrics["misclassification_rate"] == pytest.approx(0.2) and metrics["mean_samples"] == 2400.0
+    assert metrics["p_lower/0.9-0.99"] == pytest.approx(0.2) and metrics["p_lower/0.9999-1"] == pytest.approx(0.1)
+    research = frame[["idx", "label", "predict", "radius", "correct"]]
+    assert outcome_metrics(research, None) == {"misclassification_rate": pytest.approx(0.2)}
+
+
+def test_report_shows_samples_misclassifications_and_the_p_lower_histogram(run_cli, tmp_path):
+    adaptive_evaluation().to_parquet(tmp_path / "adaptive.parquet")
+    code, out, err = run_cli("report", tmp_path / "adaptive.parquet", "--radii", "0")
+    assert code == 0, err
+    assert "abstain 10.0%   misclassified 20.0%" in out
+    assert "samples per image 2,400 (pilot 400 + estimation 2,000)" in out
+    bars = {line.split()[1]: line for line in out.splitlines() if line.startswith("  p_A")}
+    assert list(bars) == list(OUTCOMES)[2:]
+    assert bars["0.9-0.99"].split()[-1] == "█" * 30  # the largest share fills the bar, with misclassified
+    assert bars["0.8-0.9"].split()[-1] == "█" * 15 and bars["0.7-0.8"].split()[-1] == "0.0"
+    code, out, err = run_cli("report", tmp_path / "adaptive.parquet", "--json")
+    assert json.loads(out)["outcomes"] == pytest.approx(OUTCOMES)
+
+
+def test_certification_logs_its_outcomes_and_their_chart_to_mlflow(tmp_path):
+    import matplotlib.image
+
+    from catrs.tracking import Tracker
+
+    frame = adaptive_evaluation()
+    frame.to_parquet(tmp_path / "adaptive.parquet")
+    tracker = Tracker(experiment="outcomes")
+    run_id = tracker.start("adaptive", {"catrs.kind": "outcomes"})
+    tracker.log_results(run_id, frame, tmp_path / "adaptive.parquet", prefix="test_")
+    tracker.end(run_id)
+    metrics = tracker.client.get_run(run_id).data.metrics
+    assert metrics["test_misclassification_rate"] == pytest.approx(0.2)
+    assert metrics["test_mean_samples"] == 2400.0 and metrics["test_mean_estimation_samples"] == 2000.0
+    bins = list(OUTCOMES)[2:]
+    assert {name: metrics[f"test_p_lower/{name}"] for name in bins} == pytest.approx({n: OUTCOMES[n] for n in bins})
+    chart = tracker.client.download_artifacts(run_id, "plots/test_p_lower.png", str(tmp_path))
+    pixels = matplotlib.image.imread(chart)
+    assert pixels.shape[0] > 200 and pixels.std() > 0.05
+
+
 def test_report_json_on_the_published_file(run_cli):
     code, out, err = run_cli("report", REFERENCE_TSV, "--json")
     assert code == 0, err
@@ -71,6 +169,7 @@ def test_report_table_on_the_published_file(run_cli):
     code, out, _ = run_cli("report", REFERENCE_TSV, "--radii", "0", "0.5", "1.0", "--linf", "--dataset", "cifar10")
     assert code == 0
     assert "ACR 0.757" in out
+    assert "no histogram of p_A's lower bound: σ unknown" in out and "samples per image" not in out
     lines = {
         line.split()[0] + " " + line.split()[1]: line
         for line in out.splitlines()

@@ -170,6 +170,8 @@ CASES = [
     ("unknown objective", "objective", "accuracy", "objective: expected acr"),
     ("alpha out of range", "proxy.alpha", 1.5, "proxy.alpha: must lie strictly between"),
     ("zero proxy samples", "proxy.n", 0, "proxy.n: must be a positive integer, got 0"),
+    ("negative tolerance", "final", {"adaptive": True, "tolerance": -0.1}, "final.tolerance: must lie between 0"),
+    ("adaptive not a flag", "proxy.adaptive", "yes", "proxy.adaptive: expected bool"),
     ("no validation candidates", "selection.top_k", 0, "selection.top_k: must be at least 1"),
     ("negative selection images", "selection.images", -1, "selection.images: must be 0 (all) or more"),
     ("refit not a flag", "selection.refit", "yes", "selection.refit: expected bool"),
@@ -272,6 +274,11 @@ def test_trials_hold_out_val_and_the_selection_defaults_to_the_final_protocol(tm
     assert space.resolve(space.first_point()).config.train_split == "train_minus_val"
     assert space.resolve(space.first_point(), train_split="train").config.train_split == "train"
     assert (space.selection.n, space.selection.alpha, space.selection.top_k) == (3000, 0.01, 2)
+    assert not space.selection.adaptive and not space.proxy.adaptive
+    path.write_text(yaml.safe_dump({**VALID, "final": {"n": 3000, "adaptive": True, "tolerance": 0.05}}))
+    adaptive = load_search_space(path)
+    assert (adaptive.selection.adaptive, adaptive.selection.tolerance, adaptive.selection.n) == (True, 0.05, 3000)
+    assert adaptive.final.protocol().procedure == "adaptive"
 
 
 def test_optuna_learns_a_stopped_trial_as_pruned_and_a_trained_out_one_as_complete():

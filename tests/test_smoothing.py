@@ -68,12 +68,15 @@ def test_certify_draws_exactly_n0_plus_n_samples_when_n_is_not_a_multiple_of_the
     assert model.rows_seen == 5 * (37 + 1001)
 
 
-def test_forward_plan_never_exceeds_the_batch_and_covers_every_sample():
-    for inputs, num, batch in [(1, 100, 1000), (7, 100, 1000), (3, 1001, 64), (4, 250, 100)]:
-        passes = list(_forward_plan(inputs, num, batch))
-        assert all(sum(size for _, size in p) <= batch for p in passes)
-        for i in range(inputs):
-            assert sum(size for p in passes for owner, size in p if owner == i) == num
+@pytest.mark.parametrize(
+    "nums,batch",
+    [([100], 1000), ([100] * 7, 1000), ([1001] * 3, 64), ([250] * 4, 100), ([0, 5, 3000, 1, 0, 999], 700)],
+)
+def test_forward_plan_never_exceeds_the_batch_and_covers_every_sample(nums, batch):
+    passes = list(_forward_plan(nums, batch))
+    assert all(0 < sum(size for _, size in p) <= batch for p in passes)
+    for i, num in enumerate(nums):
+        assert sum(size for p in passes for owner, size in p if owner == i) == num
 
 
 def test_certified_radius_exceeds_the_true_distance_of_a_linear_classifier_only_with_probability_alpha():

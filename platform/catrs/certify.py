@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -31,7 +32,7 @@ from catrs.errors import UserError
 from catrs.faults import inject
 from catrs.inference import check_pass_fits, describe_device, pick_device
 from catrs.ownership import claim
-from catrs.results import CORRUPTION_COLUMNS, ResultRow, ResultWriter
+from catrs.results import ADAPTIVE_COLUMNS, CORRUPTION_COLUMNS, ResultRow, ResultWriter
 from catrs.sampling import DEFAULT_INFERENCE, INFERENCE_MODES, Mode, SamplingProtocol
 from catrs.smoothing import Smooth
 from catrs.storage import Stored
@@ -78,12 +79,15 @@ def inputs_per_pass(protocol: SamplingProtocol, mode: Mode) -> int:
 
 
 class Outcome(NamedTuple):
-    """What sampling says of one image: its prediction (or -1), and in CERTIFY and evaluate modes its radius;
-    in evaluate mode whether it got estimation samples."""
+    """What sampling says of one image: its prediction (or -1), the noisy samples it took, in CERTIFY and
+    evaluate modes its radius, in evaluate mode whether it got estimation samples, and with an adaptive
+    protocol the samples' two parts (pilot, estimation)."""
 
     prediction: int
+    samples: int
     radius: float | None = None
     estimated: bool | None = None
+    parts: tuple[int, int] | None = None
 
 
 def certify_rows(
@@ -111,10 +115,13 @@ def certify_rows(
 def _row(index: int, label: int, outcome: Outcome, seconds: float, layout: tuple | None) -> ResultRow:
     row = ResultRow(idx=index, label=label, predict=outcome.prediction, correct=int(outcome.prediction == label))
     row["time"] = seconds
+    row["samples"] = outcome.samples
     if outcome.radius is not None:
         row["radius"] = outcome.radius
     if outcome.estimated is not None:
         row["estimated"] = outcome.estimated
+    if outcome.parts is not None:
+        row["pilot_samples"], row["estimation_samples"] = outcome.parts
     if layout is not None:
         row["corruption"], row["severity"] = layout[0], layout[1]
     return row
@@ -124,11 +131,32 @@ def _sample(
     smooth: Smooth, xs: torch.Tensor, labels: list[int], keys: list[int], protocol: SamplingProtocol, mode: Mode
 ) -> list[Outcome]:
     p = protocol
+    if p.adaptive and mode is not Mode.PREDICT:
+        sample = (
+            smooth.certify_adaptive_batch
+            if mode is Mode.CERTIFY
+            else partial(smooth.evaluate_adaptive_batch, labels=labels)
+        )
+        answers = sample(xs, n0=p.n0, n_max=p.n, alpha=p.alpha, batch_size=p.batch, tolerance=p.tolerance, indices=keys)
+        estimated = mode is Mode.EVALUATE
+        return [
+            Outcome(
+                a.prediction,
+                a.pilot + a.estimation,
+                a.radius,
+                a.estimated if estimated else None,
+                (a.pilot, a.estimation),
+            )
+            for a in answers
+        ]
     if mode is Mode.CERTIFY:
-        return [Outcome(c, r) for c, r in smooth.certify_batch(xs, p.n0, p.n, p.alpha, p.batch, indices=keys)]
+        return [
+            Outcome(c, p.n0 + p.n, r) for c, r in smooth.certify_batch(xs, p.n0, p.n, p.alpha, p.batch, indices=keys)
+        ]
     if mode is Mode.EVALUATE:
-        return [Outcome(*row) for row in smooth.evaluate_batch(xs, labels, p.n0, p.n, p.alpha, p.batch, indices=keys)]
-    return [Outcome(c) for c in smooth.predict_batch(xs, p.n, p.alpha, p.batch, indices=keys)]
+        rows = smooth.evaluate_batch(xs, labels, p.n0, p.n, p.alpha, p.batch, indices=keys)
+        return [Outcome(c, p.n0 + p.n * estimated, r, estimated) for c, r, estimated in rows]
+    return [Outcome(c, p.n) for c in smooth.predict_batch(xs, p.n, p.alpha, p.batch, indices=keys)]
 
 
 @dataclass(frozen=True)
@@ -198,12 +226,19 @@ def prepare_certification(request: CertifyRequest, context: RunContext) -> Prepa
         "sigma": checkpoint.card.sigma,
         "seed": settings.seed,
         "batch": settings.protocol.batch,
+        **(
+            settings.protocol.provenance()
+            if request.mode is not Mode.PREDICT
+            else {"procedure": "fixed", "tolerance": 0.0}
+        ),
         "mixed_precision": settings.mixed_precision,
         "checkpoint": request.checkpoint_source or str(request.checkpoint),
         "checkpoint_sha256": file_sha256(request.checkpoint),
         "device": describe_device(pick_device(context.device)),  # the queue's workers may set theirs
     }
-    extra = CORRUPTION_COLUMNS if spec.base else ()
+    extra = (CORRUPTION_COLUMNS if spec.base else ()) + (
+        ADAPTIVE_COLUMNS if settings.protocol.adaptive and request.mode is not Mode.PREDICT else ()
+    )
     writer = ResultWriter(request.out, provenance, request.output_format, extra_columns=extra)
     dataset = get_dataset(request.dataset, request.split, context.data_root, context.download)
     selected = select_positions(len(dataset), request.skip, request.max_index)

@@ -99,7 +99,7 @@ def _add_data_options(parser: argparse.ArgumentParser, device: bool = True) -> N
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, mode: str) -> None:
-    from catrs.sampling import DEFAULT_INFERENCE, INFERENCE_MODES, SamplingProtocol
+    from catrs.sampling import DEFAULT_INFERENCE, DEFAULT_TOLERANCE, INFERENCE_MODES, SamplingProtocol
 
     published = SamplingProtocol()
     parser.add_argument(
@@ -117,6 +117,19 @@ def _add_sampling_options(parser: argparse.ArgumentParser, mode: str) -> None:
     if mode == "certify":
         parser.add_argument(
             "--n0", type=int, default=published.n0, help=f"selection samples per image (default {published.n0:,})"
+        )
+        parser.add_argument(
+            "--adaptive",
+            action="store_true",
+            help="adaptive CERTIFY: --n is the largest n; each image's n is chosen from an independent pilot, "
+            "with the same guarantee (docs/methods.md)",
+        )
+        parser.add_argument(
+            "--tolerance",
+            type=float,
+            default=None,
+            help=f"with --adaptive: the radius, in units of sigma, an image may give up against certifying it with "
+            f"--n samples (default {DEFAULT_TOLERANCE:g})",
         )
     parser.add_argument(
         "--n", type=int, default=published.n, help=f"estimation samples per image (default {published.n:,})"
@@ -428,6 +441,16 @@ def _print_epoch(metrics: dict[str, float]) -> None:
     print(f"epoch {int(metrics['epoch'])}: {shown}", flush=True)
 
 
+def _certify_only(args: argparse.Namespace) -> dict[str, Any]:
+    """The protocol's fields that only `catrs certify` takes: n0, and the adaptive procedure."""
+    if args.command != "certify":
+        return {}
+    if args.tolerance is not None and not args.adaptive:
+        raise UserError("--tolerance applies to adaptive certification only: add --adaptive, or leave it out")
+    tolerance = {} if args.tolerance is None else {"tolerance": args.tolerance}
+    return {"n0": args.n0, "adaptive": args.adaptive, **tolerance}
+
+
 def _run_sampling(args: argparse.Namespace) -> None:
     from catrs.certify import CertifyRequest, CertifySettings, prepare_certification
     from catrs.results import read_results
@@ -437,9 +460,7 @@ def _run_sampling(args: argparse.Namespace) -> None:
     if args.max_index is not None and args.max_index < 1:
         raise UserError(f"--max must be a positive integer (leave it out for every image), got {args.max_index}")
     # PREDICT has no selection phase: its n0 is the protocol's, checked but never used.
-    protocol = SamplingProtocol(
-        n=args.n, alpha=args.alpha, batch=args.batch, **({"n0": args.n0} if args.command == "certify" else {})
-    )
+    protocol = SamplingProtocol(n=args.n, alpha=args.alpha, batch=args.batch, **_certify_only(args))
     settings = CertifySettings(protocol, seed=args.seed, mixed_precision=args.mixed_precision, inference=args.inference)
     dataset = args.dataset
     if getattr(args, "corruptions", False):

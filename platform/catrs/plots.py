@@ -1,4 +1,4 @@
-"""The figures catrs draws: certified-accuracy curves and the paper's Table 3 as bars, as PNG files.
+"""The figures catrs draws: certified-accuracy curves, the paper's Table 3 and the outcomes as bars, as PNG files.
 
     catrs report A.parquet B.tsv --plot curves.png        (also logged to MLflow with every certification)
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from catrs.metrics import average_certified_radius, certified_accuracy_curve
+from catrs.metrics import P_LOWER_BINS, average_certified_radius, certified_accuracy_curve
 
 
 @contextlib.contextmanager
@@ -71,4 +71,26 @@ def plot_certified_accuracy(frames: Mapping[str, pd.DataFrame], path: Path, titl
         axes.grid(alpha=0.3)
         if any(frames):
             axes.legend()
+    return path
+
+
+# The outcomes of `catrs.metrics.outcome_shares` beside the bins of p_A's bound (in C0): the lost images.
+OUTCOME_COLOURS = {"abstained": "0.6", "misclassified": "C3"}
+
+
+def plot_outcomes(outcomes: Mapping[str, float], path: Path, title: str = "") -> Path:
+    """The shares of images (%) by outcome (`catrs.metrics.outcome_shares`) as bars, top to bottom: abstained,
+    misclassified, then the correct ones by their bound on p_A, each bar labelled with its share."""
+    names = list(outcomes)
+    shares = [100 * outcomes[name] for name in names]
+    rows = range(len(names))[::-1]  # barh fills upwards: the first outcome on top
+    with png_figure(path, figsize=(5, 0.8 + 0.3 * len(names))) as axes:
+        axes.set_title(title, fontsize="medium")
+        axes.barh(rows, shares, color=[OUTCOME_COLOURS.get(name, "C0") for name in names])
+        for row, share in zip(rows, shares, strict=True):
+            axes.annotate(f"{share:.1f}", (share, row), xytext=(3, 0), textcoords="offset points", va="center")
+        axes.set_yticks(rows, [f"p_A {name}" if name in P_LOWER_BINS else name for name in names])
+        axes.set_xlabel("images (%); the correct ones by p_A's lower bound Φ(radius/σ)")
+        axes.set_xlim(0, max(shares, default=0.0) * 1.15 + 1)
+        axes.grid(axis="x", alpha=0.3)
     return path

@@ -18,18 +18,23 @@ import pandas as pd
 
 from catrs.data import dataset_spec
 from catrs.errors import UserError
-from catrs.metrics import corruption_table, linf_radius, summarize
+from catrs.metrics import P_LOWER_BINS, corruption_table, linf_radius, outcome_shares, sigma_of, summarize
 from catrs.results import read_provenance, read_results
 from catrs.storage import Stored
 
 
 def build_report(path: str | Path | Stored, radii: Sequence[float], dataset: str | None = None) -> dict[str, Any]:
-    """The summary of `path` as a JSON-ready dict; with a data set known, the ℓ∞ radii too."""
+    """The summary of `path` as a JSON-ready dict; with σ known, the `outcomes` (abstained, misclassified, and
+    the correct rows by p_A's lower bound); with a data set known, the ℓ∞ radii too."""
     frame = read_results(path)
     summary = summarize(frame, radii)
     provenance = read_provenance(path, frame)
     report: dict[str, Any] = {"path": str(path), **summary, "provenance": provenance}
     report["certified_accuracy"] = {repr(float(r)): acc for r, acc in summary["certified_accuracy"].items()}
+    # The provenance is empty where rows differ in what may differ (batch size): the rows still hold one σ.
+    sigma = provenance.get("sigma", sigma_of(frame))
+    if sigma is not None and "radius" in frame.columns:
+        report["outcomes"] = outcome_shares(frame, sigma)
     if "corruption" in frame.columns and "radius" in frame.columns:
         table = corruption_table(frame)
         report["corruptions"] = {
@@ -46,7 +51,8 @@ def build_report(path: str | Path | Stored, radii: Sequence[float], dataset: str
 
 
 def format_report(report: dict[str, Any], linf: bool = False) -> str:
-    """A terminal table: one header line, ACR and rates, certified accuracy (%) per radius."""
+    """A terminal table: one header line, ACR and rates, samples per image, certified accuracy (%) per radius,
+    the outcomes as bars."""
     lines = [f"{report['path']}: {report['count']} rows"]
     provenance = report["provenance"]
     if provenance:
@@ -55,14 +61,21 @@ def format_report(report: dict[str, Any], linf: bool = False) -> str:
             + "  ".join(
                 f"{k}={provenance[k]}" for k in ("dataset", "sigma", "n0", "n", "alpha", "seed") if k in provenance
             )
+            + (
+                f"  adaptive: n is the largest n, tolerance={provenance['tolerance']:g}σ"
+                if _adaptive(provenance)
+                else ""
+            )
         )
         if provenance.get("mixed_precision"):
             lines.append("  NOTE: certified with mixed precision (not the fp32 soundness argument)")
     if report["acr"] is not None:
         lines.append(
             f"ACR {report['acr']:.3f}   clean accuracy {100 * report['clean_accuracy']:.1f}%   "
-            f"abstain {100 * report['abstain_rate']:.1f}%"
+            f"abstain {100 * report['abstain_rate']:.1f}%   misclassified {100 * report['misclassification_rate']:.1f}%"
         )
+    if "mean_samples" in report:
+        lines.append(_samples_line(report))
     radii = list(report["certified_accuracy"])
     if radii:
         width = 7
@@ -72,12 +85,49 @@ def format_report(report: dict[str, Any], linf: bool = False) -> str:
         lines.append(
             "cert. acc (%)".ljust(14) + "".join(f"{100 * report['certified_accuracy'][r]:>{width}.1f}" for r in radii)
         )
+    if "outcomes" in report:
+        lines += _outcome_lines(report["outcomes"])
+    elif report["acr"] is not None:
+        lines.append("no histogram of p_A's lower bound: σ unknown (the file records none)")
     if "corruptions" in report:
         lines.append("per corruption, averaged over severities:  acc@r=0 (%)    ACR")
         for name, row in report["corruptions"].items():
             lines.append(f"  {name:<22}{100 * row['accuracy']:>14.1f}{row['acr']:>9.3f}")
         lines.append(f"  {'mean (mAcc, mACR)':<22}{100 * report['mAcc']:>14.1f}{report['mACR']:>9.3f}")
     return "\n".join(lines)
+
+
+def _adaptive(provenance: dict[str, Any]) -> bool:
+    return provenance.get("procedure") == "adaptive"
+
+
+def _samples_line(report: dict[str, Any]) -> str:
+    """The mean noisy samples per image, and an adaptive certification's split of them."""
+    line = f"samples per image {report['mean_samples']:,.0f}"
+    if "mean_pilot_samples" in report:
+        line += f" (pilot {report['mean_pilot_samples']:,.0f} + estimation {report['mean_estimation_samples']:,.0f})"
+    return line
+
+
+BAR_WIDTH = 30  # characters of the largest share's bar
+EIGHTHS = ("", "▏", "▎", "▍", "▌", "▋", "▊", "▉")  # a bar's last character, by the eighths it holds
+
+
+def _bar(fraction: float) -> str:
+    """`fraction` of BAR_WIDTH characters, to an eighth of one."""
+    whole, eighths = divmod(round(fraction * BAR_WIDTH * 8), 8)
+    return "█" * whole + EIGHTHS[eighths]
+
+
+def _outcome_lines(outcomes: dict[str, float]) -> list[str]:
+    """The outcomes as a table with bars, scaled to the largest share: abstained, misclassified, then the
+    correct rows by their bound on p_A."""
+    top = max(outcomes.values()) or 1.0
+    lines = ["outcome (% of rows; correct rows by p_A's lower bound Φ(radius/σ))"]
+    for name, share in outcomes.items():
+        label = f"p_A {name}" if name in P_LOWER_BINS else name
+        lines.append(f"  {label:<18}{100 * share:>5.1f}  {_bar(share / top)}".rstrip())
+    return lines
 
 
 # --- comparing several results: `catrs report A B C …` -------------------------------------------------------

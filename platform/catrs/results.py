@@ -38,18 +38,22 @@ class ResultRow(TypedDict, total=False):
     radius: float  # CERTIFY: the certified ℓ2 radius (0 where abstained)
     correct: int  # 1 where the prediction is the label
     time: float  # seconds per image of the group it was certified with
+    samples: int  # every noisy sample the image took: selection, pilot (adaptive), estimation
     estimated: bool  # evaluate: False where the selection was wrong and no estimation samples were spent
+    pilot_samples: int  # adaptive: the selection's and the pilot's samples, which chose the estimation's size ...
+    estimation_samples: int  # ... and the estimation's, which the bound rests on
     corruption: str  # a corruption data set's rows: which corruption ...
     severity: int  # ... at which severity
 
 
-CERTIFY_COLUMNS = ["idx", "label", "predict", "radius", "correct", "time"]
-PREDICT_COLUMNS = ["idx", "label", "predict", "correct", "time"]
+CERTIFY_COLUMNS = ["idx", "label", "predict", "radius", "correct", "time", "samples"]
+PREDICT_COLUMNS = ["idx", "label", "predict", "correct", "time", "samples"]
 # Evaluation (a sweep's view of CERTIFY, `Smooth.evaluate_batch`): `estimated` is False where the selected class
 # was wrong and no estimation samples were spent; those rows are evaluations, not certificates.
 EVALUATE_COLUMNS = CERTIFY_COLUMNS + ["estimated"]
 COLUMNS = {Mode.CERTIFY: CERTIFY_COLUMNS, Mode.PREDICT: PREDICT_COLUMNS, Mode.EVALUATE: EVALUATE_COLUMNS}
 CORRUPTION_COLUMNS = ("corruption", "severity")  # rows of a corruption data set (cifar10_c, mnist_c)
+ADAPTIVE_COLUMNS = ("pilot_samples", "estimation_samples")  # rows of an adaptive certification
 # Provenance that must match for two runs' rows to belong in one file (batch size and the checkpoint's path
 # are recorded per row but may differ: they do not change what a row certifies).
 IDENTITY_KEYS = [
@@ -63,7 +67,11 @@ IDENTITY_KEYS = [
     "seed",
     "mixed_precision",
     "checkpoint_sha256",
+    "procedure",
+    "tolerance",
 ]
+# What files written before a key existed hold: fixed-n CERTIFY, which gives up no radius.
+IDENTITY_DEFAULTS = {"procedure": "fixed", "tolerance": 0.0}
 FORMATS = ("parquet", "tsv")
 _PARQUET_MAGIC = b"PAR1"
 FLUSH_SECONDS = 5.0
@@ -195,7 +203,12 @@ class ResultWriter:
 
     def reopened(self) -> ResultWriter:
         """A writer of the same output as it is now (what an earlier owner left), with nothing unwritten."""
-        return ResultWriter(self.path, self.provenance, self.format, tuple(self.columns[len(COLUMNS[self.mode]) :]))
+        return ResultWriter(self.path, self.provenance, self.format, self.extra_columns)
+
+    @property
+    def extra_columns(self) -> tuple[str, ...]:
+        """The columns beyond the mode's: a corruption data set's, an adaptive certification's."""
+        return tuple(self.columns[len(COLUMNS[self.mode]) :])
 
     @property
     def mode(self) -> Mode:
@@ -231,15 +244,24 @@ class ResultWriter:
         else:
             recorded = self._provenance_of_sidecar()
         self._check_identity(recorded)
+        if "samples" not in frame.columns:  # written before rows recorded it: fixed n, as the identity says
+            frame["samples"] = self._fixed_samples(frame)
         return result_rows(frame[self.columns])
 
+    def _fixed_samples(self, frame: pd.DataFrame) -> pd.Series:
+        """Each row's samples under this writer's fixed-n protocol: n0 + n, n0 alone for an evaluation's
+        unestimated rows, n for PREDICT (whose n0 is recorded as 0)."""
+        n0, n = int(self.provenance["n0"]), int(self.provenance["n"])
+        estimated = frame["estimated"].astype(bool) if "estimated" in frame.columns else True
+        return n0 + n * pd.Series(estimated, index=frame.index).astype(int)
+
     def _provenance_of_frame(self, frame: pd.DataFrame) -> list[dict[str, Any]]:
-        missing = [key for key in IDENTITY_KEYS if key not in frame.columns]
+        missing = [key for key in IDENTITY_KEYS if key not in frame.columns and key not in IDENTITY_DEFAULTS]
         if missing:
             raise UserError(
                 f"{self.path} exists but was not written by catrs certify (no provenance); choose another --out"
             )
-        return records(frame[IDENTITY_KEYS].drop_duplicates())
+        return records(frame[[key for key in IDENTITY_KEYS if key in frame.columns]].drop_duplicates())
 
     def _provenance_of_sidecar(self) -> list[dict[str, Any]]:
         if not self._sidecar.exists():
@@ -254,6 +276,7 @@ class ResultWriter:
     def _check_identity(self, recorded: list[dict[str, Any]]) -> None:
         wanted = {key: self.provenance[key] for key in IDENTITY_KEYS}
         for row in recorded:
+            row = {**IDENTITY_DEFAULTS, **row}
             differing = [key for key in IDENTITY_KEYS if not _same(row.get(key), wanted[key])]
             if differing:
                 details = ", ".join(f"{k}: file {row.get(k)!r} vs request {wanted[k]!r}" for k in differing)

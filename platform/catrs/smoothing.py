@@ -10,7 +10,8 @@ Carlo, with the guarantees stated on each method, and mirrors the contract of Co
 Beyond it: `certify_batch` / `predict_batch` run several inputs through one pass (a small model cannot fill
 an accelerator with one input's noise); noise is drawn on the model's device from a stream keyed by
 (seed, dataset index, phase), so any sharding of a data set gives the same rows as one unsplit run; counts
-stay on the device until one host read per batch of inputs.
+stay on the device until one host read per batch of inputs. `certify_adaptive` gives CERTIFY's guarantee for
+fewer samples: each input's estimation sample size is chosen from an independent pilot (`catrs.adaptive`).
 
 Used by `catrs certify` / `catrs predict` (see `catrs.certify`). The math: docs/methods.md, "Certification".
 """
@@ -18,15 +19,19 @@ Used by `catrs certify` / `catrs predict` (see `catrs.certify`). The math: docs/
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
+import math
 from collections.abc import Iterator, Sequence
 from enum import IntEnum
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from scipy.stats import binomtest, norm
 from statsmodels.stats.proportion import proportion_confint
 
+from catrs.adaptive import SampleSizePlanner
 from catrs.inference import Classifier, model_device, prepare_for_inference
 from catrs.sampling import DEFAULT_INFERENCE
 
@@ -40,15 +45,17 @@ class NoiseStream(IntEnum):
     ESTIMATION = 1
     PREDICTION = 2
     VOTES = 3  # soft-label vote histograms (CAT-RS's teacher)
+    PILOT = 4  # adaptive CERTIFY's pilot beyond the selection: a part per round
 
 
-def noise_seed(seed: int, index: int, stream: NoiseStream) -> int:
-    """A 63-bit generator seed determined by (seed, index, stream) alone, well mixed by NumPy's SeedSequence."""
-    words = np.random.SeedSequence([seed, index, int(stream)]).generate_state(2, dtype=np.uint32)
+def noise_seed(seed: int, index: int, stream: NoiseStream, part: int = 0) -> int:
+    """A 63-bit generator seed determined by (seed, index, stream, part) alone, well mixed by NumPy's
+    SeedSequence. Part 0 is the stream's first (and, except the pilot's, only) part."""
+    words = np.random.SeedSequence([seed, index, int(stream), *([part] if part else [])]).generate_state(2, np.uint32)
     return (int(words[0]) << 31 | int(words[1])) & (2**63 - 1)
 
 
-def clopper_pearson_lower(successes: np.ndarray | int, trials: int, alpha: float) -> np.ndarray:
+def clopper_pearson_lower(successes: np.ndarray | int, trials: np.ndarray | int, alpha: float) -> np.ndarray:
     """One-sided (1 − alpha) Clopper–Pearson lower confidence bound on a binomial proportion."""
     return np.asarray(proportion_confint(successes, trials, alpha=2 * alpha, method="beta")[0], dtype=float)
 
@@ -59,18 +66,38 @@ def certified_radius(p_lower: np.ndarray, sigma: float) -> np.ndarray:
     return np.where(p_lower >= 0.5, sigma * norm.ppf(np.clip(p_lower, 0.5, 1.0)), 0.0)
 
 
-def _forward_plan(num_inputs: int, num: int, batch_size: int) -> Iterator[list[tuple[int, int]]]:
-    """The forward passes that draw `num` samples for each input: lists of (input, sample count).
+class Certificate(NamedTuple):
+    """Adaptive CERTIFY's answer for one input: (prediction, radius) as CERTIFY's, and the samples it took:
+    `pilot` (the n0 selection samples and the pilot beyond them) and `estimation` (those of the bound).
+    `estimated` is False only in an evaluation, where the selected class was wrong."""
 
-    Each input's samples come in chunks of min(num, batch_size) (the last one shorter), and chunks are packed
-    greedily into passes of at most `batch_size`. Chunk sizes depend only on (num, batch_size), never on the
-    other inputs, so an input's noise is the same whichever inputs share its passes.
+    prediction: int
+    radius: float
+    pilot: int
+    estimation: int
+    estimated: bool = True
+
+
+@functools.lru_cache(maxsize=8)
+def _planner(n_max: int, alpha: float, tolerance: float) -> SampleSizePlanner:
+    """Planners are kept: their tables take a fraction of a second to build."""
+    return SampleSizePlanner(n_max, alpha, tolerance)
+
+
+def _forward_plan(nums: Sequence[int], batch_size: int) -> Iterator[list[tuple[int, int]]]:
+    """The forward passes that draw nums[i] samples for each input i: lists of (input, sample count).
+
+    Each input's samples come in chunks of min(nums[i], batch_size) (the last one shorter), and chunks are
+    packed greedily into passes of at most `batch_size`. Chunk sizes depend only on (nums[i], batch_size),
+    never on the other inputs, so an input's noise is the same whichever inputs share its passes.
     """
-    chunk = min(num, batch_size)
-    whole, rest = divmod(num, chunk)
     pieces: list[tuple[int, int]] = []
     filled = 0
-    for owner in range(num_inputs):
+    for owner, num in enumerate(nums):
+        if num < 1:
+            continue
+        chunk = min(num, batch_size)
+        whole, rest = divmod(num, chunk)
         for size in itertools.chain(itertools.repeat(chunk, whole), [rest] if rest else []):
             if filled + size > batch_size:
                 yield pieces
@@ -133,6 +160,31 @@ class Smooth:
         """
         return self.certify_batch(x.unsqueeze(0), n0, n, alpha, batch_size, indices=self._keys(1, index))[0]
 
+    def certify_adaptive(
+        self,
+        x: torch.Tensor,
+        n0: int,
+        n_max: int,
+        alpha: float,
+        batch_size: int,
+        *,
+        tolerance: float,
+        index: int | None = None,
+    ) -> tuple[int, float]:
+        """Adaptive CERTIFY on one input: (prediction, ℓ2 radius) or (ABSTAIN, 0.0), with CERTIFY's guarantee.
+
+        With probability at least 1 − alpha over the noise, if the prediction is not ABSTAIN, the smoothed
+        classifier predicts it everywhere within the radius. The selection is CERTIFY's (n0 samples); an
+        independent pilot chooses how many fresh estimation samples, at most n_max, give a radius within
+        `tolerance`·σ of n_max's for every p_A it leaves plausible (`catrs.adaptive`); the bound is
+        Clopper–Pearson's on those samples at level 1 − alpha. docs/methods.md, "Adaptive CERTIFY".
+        """
+        keys = self._keys(1, index)
+        answer = self.certify_adaptive_batch(
+            x.unsqueeze(0), n0, n_max, alpha, batch_size, tolerance=tolerance, indices=keys
+        )
+        return answer[0].prediction, answer[0].radius
+
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int, *, index: int | None = None) -> int:
         """Cohen's PREDICT on one input: the smoothed prediction, or ABSTAIN.
 
@@ -193,6 +245,91 @@ class Smooth:
                 rows[i] = (predicted, radius, True)
         return rows
 
+    def certify_adaptive_batch(
+        self,
+        xs: torch.Tensor,
+        n0: int,
+        n_max: int,
+        alpha: float,
+        batch_size: int,
+        *,
+        tolerance: float,
+        indices: Sequence[int] | None = None,
+    ) -> list[Certificate]:
+        """Adaptive CERTIFY for each of the k inputs xs, sharing forward passes at every stage (inputs at
+        different stages of the pilot, and with different sample sizes, share passes); one host read of
+        counts per stage for all k. Row i equals `certify_adaptive(xs[i], ..., index=indices[i])`."""
+        return self._adaptive(xs, n0, n_max, alpha, batch_size, tolerance, self._keys(len(xs), indices))
+
+    def evaluate_adaptive_batch(
+        self,
+        xs: torch.Tensor,
+        labels: Sequence[int],
+        n0: int,
+        n_max: int,
+        alpha: float,
+        batch_size: int,
+        *,
+        tolerance: float,
+        indices: Sequence[int] | None = None,
+    ) -> list[Certificate]:
+        """`certify_adaptive_batch` for inputs of known labels, as `evaluate_batch` is `certify_batch`'s: an
+        input whose selected class is wrong gets no pilot and no estimation (`estimated` False, radius 0)."""
+        keys = self._keys(len(xs), indices)
+        return self._adaptive(xs, n0, n_max, alpha, batch_size, tolerance, keys, np.asarray(labels))
+
+    def _adaptive(
+        self,
+        xs: torch.Tensor,
+        n0: int,
+        n_max: int,
+        alpha: float,
+        batch_size: int,
+        tolerance: float,
+        keys: list[int],
+        labels: np.ndarray | None = None,
+    ) -> list[Certificate]:
+        """docs/methods.md, "Adaptive CERTIFY": the selection, then rounds in which the inputs whose pilot pays
+        to grow double it while the others are estimated with the size the planner gives them, all of a round
+        in the same passes. With `labels` (an evaluation), inputs whose selection is wrong stop at it."""
+        _check_sampling(n_max, alpha, batch_size, n0=n0)
+        if not (math.isfinite(tolerance) and tolerance >= 0):
+            raise ValueError(f"tolerance must be a non-negative number (in units of sigma), got {tolerance}")
+        planner = _planner(n_max, alpha, tolerance)
+        selection = self.sample_counts(xs, n0, batch_size, indices=keys, stream=NoiseStream.SELECTION)
+        guess = selection.argmax(dim=1)  # CERTIFY's selection; its counts start the pilot
+        successes, trials, guess_host = self._count_of(guess, selection), np.full(len(xs), n0), guess.cpu().numpy()
+        chosen = np.ones(len(xs), dtype=bool) if labels is None else guess_host == labels
+        sizes, n_a = np.zeros(len(xs), dtype=np.int64), np.zeros(len(xs), dtype=np.int64)
+        piloting = np.flatnonzero(chosen)
+        for part in itertools.count(1):  # a round: some inputs double their pilot, the others are estimated
+            grows = planner.wants_more_pilot(successes[piloting], trials[piloting])
+            growing, settled = piloting[grows], piloting[~grows]
+            sizes[settled] = planner.sample_sizes(successes[settled], trials[settled])
+            estimating = settled[sizes[settled] > 0]
+            if not len(growing) + len(estimating):
+                break
+            seeds = [noise_seed(self.seed, keys[i], NoiseStream.PILOT, part) for i in growing]
+            seeds += [noise_seed(self.seed, keys[i], NoiseStream.ESTIMATION) for i in estimating]
+            which = np.concatenate([growing, estimating])
+            nums = np.concatenate([trials[growing], sizes[estimating]]).tolist()
+            counts = self._count_of(guess[which], self._counts(xs[which], nums, batch_size, seeds))
+            successes[growing] += counts[: len(growing)]
+            trials[growing] *= 2
+            n_a[estimating] = counts[len(growing) :]
+            piloting = growing
+        lower = clopper_pearson_lower(n_a, np.maximum(sizes, 1), alpha)
+        radii = np.where(sizes > 0, certified_radius(lower, self.sigma), 0.0)
+        return [
+            Certificate(int(c) if not ok or r > 0 else ABSTAIN, float(r), int(m), int(n), bool(ok))
+            for c, r, m, n, ok in zip(guess_host, radii, np.where(chosen, trials, n0), sizes, chosen, strict=True)
+        ]
+
+    @staticmethod
+    def _count_of(guess: torch.Tensor, counts: torch.Tensor) -> np.ndarray:
+        """Each input's count of its guessed class, read to the host (one read for all inputs)."""
+        return counts.gather(1, guess.to(counts.device)[:, None]).squeeze(1).cpu().numpy()
+
     def _select(self, xs: torch.Tensor, n0: int, batch_size: int, keys: list[int]) -> torch.Tensor:
         """CERTIFY's first phase: each input's most frequent class over n0 samples (on the device)."""
         selection = self.sample_counts(xs, n0, batch_size, indices=keys, stream=NoiseStream.SELECTION)
@@ -237,20 +374,24 @@ class Smooth:
         indices: Sequence[int],
         stream: NoiseStream,
     ) -> torch.Tensor:
-        """Class counts (k, num_classes) of f(x_i + δ) over `num` noise draws per input, on the model's device.
+        """Class counts (k, num_classes) of f(x_i + δ) over `num` noise draws of `stream` per input, on the
+        model's device.
 
         Nothing is read back to the host: each pass's predictions are counted on the device (one `bincount`
         over all its inputs) into the running counts, so memory holds one pass, whatever `num` is.
         """
-        xs = xs.to(self.device, torch.float32)
         if len(indices) != len(xs):
             raise ValueError(f"got {len(xs)} inputs but {len(indices)} indices")
-        generators = [
-            torch.Generator(device=self.device).manual_seed(noise_seed(self.seed, int(i), stream)) for i in indices
-        ]
+        seeds = [noise_seed(self.seed, int(i), stream) for i in indices]
+        return self._counts(xs, [num] * len(xs), batch_size, seeds)
+
+    def _counts(self, xs: torch.Tensor, nums: Sequence[int], batch_size: int, seeds: Sequence[int]) -> torch.Tensor:
+        """Class counts (k, num_classes) over nums[i] draws for input i from a generator seeded with seeds[i]."""
+        xs = xs.to(self.device, torch.float32)
+        generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
         counts = torch.zeros(len(xs) * self.num_classes, dtype=torch.long, device=self.device)
         with torch.inference_mode(), self._autocast():
-            for pieces in _forward_plan(len(xs), num, batch_size):
+            for pieces in _forward_plan(nums, batch_size):
                 noisy, owner_offsets = self._noisy_batch(xs, pieces, generators)
                 logits = self._forward(noisy)
                 if logits.shape[-1] != self.num_classes:

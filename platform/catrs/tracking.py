@@ -34,8 +34,16 @@ import pandas as pd
 from catrs.context import resolve_tracking_uri
 from catrs.data import SplitFacts
 from catrs.errors import UserError
-from catrs.metrics import DEFAULT_RADII, certification_metrics, corruption_table
-from catrs.plots import plot_certified_accuracy, plot_corruption_accuracy
+from catrs.metrics import (
+    DEFAULT_RADII,
+    certification_metrics,
+    corruption_table,
+    outcome_metrics,
+    outcome_shares,
+    sigma_of,
+)
+from catrs.plots import plot_certified_accuracy, plot_corruption_accuracy, plot_outcomes
+from catrs.results import read_provenance
 from catrs.storage import Stored, stored
 
 DEFAULT_EXPERIMENT = "catrs"
@@ -377,8 +385,10 @@ class Tracker:
         radii: Sequence[float] = DEFAULT_RADII,
         prefix: str = "",
     ) -> dict[str, float]:
-        """ACR, abstain rate and certified accuracy at radii as metrics; the file and a curve plot as artifacts."""
-        metrics = certification_metrics(frame, radii)
+        """ACR, abstain rate, certified accuracy at radii and what ACR leaves out (`outcome_metrics`) as metrics;
+        the file, a curve plot and a bar chart of the outcomes as artifacts."""
+        sigma = _sigma(frame, result_file)
+        metrics = certification_metrics(frame, radii) | outcome_metrics(frame, sigma)
         if "corruption" in frame.columns:
             table = corruption_table(frame)
             metrics.update(mAcc=float(table["accuracy"]["mean"]), mACR=float(table["acr"]["mean"]))
@@ -387,8 +397,13 @@ class Tracker:
         self.log_metrics(run_id, {prefix + k: v for k, v in metrics.items()})
         with tempfile.TemporaryDirectory() as folder:
             plot = Path(folder) / f"{prefix}certified_accuracy.png"
-            plot_certified_accuracy({"": frame}, plot, prefix.rstrip("_") + ":" if prefix else "")
+            title = prefix.rstrip("_") + ":" if prefix else ""
+            plot_certified_accuracy({"": frame}, plot, title)
             self.log_artifact(run_id, plot, "plots")
+            if sigma is not None:
+                outcomes = Path(folder) / f"{prefix}p_lower.png"
+                heading = f"{title} outcomes at σ = {sigma:g}".strip()
+                self.log_artifact(run_id, plot_outcomes(outcome_shares(frame, sigma), outcomes, heading), "plots")
             if "corruption" in frame.columns:
                 bars = Path(folder) / f"{prefix}accuracy_by_corruption.png"
                 accuracy = 100 * table[["accuracy"]].rename(index={"mean": "mAcc"}, columns={"accuracy": ""})
@@ -396,6 +411,13 @@ class Tracker:
         if result_file is not None:
             self.log_artifact(run_id, result_file, "results")
         return metrics
+
+
+def _sigma(frame: pd.DataFrame, result_file: str | Path | Stored | None) -> float | None:
+    """The σ of certified rows: in every row of catrs's Parquet, in the provenance beside a TSV catrs wrote."""
+    if result_file is None:
+        return sigma_of(frame)
+    return read_provenance(result_file, frame).get("sigma", sigma_of(frame))
 
 
 @contextlib.contextmanager

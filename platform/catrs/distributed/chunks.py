@@ -45,7 +45,8 @@ from catrs.errors import JobFailed, UserError
 from catrs.faults import inject, straggle
 from catrs.inference import describe_device, worker_device
 from catrs.interrupts import forget_saved, note_saved
-from catrs.results import CORRUPTION_COLUMNS, ResultRow, ResultWriter, read_results, result_rows
+from catrs.results import ResultRow, ResultWriter, read_results, result_rows
+from catrs.sampling import Mode
 from catrs.smoothing import Smooth
 from catrs.storage import Stored, stored
 from catrs.teacher import VoteJob, consecutive, vote_histograms
@@ -55,6 +56,10 @@ MAX_RETRIES = 3
 # out of memory (an `OutOfMemory`, not a RuntimeError: the same chunk would run out again).
 RETRIED = [OSError, RuntimeError]
 CHUNKS_PER_WORKER = 8  # enough that the last chunks balance the workers, few enough that each fills batches
+# Adaptive CERTIFY spends from a few hundred to n_max samples on an image, which is not known before its pilot:
+# every image has the same expected cost, so equal counts are equal expected samples, but a chunk's cost varies
+# far more. Four times as many chunks let the queue even it out.
+ADAPTIVE_CHUNKS_PER_WORKER = 4 * CHUNKS_PER_WORKER
 POLL_SECONDS = 0.5
 
 
@@ -62,11 +67,13 @@ class OutOfMemory(Exception):
     """A worker ran out of device memory: a batch too large for it, reported, not retried."""
 
 
-def plan_chunks(items: list[int], workers: int, smallest: int = 1, size: int | None = None) -> list[list[int]]:
-    """`items` in consecutive chunks of `size`, or of a size that gives each worker `CHUNKS_PER_WORKER` but
+def plan_chunks(
+    items: list[int], workers: int, smallest: int = 1, size: int | None = None, per_worker: int = CHUNKS_PER_WORKER
+) -> list[list[int]]:
+    """`items` in consecutive chunks of `size`, or of a size that gives each worker `per_worker` chunks but
     never fewer than `smallest` items (one full pass of the model)."""
     if size is None:
-        size = max(smallest, math.ceil(len(items) / (workers * CHUNKS_PER_WORKER)))
+        size = max(smallest, math.ceil(len(items) / (workers * per_worker)))
     if size < 1:
         raise UserError(f"--chunk-size must be a positive integer, got {size}")
     return [items[start : start + size] for start in range(0, len(items), size)]
@@ -272,7 +279,7 @@ def certify_distributed(
         with Pool(workers or capacity().workers()) as pool:
             prepared.provenance["device"] = pool.device
             folder = stored(request.out).sibling(stored(request.out).name + ".chunks").make_folder()
-            extra = tuple(c for c in prepared.writer.columns if c in CORRUPTION_COLUMNS)
+            extra = prepared.writer.extra_columns
             earlier = _readable_chunks(folder, prepared.provenance, extra)
             for writer in [prepared.writer, *earlier]:
                 writer.check_device(pool.device)
@@ -292,7 +299,7 @@ def certify_distributed(
             run_queue(
                 pool,
                 lambda worker, positions: worker.certify.remote(request, context, checkpoint, positions),
-                plan_chunks(todo, pool.size, smallest, chunk_size),
+                plan_chunks(todo, pool.size, smallest, chunk_size, _chunks_per_worker(request)),
                 save,
                 request.mode.value,
                 context.progress,
@@ -301,6 +308,11 @@ def certify_distributed(
         folder.delete_folder()
         forget_saved(folder.uri)
     return prepared.writer.path
+
+
+def _chunks_per_worker(request: CertifyRequest) -> int:
+    adaptive = request.settings.protocol.adaptive and request.mode is not Mode.PREDICT
+    return ADAPTIVE_CHUNKS_PER_WORKER if adaptive else CHUNKS_PER_WORKER
 
 
 def _merge(output: ResultWriter, chunks: list[ResultWriter]) -> None:

@@ -126,12 +126,13 @@ def next_commands(
     # The paper certifies 100 images per (corruption, severity) of CIFAR-10-C's 10,000; digits has 360.
     skip = 10 if space.dataset == "digits" else 100
     workers = f" --workers {final.workers}" if final.workers > 1 else ""
+    adaptive = f" --adaptive --tolerance {final.tolerance:g}" if final.adaptive else ""
     root = f" --data-root {shlex.quote(str(data_root))}" if data_root else ""
     lines.insert(
         2,
         f"  Table 3:      catrs certify --checkpoint {outcome.best_checkpoint} "
         f"--dataset {space.dataset} --sigma {space.sigma} --corruptions --skip {skip} --n0 {final.n0} "
-        f"--n {final.n} --alpha {final.alpha} --batch {final.batch}{workers}{root}{store} "
+        f"--n {final.n}{adaptive} --alpha {final.alpha} --batch {final.batch}{workers}{root}{store} "
         f"--out {outcome.path / 'corruptions.parquet'}",
     )
     return "\n".join(lines)

@@ -35,8 +35,11 @@ from catrs.train import EpochShuffle
 
 
 def samples_spent(frame: pd.DataFrame, protocol: SamplingProtocol, mode: Mode) -> int:
-    """The noisy forward passes behind `frame`'s rows: CERTIFY spends n0 + n per image; an evaluation n0, and n
-    only where the selection was right (`estimated`); PREDICT n."""
+    """The noisy forward passes behind `frame`'s rows: their `samples`. Rows written before rows recorded it
+    are fixed-n ones: CERTIFY spent n0 + n per image; an evaluation n0, and n only where the selection was right
+    (`estimated`); PREDICT n."""
+    if "samples" in frame.columns:
+        return int(frame["samples"].sum())
     if mode is Mode.PREDICT:
         return len(frame) * protocol.n
     estimated = int(frame["estimated"].sum()) if mode is Mode.EVALUATE else len(frame)
@@ -194,5 +197,5 @@ def format_expected_cost(space: SearchSpace, trials: int) -> str:
         f"{cost['teacher_runs']} teacher run(s), {cost['refit_runs']} refit; {cost['proxy_evaluations']} proxy "
         f"evaluations of {space.proxy.images or 'all'} val images at ≤ {cost['proxy_samples_per_image']:,} samples "
         f"each; selection: {cost['selection_candidates']} candidate(s) on val and the choice on test at "
-        f"{cost['samples_per_image']:,} samples per image"
+        f"{'≤ ' if space.final.adaptive else ''}{cost['samples_per_image']:,} samples per image"
     )

@@ -188,6 +188,7 @@ def _standing(space: SearchSpace, winner: selection.Candidate, val: SplitFacts) 
     protocol = (
         f"{space.dataset} val {val.digest} sigma={space.sigma:g} n0={chosen.n0} n={chosen.n} "
         f"alpha={chosen.alpha:g} images={chosen.images or val.size}"
+        + (f" adaptive tolerance={chosen.tolerance:g}" if chosen.adaptive else "")
     )
     metric = selection.VAL_PREFIX + space.objective
     return Standing(metric, winner.val(space.objective), protocol, space.name)

@@ -524,7 +524,7 @@ def _run_sections(check: _Checker, raw: dict[str, Any]) -> dict[str, Any]:
     proxy = _protocol(check, Proxy, raw.get("proxy"), "proxy", ("images",))
     final = _protocol(check, Final, raw.get("final"), "final", ("skip", "workers"))
     # The selection certifies val with the final protocol unless it says otherwise.
-    inherited = {name: getattr(final, name) for name in ("n0", "n", "alpha", "batch")}
+    inherited = {f.name: getattr(final, f.name) for f in fields(SamplingProtocol)}
     selection = _protocol(
         check, Selection, {**inherited, **check.mapping(raw.get("selection"), "selection")}, "selection", ("top_k",)
     )
