@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from catrs.results import CERTIFY_COLUMNS, read_results
-from tests.helpers import certify_digits
+from tests.helpers import certify_digits, quiet_context
 
 FAST = ["--n0", "20", "--n", "200", "--batch", "400", "--inference", "eager"]
 
@@ -193,6 +194,19 @@ def test_adaptive_certify_records_each_images_samples_and_refuses_to_mix_procedu
     assert out.read_bytes() == before
     code, _, err = certify(run_cli, digits_checkpoint, tmp_path / "x.parquet", "--adaptive", "--tolerance", "-1")
     assert code == 2 and "--tolerance must lie between 0 and 1" in err
+
+
+def test_predict_has_no_adaptive_form(digits_checkpoint, tmp_path):
+    from catrs.certify import CertifyRequest, CertifySettings, prepare_certification
+    from catrs.errors import UserError
+    from catrs.sampling import Mode, SamplingProtocol
+
+    request = CertifyRequest(
+        digits_checkpoint, "digits", None, tmp_path / "p.parquet", CertifySettings(SamplingProtocol(adaptive=True))
+    )
+    with pytest.raises(UserError, match="PREDICT has no adaptive form"):
+        prepare_certification(replace(request, mode=Mode.PREDICT), quiet_context())
+    assert not (tmp_path / "p.parquet").exists()
 
 
 def test_a_fixed_n_file_written_before_rows_recorded_samples_resumes(run_cli, digits_checkpoint, tmp_path):

@@ -131,7 +131,7 @@ def _sample(
     smooth: Smooth, xs: torch.Tensor, labels: list[int], keys: list[int], protocol: SamplingProtocol, mode: Mode
 ) -> list[Outcome]:
     p = protocol
-    if p.adaptive and mode is not Mode.PREDICT:
+    if p.adaptive:  # CERTIFY or evaluate: `prepare_certification` refuses an adaptive PREDICT
         sample = (
             smooth.certify_adaptive_batch
             if mode is Mode.CERTIFY
@@ -211,6 +211,8 @@ def prepare_certification(request: CertifyRequest, context: RunContext) -> Prepa
     """Checks everything about a request before any work is spent; refuses an output of other provenance."""
     settings = request.settings
     settings.validate()
+    if settings.protocol.adaptive and request.mode is Mode.PREDICT:
+        raise UserError("PREDICT has no adaptive form: adaptive sampling is CERTIFY's (and a sweep's evaluation)")
     spec = dataset_spec(request.dataset)  # an unknown name is reported as such, before any checkpoint check
     check_pass_fits(settings.protocol.batch, spec.input_dim, pick_device(context.device))
     checkpoint = load_checkpoint(request.checkpoint)
@@ -226,19 +228,13 @@ def prepare_certification(request: CertifyRequest, context: RunContext) -> Prepa
         "sigma": checkpoint.card.sigma,
         "seed": settings.seed,
         "batch": settings.protocol.batch,
-        **(
-            settings.protocol.provenance()
-            if request.mode is not Mode.PREDICT
-            else {"procedure": "fixed", "tolerance": 0.0}
-        ),
+        **settings.protocol.provenance(),
         "mixed_precision": settings.mixed_precision,
         "checkpoint": request.checkpoint_source or str(request.checkpoint),
         "checkpoint_sha256": file_sha256(request.checkpoint),
         "device": describe_device(pick_device(context.device)),  # the queue's workers may set theirs
     }
-    extra = (CORRUPTION_COLUMNS if spec.base else ()) + (
-        ADAPTIVE_COLUMNS if settings.protocol.adaptive and request.mode is not Mode.PREDICT else ()
-    )
+    extra = (CORRUPTION_COLUMNS if spec.base else ()) + (ADAPTIVE_COLUMNS if settings.protocol.adaptive else ())
     writer = ResultWriter(request.out, provenance, request.output_format, extra_columns=extra)
     dataset = get_dataset(request.dataset, request.split, context.data_root, context.download)
     selected = select_positions(len(dataset), request.skip, request.max_index)

@@ -63,7 +63,7 @@ def format_report(report: dict[str, Any], linf: bool = False) -> str:
             )
             + (
                 f"  adaptive: n is the largest n, tolerance={provenance['tolerance']:g}σ"
-                if _adaptive(provenance)
+                if provenance.get("procedure") == "adaptive"
                 else ""
             )
         )
@@ -95,10 +95,6 @@ def format_report(report: dict[str, Any], linf: bool = False) -> str:
             lines.append(f"  {name:<22}{100 * row['accuracy']:>14.1f}{row['acr']:>9.3f}")
         lines.append(f"  {'mean (mAcc, mACR)':<22}{100 * report['mAcc']:>14.1f}{report['mACR']:>9.3f}")
     return "\n".join(lines)
-
-
-def _adaptive(provenance: dict[str, Any]) -> bool:
-    return provenance.get("procedure") == "adaptive"
 
 
 def _samples_line(report: dict[str, Any]) -> str:

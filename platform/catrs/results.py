@@ -77,6 +77,15 @@ _PARQUET_MAGIC = b"PAR1"
 FLUSH_SECONDS = 5.0
 
 
+def fixed_n_samples(frame: pd.DataFrame, mode: Mode, n0: int, n: int) -> pd.Series:
+    """What fixed-n rows cost, for rows written before they recorded `samples`: CERTIFY n0 + n each, an
+    evaluation n0 and n only where the selection was right (`estimated`), PREDICT n."""
+    if mode is Mode.PREDICT:
+        return pd.Series(n, index=frame.index)
+    estimated = frame["estimated"].astype(int) if mode is Mode.EVALUATE else pd.Series(1, index=frame.index)
+    return n0 + n * estimated
+
+
 def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     """The frame's rows as {column: value}: `DataFrame.to_dict("records")` for a frame whose column names are
     strings, as every result file's are (pandas types the keys as any hashable label)."""
@@ -245,15 +254,8 @@ class ResultWriter:
             recorded = self._provenance_of_sidecar()
         self._check_identity(recorded)
         if "samples" not in frame.columns:  # written before rows recorded it: fixed n, as the identity says
-            frame["samples"] = self._fixed_samples(frame)
+            frame["samples"] = fixed_n_samples(frame, self.mode, int(self.provenance["n0"]), int(self.provenance["n"]))
         return result_rows(frame[self.columns])
-
-    def _fixed_samples(self, frame: pd.DataFrame) -> pd.Series:
-        """Each row's samples under this writer's fixed-n protocol: n0 + n, n0 alone for an evaluation's
-        unestimated rows, n for PREDICT (whose n0 is recorded as 0)."""
-        n0, n = int(self.provenance["n0"]), int(self.provenance["n"])
-        estimated = frame["estimated"].astype(bool) if "estimated" in frame.columns else True
-        return n0 + n * pd.Series(estimated, index=frame.index).astype(int)
 
     def _provenance_of_frame(self, frame: pd.DataFrame) -> list[dict[str, Any]]:
         missing = [key for key in IDENTITY_KEYS if key not in frame.columns and key not in IDENTITY_DEFAULTS]

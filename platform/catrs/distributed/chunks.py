@@ -46,7 +46,7 @@ from catrs.faults import inject, straggle
 from catrs.inference import describe_device, worker_device
 from catrs.interrupts import forget_saved, note_saved
 from catrs.results import ResultRow, ResultWriter, read_results, result_rows
-from catrs.sampling import Mode
+from catrs.sampling import SamplingProtocol
 from catrs.smoothing import Smooth
 from catrs.storage import Stored, stored
 from catrs.teacher import VoteJob, consecutive, vote_histograms
@@ -299,7 +299,7 @@ def certify_distributed(
             run_queue(
                 pool,
                 lambda worker, positions: worker.certify.remote(request, context, checkpoint, positions),
-                plan_chunks(todo, pool.size, smallest, chunk_size, _chunks_per_worker(request)),
+                plan_chunks(todo, pool.size, smallest, chunk_size, _chunks_per_worker(request.settings.protocol)),
                 save,
                 request.mode.value,
                 context.progress,
@@ -310,9 +310,8 @@ def certify_distributed(
     return prepared.writer.path
 
 
-def _chunks_per_worker(request: CertifyRequest) -> int:
-    adaptive = request.settings.protocol.adaptive and request.mode is not Mode.PREDICT
-    return ADAPTIVE_CHUNKS_PER_WORKER if adaptive else CHUNKS_PER_WORKER
+def _chunks_per_worker(protocol: SamplingProtocol) -> int:
+    return ADAPTIVE_CHUNKS_PER_WORKER if protocol.adaptive else CHUNKS_PER_WORKER
 
 
 def _merge(output: ResultWriter, chunks: list[ResultWriter]) -> None:

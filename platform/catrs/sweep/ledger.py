@@ -27,6 +27,7 @@ from typing import Any
 
 import pandas as pd
 
+from catrs.results import fixed_n_samples
 from catrs.sampling import Mode, SamplingProtocol
 from catrs.storage import Stored
 from catrs.sweep.space import SearchSpace
@@ -35,15 +36,11 @@ from catrs.train import EpochShuffle
 
 
 def samples_spent(frame: pd.DataFrame, protocol: SamplingProtocol, mode: Mode) -> int:
-    """The noisy forward passes behind `frame`'s rows: their `samples`. Rows written before rows recorded it
-    are fixed-n ones: CERTIFY spent n0 + n per image; an evaluation n0, and n only where the selection was right
-    (`estimated`); PREDICT n."""
+    """The noisy forward passes behind `frame`'s rows: their `samples`, or for rows written before rows recorded
+    it, what fixed n cost them (`fixed_n_samples`)."""
     if "samples" in frame.columns:
         return int(frame["samples"].sum())
-    if mode is Mode.PREDICT:
-        return len(frame) * protocol.n
-    estimated = int(frame["estimated"].sum()) if mode is Mode.EVALUATE else len(frame)
-    return len(frame) * protocol.n0 + estimated * protocol.n
+    return int(fixed_n_samples(frame, mode, protocol.n0, protocol.n).sum())
 
 
 def fidelity_name(fraction: float) -> str:
