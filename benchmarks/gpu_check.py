@@ -216,7 +216,7 @@ def adaptive(checkpoint: Path, device: torch.device, n_max: int, batch: int) -> 
     def fixed() -> tuple[float, float]:
         rows = smooth.evaluate_batch(xs, labels, n0, n_max, alpha, batch, indices=positions)
         samples = sum(n0 + n_max * estimated for _, _, estimated in rows)
-        return np.mean([r if c == y else 0.0 for (c, r, _), y in zip(rows, labels, strict=True)]), samples
+        return float(np.mean([r if c == y else 0.0 for (c, r, _), y in zip(rows, labels, strict=True)])), samples
 
     def adaptively(tolerance: float) -> Callable[[], tuple[float, float]]:
         def run() -> tuple[float, float]:
@@ -224,9 +224,8 @@ def adaptive(checkpoint: Path, device: torch.device, n_max: int, batch: int) -> 
                 xs, labels, n0, n_max, alpha, batch, tolerance=tolerance, indices=positions
             )
             samples = sum(row.pilot + row.estimation for row in rows)
-            return np.mean(
-                [row.radius if row.prediction == y else 0.0 for row, y in zip(rows, labels, strict=True)]
-            ), samples
+            radii = [row.radius if row.prediction == y else 0.0 for row, y in zip(rows, labels, strict=True)]
+            return float(np.mean(radii)), samples
 
         return run
 
