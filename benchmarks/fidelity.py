@@ -14,6 +14,10 @@ trials' soft labels), and measures on `val`:
 - budgeted training (`budget@F`): the whole schedule with every epoch a fresh random share F of the training
   split (`catrs train --fraction F`), so the learning rate still drops, then the proxy;
 - a lighter inner search (`light@F`): budgeted training with CAT-RS's M and T halved, then the proxy;
+- a warm start (`warm@F`): budgeted training that starts from the weights of the configuration's own Gaussian
+  teacher (the one its soft labels come from, trained at σ0 anyway, so the start costs nothing) instead of a
+  fresh initialisation — the idea: on the demo's schedule a short run from scratch is still at chance when it
+  ends (its proxy ties across configurations), a warm one is not;
 - learning-curve forecasts from the truncated run's proxies up to epoch E, at truncation's cost: their mean
   (`mean@E`) and the line through the last three extrapolated to the last epoch (`line@E`).
 
@@ -41,13 +45,14 @@ import torch
 from scipy.stats import spearmanr
 
 from catrs.certify import run_certification
+from catrs.checkpoint import load_checkpoint
 from catrs.context import RunContext
 from catrs.distributed.runtime import connect
 from catrs.results import read_results
 from catrs.sweep.proxy import evaluation_metrics, proxy_of
 from catrs.sweep.selection import trained_out_val_request
 from catrs.sweep.space import Domain, SearchSpace, find_search_space, load_search_space
-from catrs.train import RunFolder, RunSpec, fit, soft_labels_for
+from catrs.train import CHECKPOINT_NAME, RunFolder, RunSpec, fit, soft_labels_for
 from landscape import EveryEpoch  # benchmarks/landscape.py
 
 DEMO = find_search_space("demo_digits")
@@ -90,6 +95,28 @@ def timed_fit(spec: RunSpec, folder: Path, context: RunContext, soft, evaluation
     return session, run, time.perf_counter() - began
 
 
+class WarmStart(EveryEpoch):
+    """A local run whose model starts from `weights` (a trained model's state) instead of its initialisation."""
+
+    def __init__(self, out: Path, weights: dict[str, torch.Tensor]) -> None:
+        super().__init__(out)
+        self.weights = weights
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        model.load_state_dict(self.weights)
+        return super().prepare_model(model)
+
+
+def teacher_weights(spec: RunSpec, context: RunContext) -> dict[str, torch.Tensor]:
+    """The weights of the Gaussian teacher behind `spec`'s soft labels: the file the space names, else the one
+    `soft_labels_for` trained into the (local) cache."""
+    need, labels = spec.soft_label_need, spec.soft_labels()
+    if need is None or labels is None:
+        raise SystemExit(f"warm@F needs a method with a teacher; {spec.config.method} has none")
+    default = Path(context.cache) / f"teacher-{labels.key()}" / CHECKPOINT_NAME
+    return load_checkpoint(need.teacher_checkpoint or default).state_dict
+
+
 @ray.remote(num_cpus=1)
 def measure(space: SearchSpace, point: dict, fractions: list[float], folder: Path) -> dict:
     """One configuration at one seed: every fidelity's figure and training cost, and the reference."""
@@ -117,6 +144,12 @@ def measure(space: SearchSpace, point: dict, fractions: list[float], folder: Pat
                 budgeted(spec, fraction, light), folder / name, context, soft, replace(proxy, epochs=(epochs,))
             )
             figures[name], figures[f"{name} cost"] = low.reports[-1][space.metric], seconds
+    weights = teacher_weights(spec, context)
+    for fraction in fractions:
+        name, began = f"warm@{fraction:.3g}", time.perf_counter()
+        warm = WarmStart(folder / name, weights)
+        fit(budgeted(spec, fraction, False), warm, context, soft, replace(proxy, epochs=(epochs,)))
+        figures[name], figures[f"{name} cost"] = warm.reports[-1][space.metric], time.perf_counter() - began
     full = RunFolder(folder / "full")
     request = trained_out_val_request(space, full.checkpoint, full.path / "val.parquet")
     figures["reference"] = evaluation_metrics(read_results(run_certification(request, context)), "acr", "")["acr"]
