@@ -61,6 +61,7 @@ from catrs.metrics import average_certified_radius
 from catrs.results import read_results
 from catrs.sampling import DEFAULT_TOLERANCE
 from catrs.smoothing import ABSTAIN, Smooth, certified_radius, clopper_pearson_lower
+from catrs.testing import CoinFlip, CountingLinear
 
 PARTS = ["published", "linear", "model"]
 DEFAULT_PARTS = ["published", "linear"]
@@ -376,32 +377,6 @@ LINEAR = Protocol(n0=100, n_max=20_000, alpha=0.01, sigma=0.5)
 LINEAR_INPUTS, COIN_FLIPS, LINEAR_BATCH = 400, 100, 10_000
 
 
-class CountedLinear(nn.Module):
-    """Two classes on flattened inputs: class 1 iff w·x + b > 0, with ‖w‖ = 1; counts the rows it classifies."""
-
-    def __init__(self, weight: torch.Tensor, bias: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight.flatten() / weight.norm(), requires_grad=False)
-        self.bias = bias
-        self.rows = 0
-
-    def signed_distance(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1) @ self.weight + self.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.rows += len(x)
-        margin = self.signed_distance(x)
-        return torch.stack([-margin, margin], dim=1)
-
-
-class CoinFlip(nn.Module):
-    """Class 1 iff the first pixel of the noisy input is positive: at x = 0, a fair coin."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        heads = (x.flatten(1)[:, 0] > 0).float()
-        return torch.stack([1 - heads, heads], dim=1)
-
-
 def certify_both(model: nn.Module, xs: torch.Tensor) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """{procedure: (predictions, radii, samples per input)} of fixed n and adaptive CERTIFY on `xs`."""
     smooth = Smooth(model, 2, LINEAR.sigma, seed=0, inference="eager")
@@ -424,8 +399,8 @@ def certify_both(model: nn.Module, xs: torch.Tensor) -> dict[str, tuple[np.ndarr
     }
 
 
-def linear_rows(model: CountedLinear, xs: torch.Tensor) -> dict[str, dict[str, float]]:
-    distance_signed = model.signed_distance(xs).numpy()
+def linear_rows(model: CountingLinear, xs: torch.Tensor) -> dict[str, dict[str, float]]:
+    distance_signed = model.margin(xs).numpy()
     truth, distance = (distance_signed > 0).astype(int), np.abs(distance_signed)
     rows = {}
     for name, (predicted, radius, samples) in certify_both(model, xs).items():
@@ -444,16 +419,16 @@ def linear_rows(model: CountedLinear, xs: torch.Tensor) -> dict[str, dict[str, f
 def check_linear(args: argparse.Namespace) -> None:
     began = time.perf_counter()
     torch.manual_seed(0)
-    model = CountedLinear(torch.randn(1, 4, 4), 0.1)
+    model = CountingLinear(torch.randn(1, 4, 4), 0.1)
     xs = torch.randn(LINEAR_INPUTS, 1, 4, 4) * 0.8  # true distances spread from 0 to past n_max's largest radius
     rows = linear_rows(model, xs)
-    counted = model.rows / LINEAR_INPUTS - rows["fixed n"]["samples"]  # what the model classified for adaptive
+    counted = model.rows_seen / LINEAR_INPUTS - rows["fixed n"]["samples"]  # what the model classified for adaptive
     bound = binom.ppf(0.999, LINEAR_INPUTS, LINEAR.alpha) / LINEAR_INPUTS
     cap = LINEAR.sigma * float(expected_radius(1.0, LINEAR.n_max, LINEAR.alpha))
     fixed = rows["fixed n"]
     print(
         f"\nlinear: f = 1[w·x + b > 0], ‖w‖ = 1, on {LINEAR_INPUTS} random 4×4 inputs (true distance: median "
-        f"{np.median(np.abs(model.signed_distance(xs).numpy())):.2f}, n_max's largest radius {cap:.2f}); σ = "
+        f"{np.median(np.abs(model.margin(xs).numpy())):.2f}, n_max's largest radius {cap:.2f}); σ = "
         f"{LINEAR.sigma}, α = {LINEAR.alpha}, n0 = {LINEAR.n0}, n_max = {LINEAR.n_max:,}, tolerance "
         f"{DEFAULT_TOLERANCE}"
     )

@@ -220,8 +220,8 @@ def adaptive(checkpoint: Path, device: torch.device, n_max: int, batch: int) -> 
 
     def adaptively(tolerance: float) -> Callable[[], tuple[float, float]]:
         def run() -> tuple[float, float]:
-            rows = smooth.evaluate_adaptive_batch(
-                xs, labels, n0, n_max, alpha, batch, tolerance=tolerance, indices=positions
+            rows = smooth.certify_adaptive_batch(
+                xs, n0, n_max, alpha, batch, tolerance=tolerance, indices=positions, labels=labels
             )
             samples = sum(row.pilot + row.estimation for row in rows)
             radii = [row.radius if row.prediction == y else 0.0 for row, y in zip(rows, labels, strict=True)]

@@ -146,11 +146,11 @@ class Postgres:
 
 
 class AutoscalingHead:
-    """A Ray head started with `ray start --head` and a fake autoscaler (Ray's `fake_multinode` provider, as
-    `ray.cluster_utils.AutoscalingCluster` would start it): no GPU on the head, and a node type with one
+    """A Ray head started with `ray start --head` and a fake autoscaler (Ray's `fake_multinode` provider, set up
+    as `ray.cluster_utils.AutoscalingCluster` sets it up): no GPU on the head, and a node type with one
     (logical) GPU and one CPU that starts at zero nodes, so GPUs exist only once work asks the autoscaler for
-    them. Started and ended by this object alone, by the processes it started: never `ray stop`, which would
-    end every Ray of the machine."""
+    them. Not `AutoscalingCluster` itself: its start and shutdown run `ray stop --force`, which ends every Ray
+    of the machine, other runs' included. This object starts and ends only the processes it started."""
 
     def __init__(self, head_cpus: int = 2, gpu_nodes: int = 2) -> None:
         # Short: Ray's socket paths live under it, and a Unix socket's path may not exceed 107 bytes.

@@ -10,7 +10,7 @@ from scipy.stats import binom
 from catrs.adaptive import SampleSizePlanner, expected_radius
 from catrs.models import create_model
 from catrs.smoothing import ABSTAIN, Smooth
-from tests.test_smoothing import CoinFlip, CountingLinear
+from catrs.testing import CoinFlip, CountingLinear
 
 PILOTS = [(100, 100), (99, 100), (97, 100), (90, 100), (75, 100), (60, 100), (50, 100), (30, 100), (1590, 1600)]
 
@@ -118,7 +118,7 @@ def test_adaptive_evaluation_skips_wrong_selections_and_keeps_certifys_rows():
     smooth = Smooth(model, 2, 0.5, seed=5, inference="eager")
     settings = dict(n0=20, n_max=5000, alpha=0.001, batch_size=1000, tolerance=0.05, indices=range(30))
     certified = smooth.certify_adaptive_batch(xs, **settings)
-    evaluated = smooth.evaluate_adaptive_batch(xs, labels, **settings)
+    evaluated = smooth.certify_adaptive_batch(xs, **settings, labels=labels)
     skipped = [i for i, a in enumerate(evaluated) if not a.estimated]
     assert 3 <= len(skipped) < 30
     for i, (c, e) in enumerate(zip(certified, evaluated, strict=True)):

@@ -11,32 +11,7 @@ from torch import nn
 
 from catrs.models import create_model
 from catrs.smoothing import ABSTAIN, NoiseStream, Smooth, _forward_plan, certified_radius, clopper_pearson_lower
-
-
-class CountingLinear(nn.Module):
-    """A 2-class linear classifier on flattened inputs, class 1 iff w·x + b > 0; counts the rows it sees."""
-
-    def __init__(self, weight: torch.Tensor, bias: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight.flatten() / weight.norm(), requires_grad=False)
-        self.bias = bias
-        self.rows_seen = 0
-
-    def margin(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1) @ self.weight + self.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.rows_seen += len(x)
-        m = self.margin(x)
-        return torch.stack([-m, m], dim=1)
-
-
-class CoinFlip(nn.Module):
-    """Class 1 iff the first pixel of the noisy input is positive: a fair coin at x = 0."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        heads = (x.flatten(1)[:, 0] > 0).float()
-        return torch.stack([1 - heads, heads], dim=1)
+from catrs.testing import CoinFlip, CountingLinear
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,6 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -132,19 +131,16 @@ def _sample(
 ) -> list[Outcome]:
     p = protocol
     if p.adaptive:  # CERTIFY or evaluate: `prepare_certification` refuses an adaptive PREDICT
-        sample = (
-            smooth.certify_adaptive_batch
-            if mode is Mode.CERTIFY
-            else partial(smooth.evaluate_adaptive_batch, labels=labels)
+        evaluation = mode is Mode.EVALUATE
+        answers = smooth.certify_adaptive_batch(
+            xs, p.n0, p.n, p.alpha, p.batch, tolerance=p.tolerance, indices=keys, labels=labels if evaluation else None
         )
-        answers = sample(xs, n0=p.n0, n_max=p.n, alpha=p.alpha, batch_size=p.batch, tolerance=p.tolerance, indices=keys)
-        estimated = mode is Mode.EVALUATE
         return [
             Outcome(
                 a.prediction,
                 a.pilot + a.estimation,
                 a.radius,
-                a.estimated if estimated else None,
+                a.estimated if evaluation else None,
                 (a.pilot, a.estimation),
             )
             for a in answers

@@ -118,9 +118,12 @@ def sample_means(frame: pd.DataFrame) -> dict[str, float]:
     return {f"mean_{c}": float(frame[c].mean()) for c in SAMPLE_COLUMNS if c in frame.columns and len(frame)}
 
 
-def sigma_of(frame: pd.DataFrame) -> float | None:
-    """The σ the rows were certified at, which catrs's Parquet records in every row; None where they do not
-    record one σ (a research TSV)."""
+def sigma_of(frame: pd.DataFrame, provenance: dict[str, Any] | None = None) -> float | None:
+    """The σ the rows were certified at: the file's provenance says it (`catrs.results.read_provenance`), or
+    every row does (catrs's Parquet, also where rows differ in what may differ, such as the batch size);
+    None where neither records one σ (a research TSV)."""
+    if provenance and "sigma" in provenance:
+        return float(provenance["sigma"])
     if "sigma" not in frame.columns:
         return None
     values = frame["sigma"].dropna().unique()

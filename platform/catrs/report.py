@@ -31,8 +31,7 @@ def build_report(path: str | Path | Stored, radii: Sequence[float], dataset: str
     provenance = read_provenance(path, frame)
     report: dict[str, Any] = {"path": str(path), **summary, "provenance": provenance}
     report["certified_accuracy"] = {repr(float(r)): acc for r, acc in summary["certified_accuracy"].items()}
-    # The provenance is empty where rows differ in what may differ (batch size): the rows still hold one σ.
-    sigma = provenance.get("sigma", sigma_of(frame))
+    sigma = sigma_of(frame, provenance)
     if sigma is not None and "radius" in frame.columns:
         report["outcomes"] = outcome_shares(frame, sigma)
     if "corruption" in frame.columns and "radius" in frame.columns:

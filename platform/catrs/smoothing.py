@@ -255,43 +255,19 @@ class Smooth:
         *,
         tolerance: float,
         indices: Sequence[int] | None = None,
+        labels: Sequence[int] | None = None,
     ) -> list[Certificate]:
         """Adaptive CERTIFY for each of the k inputs xs, sharing forward passes at every stage (inputs at
         different stages of the pilot, and with different sample sizes, share passes); one host read of
-        counts per stage for all k. Row i equals `certify_adaptive(xs[i], ..., index=indices[i])`."""
-        return self._adaptive(xs, n0, n_max, alpha, batch_size, tolerance, self._keys(len(xs), indices))
+        counts per stage for all k. Row i equals `certify_adaptive(xs[i], ..., index=indices[i])`.
 
-    def evaluate_adaptive_batch(
-        self,
-        xs: torch.Tensor,
-        labels: Sequence[int],
-        n0: int,
-        n_max: int,
-        alpha: float,
-        batch_size: int,
-        *,
-        tolerance: float,
-        indices: Sequence[int] | None = None,
-    ) -> list[Certificate]:
-        """`certify_adaptive_batch` for inputs of known labels, as `evaluate_batch` is `certify_batch`'s: an
-        input whose selected class is wrong gets no pilot and no estimation (`estimated` False, radius 0)."""
+        With `labels` it is an evaluation, as `evaluate_batch` is `certify_batch`'s: an input whose selected
+        class is not its label gets no pilot and no estimation (`estimated` False, radius 0).
+
+        docs/methods.md, "Adaptive CERTIFY": the selection, then rounds in which the inputs whose pilot pays to
+        grow double it while the others are estimated with the size the planner gives them, all of a round in
+        the same passes."""
         keys = self._keys(len(xs), indices)
-        return self._adaptive(xs, n0, n_max, alpha, batch_size, tolerance, keys, np.asarray(labels))
-
-    def _adaptive(
-        self,
-        xs: torch.Tensor,
-        n0: int,
-        n_max: int,
-        alpha: float,
-        batch_size: int,
-        tolerance: float,
-        keys: list[int],
-        labels: np.ndarray | None = None,
-    ) -> list[Certificate]:
-        """docs/methods.md, "Adaptive CERTIFY": the selection, then rounds in which the inputs whose pilot pays
-        to grow double it while the others are estimated with the size the planner gives them, all of a round
-        in the same passes. With `labels` (an evaluation), inputs whose selection is wrong stop at it."""
         _check_sampling(n_max, alpha, batch_size, n0=n0)
         if not (math.isfinite(tolerance) and tolerance >= 0):
             raise ValueError(f"tolerance must be a non-negative number (in units of sigma), got {tolerance}")
@@ -299,7 +275,7 @@ class Smooth:
         selection = self.sample_counts(xs, n0, batch_size, indices=keys, stream=NoiseStream.SELECTION)
         guess = selection.argmax(dim=1)  # CERTIFY's selection; its counts start the pilot
         successes, trials, guess_host = self._count_of(guess, selection), np.full(len(xs), n0), guess.cpu().numpy()
-        chosen = np.ones(len(xs), dtype=bool) if labels is None else guess_host == labels
+        chosen = np.ones(len(xs), dtype=bool) if labels is None else guess_host == np.asarray(labels)
         sizes, n_a = np.zeros(len(xs), dtype=np.int64), np.zeros(len(xs), dtype=np.int64)
         piloting = np.flatnonzero(chosen)
         for part in itertools.count(1):  # a round: some inputs double their pilot, the others are estimated

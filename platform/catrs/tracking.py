@@ -387,7 +387,7 @@ class Tracker:
     ) -> dict[str, float]:
         """ACR, abstain rate, certified accuracy at radii and what ACR leaves out (`outcome_metrics`) as metrics;
         the file, a curve plot and a bar chart of the outcomes as artifacts."""
-        sigma = _sigma(frame, result_file)
+        sigma = sigma_of(frame, None if result_file is None else read_provenance(result_file, frame))
         metrics = certification_metrics(frame, radii) | outcome_metrics(frame, sigma)
         if "corruption" in frame.columns:
             table = corruption_table(frame)
@@ -411,13 +411,6 @@ class Tracker:
         if result_file is not None:
             self.log_artifact(run_id, result_file, "results")
         return metrics
-
-
-def _sigma(frame: pd.DataFrame, result_file: str | Path | Stored | None) -> float | None:
-    """The σ of certified rows: in every row of catrs's Parquet, in the provenance beside a TSV catrs wrote."""
-    if result_file is None:
-        return sigma_of(frame)
-    return read_provenance(result_file, frame).get("sigma", sigma_of(frame))
 
 
 @contextlib.contextmanager
