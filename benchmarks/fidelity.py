@@ -211,7 +211,7 @@ def main() -> None:
     parser.add_argument("--space", type=Path, default=DEMO)
     parser.add_argument("--configs", type=int, default=24)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--fractions", type=float, nargs="+", default=[1 / 9, 1 / 3])
+    parser.add_argument("--fractions", type=float, nargs="*", default=[1 / 9, 1 / 3], help="none: truncation only")
     parser.add_argument("--csv", type=Path, help="also write every run's figures here")
     parser.add_argument("--from-csv", type=Path, help="print the table of a file --csv wrote; train nothing")
     args = parser.parse_args()

@@ -26,7 +26,7 @@ from tests.helpers import AutoscalingHead, quiet_context
 pytestmark = pytest.mark.slow
 RESEARCH = ["idx", "label", "predict", "radius", "correct"]
 # The work catrs puts on the cluster: chunk workers, Ray Train workers, Tune trials, tasks that train.
-WORK = ("ChunkWorker", "RayTrainWorker", "ImplicitFunc", "_train_task")
+WORK = ("ChunkWorker", "RayTrainWorker", "ImplicitFunc", "_train_task", "_teacher_task")
 
 
 @pytest.fixture(scope="module")

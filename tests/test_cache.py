@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from catrs.checkpoint import load_checkpoint
 from catrs.storage import stored
 from catrs.teacher import SoftLabelSpec, soft_labels
 from catrs.train import local_producer, train_teacher_here
@@ -43,8 +44,8 @@ def test_an_object_store_cache_holds_the_teacher_and_the_table_and_a_second_requ
     # The votes went to the cache by chunk, from the workers that counted them; the manifest came last.
     chunks = [k for k in keys if k.startswith(f"cache-a/soft-labels-{SPEC.key()}/votes-")]
     assert len(chunks) > 1 and f"cache-a/soft-labels-{SPEC.key()}/manifest.json" in keys
-    # The teacher trained as a Ray Train job whose checkpoints live in the cache, where a restart finds them.
-    assert any(k.startswith(f"cache-a/teachers/teacher-{SPEC.key()}/checkpoint_") for k in keys)
+    # The teacher trained in a task that kept its checkpoint in the cache, where a restart finds it.
+    assert f"cache-a/teacher-{SPEC.key()}/checkpoint.pt" in keys
     producer = replace(cluster_producer(), train_teacher=refuse_to_train, vote=refuse_to_train)
     again = soft_labels(SPEC, quiet_context(cache=cache), producer)
     assert torch.equal(again.table(tmp_path / "other-node").dense(), table)
@@ -96,3 +97,35 @@ def test_an_owner_that_dies_mid_computation_leaves_no_entry_and_its_lease_lapses
     assert not entry.exists() and stored(cache).child("started").exists()
     labels = soft_labels(SPEC, quiet_context(cache=cache), cluster_producer())  # waits for the lapse, then owns
     assert entry.exists() and (labels.size, labels.classes) == (1437, 10)
+
+
+def test_a_teacher_killed_on_one_machine_resumes_from_the_object_store_cache_on_another(
+    object_store, tmp_path, monkeypatch
+):
+    import catrs.train
+    from catrs.storage import Stored
+
+    spec = replace(SPEC, teacher_training={**SPEC.teacher_training, "epochs": 2})
+    context = quiet_context(cache=object_store.uri("cache-r"))
+    folder = stored(context.cache).child(f"teacher-{spec.key()}")
+    copies, upload = [], Stored.upload
+
+    def killed_at_the_second_copy(self, source):
+        copies.append(source)
+        if len(copies) == 2:
+            raise KeyboardInterrupt  # epoch 2 trained on the first machine, but never reached the cache
+        return upload(self, source)
+
+    monkeypatch.setenv("HOME", str(tmp_path / "first"))  # each machine trains in its own ~/.cache/catrs
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(Stored, "upload", killed_at_the_second_copy)
+        train_teacher_here(spec, folder, context)
+    uninterrupted = tmp_path / "first" / ".cache" / "catrs" / "teachers" / folder.name / "checkpoint.pt"
+    monkeypatch.setenv("HOME", str(tmp_path / "second"))
+    epochs, train_epoch = [], catrs.train.train_epoch
+    monkeypatch.setattr(catrs.train, "train_epoch", lambda *a, **k: epochs.append(1) or train_epoch(*a, **k))
+    resumed = train_teacher_here(spec, folder, context)
+    assert len(epochs) == 1  # from the cache's epoch 1: epoch 2 only
+    first, second = load_checkpoint(uninterrupted).state_dict, load_checkpoint(resumed).state_dict
+    assert all(torch.equal(first[k], second[k]) for k in first)  # as if it had never stopped
+    assert folder.child("checkpoint.pt").read() == resumed.read_bytes()

@@ -8,7 +8,7 @@ under a key of everything that determines it — data set, architecture, σ0, th
 its checkpoint's SHA-256), N and the seed — in the run context's cache, a directory or an object store
 (`--cache-dir`, `$CATRS_CACHE`), where a new cluster finds it again. A `Producer` says how a missing entry is
 made: in this process under a file lock (`catrs.train.local_producer`), or on a cluster (`cluster_producer` in
-`catrs.distributed.train`: the teacher as a Ray Train job on the workers, the votes as a queue of chunks, and
+`catrs.distributed.train`: the teacher as a Ray task on a worker, the votes as a queue of chunks, and
 one owner per key cluster-wide). This module trains nothing itself: what a teacher is lives in `catrs.train`
 (`teacher_run`), which depends on this module, not the other way round. The math: docs/methods.md, "Soft labels
 ŷ (the teacher)". The votes reuse the certification core (`Smooth.sample_counts`, noise stream VOTES keyed by

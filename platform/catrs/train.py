@@ -718,12 +718,19 @@ def soft_labels_for(spec: RunSpec, context: RunContext, producer: Producer | Non
 
 def train_teacher_here(spec: SoftLabelSpec, folder: Stored, context: RunContext) -> Path:
     """Trains the teacher of `spec` in this process, in its cache folder when that is on a local disk, else in
-    this machine's (`RunContext.local_cache`), its checkpoint then copied to the cache; a killed run resumes in
-    either."""
-    local = Path(folder.uri) if folder.local else context.local_cache / "teachers" / folder.name
-    checkpoint = train(teacher_run(spec), local, context)
-    if not folder.local:
-        folder.child(CHECKPOINT_NAME).upload(checkpoint)
+    this machine's (`RunContext.local_cache`) with every epoch's checkpoint copied to the cache folder, so that
+    a killed run resumes from the cache on whichever machine trains it next."""
+    if folder.local:
+        return train(teacher_run(spec), Path(folder.uri), context)
+    local, mirror = context.local_cache / "teachers" / folder.name, folder.child(CHECKPOINT_NAME)
+    if not (local / CHECKPOINT_NAME).exists() and mirror.exists():
+        mirror.download(local / CHECKPOINT_NAME)
+
+    def copy_to_the_cache(_: dict[str, float]) -> None:
+        mirror.upload(local / CHECKPOINT_NAME)
+
+    checkpoint = train(teacher_run(spec), local, context, on_epoch=copy_to_the_cache)
+    mirror.upload(checkpoint)  # again: a run killed after its last epoch but before the copy trains nothing now
     return checkpoint
 
 

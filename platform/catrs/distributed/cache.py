@@ -5,9 +5,9 @@
 `catrs.distributed.train.cluster_producer()` is the `catrs.teacher.Producer` of every Ray path (sweeps,
 `catrs train --workers`):
 
-- the teacher trains as a Ray Train job on the workers (a GPU where the cluster has them), with its
-  checkpoints in the cache's `teachers/` folder, so a failed worker restarts it from its latest checkpoint
-  (`FailureConfig`), and a driver that died mid-way resumes it by running again (same name, same storage);
+- the teacher trains as one Ray task on a worker (a GPU where the cluster has them), with its checkpoint in
+  the cache's `teacher-KEY/` folder after every epoch, so a failed task (retried once) or a driver that died
+  mid-way resumes it from there by running again;
 - its votes run as the certification queue (`chunks.distributed_votes`);
 - one process in the whole cluster computes a key at a time (`cluster_exclusive`, here): the owner holds a lease
   from a named actor (a `LeaseBook`, one per cluster, on the head node) and renews it while it works; the others

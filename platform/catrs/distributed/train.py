@@ -34,6 +34,7 @@ from catrs.inference import worker_device
 from catrs.storage import Stored, stored
 from catrs.teacher import Producer, SoftLabelSpec
 from catrs.train import (
+    CHECKPOINT_NAME,
     EpochShuffle,
     Evaluation,
     RunFolder,
@@ -47,8 +48,8 @@ from catrs.train import (
     climb,
     loader_options,
     soft_labels_for,
-    teacher_run,
     train,
+    train_teacher_here,
 )
 from catrs.vote_store import SoftLabels
 
@@ -194,19 +195,30 @@ def _train_on_workers(spec: RunSpec, out: Path, plan: WorkerPlan, context: RunCo
     return RunFolder(out).checkpoint
 
 
-def train_teacher_on_workers(spec: SoftLabelSpec, folder: Stored, context: RunContext) -> Path:
-    """The teacher of `spec` as a one-worker Ray Train job (a GPU where there are GPUs), checkpointed in the
-    cache's `teachers/` folder."""
-    storage = folder.sibling("teachers")
-    local = context.local_cache / "teacher-checkpoints" / folder.name  # the driver's copy of the final one
-    plan = WorkerPlan(workers=1, storage_path=str(Path(storage.uri).resolve()) if storage.local else storage.uri)
-    return train_distributed(teacher_run(spec), local, plan, context)
+def train_teacher_on_a_worker(spec: SoftLabelSpec, folder: Stored, context: RunContext) -> Path:
+    """The teacher of `spec` trained in one Ray task (a GPU where the cluster has or can get GPUs), checkpointed
+    every epoch in the cache `folder` (`train_teacher_here`), where a restarted task resumes; returns the
+    driver's copy of the final checkpoint. A task, not a Ray Train job: a teacher is one worker, and a worker
+    group's start-up dwarfs a short teacher (the demo's two: 36 s as Ray Train jobs, 6 s as tasks)."""
+    task = _teacher_task.options(num_cpus=1, num_gpus=gpus_of(WorkerPlan(workers=1)))
+    try:
+        checkpoint = ray.get(task.remote(spec, folder, context))
+    except ray.exceptions.RayError as error:
+        raise JobFailed(f"training the teacher {folder.name} failed: {str(error).splitlines()[0][:300]}") from None
+    path = context.local_cache / "teacher-checkpoints" / folder.name / CHECKPOINT_NAME
+    stored(str(path)).write_bytes(checkpoint)
+    return path
+
+
+@ray.remote(max_retries=1)
+def _teacher_task(spec: SoftLabelSpec, folder: Stored, context: RunContext) -> bytes:
+    return train_teacher_here(spec, folder, context).read_bytes()
 
 
 def cluster_producer() -> Producer:
-    """Soft labels made by the cluster: the teacher on the workers, the votes on the chunk queue, and one owner
+    """Soft labels made by the cluster: the teacher in a task, the votes on the chunk queue, and one owner
     per cache key cluster-wide (`catrs.distributed.cache`)."""
-    return Producer(train_teacher=train_teacher_on_workers, vote=distributed_votes, exclusive=cluster_exclusive)
+    return Producer(train_teacher=train_teacher_on_a_worker, vote=distributed_votes, exclusive=cluster_exclusive)
 
 
 @ray.remote(max_retries=1)
