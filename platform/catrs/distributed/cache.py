@@ -6,7 +6,7 @@
 `catrs train --workers`):
 
 - the teacher trains as one Ray task on a worker (a GPU where the cluster has them), with its checkpoint in
-  the cache's `teacher-KEY/` folder after every epoch, so a failed task (retried once) or a driver that died
+  the cache's `teacher-KEY/` folder after every epoch, so a failed task (retried by Ray) or a driver that died
   mid-way resumes it from there by running again;
 - its votes run as the certification queue (`chunks.distributed_votes`);
 - one process in the whole cluster computes a key at a time (`cluster_exclusive`, here): the owner holds a lease

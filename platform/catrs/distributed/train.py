@@ -210,7 +210,7 @@ def train_teacher_on_a_worker(spec: SoftLabelSpec, folder: Stored, context: RunC
     return path
 
 
-@ray.remote(max_retries=1)
+@ray.remote(max_retries=3)  # as many as a training run's worker group survives (`WorkerPlan.max_failures`)
 def _teacher_task(spec: SoftLabelSpec, folder: Stored, context: RunContext) -> bytes:
     return train_teacher_here(spec, folder, context).read_bytes()
 
