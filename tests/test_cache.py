@@ -10,8 +10,10 @@ from dataclasses import replace
 import pytest
 import torch
 
+import catrs.train
 from catrs.checkpoint import load_checkpoint
-from catrs.storage import stored
+from catrs.context import RunContext
+from catrs.storage import Stored, stored
 from catrs.teacher import SoftLabelSpec, soft_labels
 from catrs.train import local_producer, train_teacher_here
 from tests.helpers import quiet_context
@@ -99,33 +101,52 @@ def test_an_owner_that_dies_mid_computation_leaves_no_entry_and_its_lease_lapses
     assert entry.exists() and (labels.size, labels.classes) == (1437, 10)
 
 
-def test_a_teacher_killed_on_one_machine_resumes_from_the_object_store_cache_on_another(
-    object_store, tmp_path, monkeypatch
-):
-    import catrs.train
-    from catrs.storage import Stored
-
+def _killed_before_its_last_copy(cache: str, tmp_path, monkeypatch) -> tuple[SoftLabelSpec, Stored, RunContext]:
+    """A 2-epoch teacher trained on a first machine (its own `$HOME`, so its own ~/.cache/catrs) and stopped
+    after epoch 2, before that epoch's copy reached the object-store `cache`, which holds epoch 1's."""
     spec = replace(SPEC, teacher_training={**SPEC.teacher_training, "epochs": 2})
-    context = quiet_context(cache=object_store.uri("cache-r"))
+    context = quiet_context(cache=cache)
     folder = stored(context.cache).child(f"teacher-{spec.key()}")
     copies, upload = [], Stored.upload
 
     def killed_at_the_second_copy(self, source):
         copies.append(source)
         if len(copies) == 2:
-            raise KeyboardInterrupt  # epoch 2 trained on the first machine, but never reached the cache
+            raise KeyboardInterrupt
         return upload(self, source)
 
-    monkeypatch.setenv("HOME", str(tmp_path / "first"))  # each machine trains in its own ~/.cache/catrs
+    monkeypatch.setenv("HOME", str(tmp_path / "first"))
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
         patch.setattr(Stored, "upload", killed_at_the_second_copy)
         train_teacher_here(spec, folder, context)
-    uninterrupted = tmp_path / "first" / ".cache" / "catrs" / "teachers" / folder.name / "checkpoint.pt"
-    monkeypatch.setenv("HOME", str(tmp_path / "second"))
+    return spec, folder, context
+
+
+def _counting_epochs(monkeypatch) -> list[int]:
     epochs, train_epoch = [], catrs.train.train_epoch
     monkeypatch.setattr(catrs.train, "train_epoch", lambda *a, **k: epochs.append(1) or train_epoch(*a, **k))
+    return epochs
+
+
+def test_a_teacher_killed_on_one_machine_resumes_from_the_object_store_cache_on_another(
+    object_store, tmp_path, monkeypatch
+):
+    spec, folder, context = _killed_before_its_last_copy(object_store.uri("cache-r"), tmp_path, monkeypatch)
+    uninterrupted = tmp_path / "first" / ".cache" / "catrs" / "teachers" / folder.name / "checkpoint.pt"
+    monkeypatch.setenv("HOME", str(tmp_path / "second"))
+    epochs = _counting_epochs(monkeypatch)
     resumed = train_teacher_here(spec, folder, context)
     assert len(epochs) == 1  # from the cache's epoch 1: epoch 2 only
     first, second = load_checkpoint(uninterrupted).state_dict, load_checkpoint(resumed).state_dict
     assert all(torch.equal(first[k], second[k]) for k in first)  # as if it had never stopped
     assert folder.child("checkpoint.pt").read() == resumed.read_bytes()
+
+
+def test_a_teacher_killed_before_its_last_copy_completes_the_cache_on_the_same_machine(
+    object_store, tmp_path, monkeypatch
+):
+    spec, folder, context = _killed_before_its_last_copy(object_store.uri("cache-s"), tmp_path, monkeypatch)
+    epochs = _counting_epochs(monkeypatch)
+    again = train_teacher_here(spec, folder, context)  # the first machine again: its copy is complete
+    assert epochs == []
+    assert folder.child("checkpoint.pt").read() == again.read_bytes()  # not epoch 1's, which the cache held

@@ -726,11 +726,16 @@ def train_teacher_here(spec: SoftLabelSpec, folder: Stored, context: RunContext)
     if not (local / CHECKPOINT_NAME).exists() and mirror.exists():
         mirror.download(local / CHECKPOINT_NAME)
 
+    copied = False
+
     def copy_to_the_cache(_: dict[str, float]) -> None:
+        nonlocal copied
         mirror.upload(local / CHECKPOINT_NAME)
+        copied = True
 
     checkpoint = train(teacher_run(spec), local, context, on_epoch=copy_to_the_cache)
-    mirror.upload(checkpoint)  # again: a run killed after its last epoch but before the copy trains nothing now
+    if not copied:  # a run killed after its last epoch but before that epoch's copy: nothing trained now
+        mirror.upload(checkpoint)
     return checkpoint
 
 

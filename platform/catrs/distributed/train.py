@@ -201,13 +201,8 @@ def train_teacher_on_a_worker(spec: SoftLabelSpec, folder: Stored, context: RunC
     driver's copy of the final checkpoint. A task, not a Ray Train job: a teacher is one worker, and a worker
     group's start-up dwarfs a short teacher (the demo's two: 36 s as Ray Train jobs, 6 s as tasks)."""
     task = _teacher_task.options(num_cpus=1, num_gpus=gpus_of(WorkerPlan(workers=1)))
-    try:
-        checkpoint = ray.get(task.remote(spec, folder, context))
-    except ray.exceptions.RayError as error:
-        raise JobFailed(f"training the teacher {folder.name} failed: {str(error).splitlines()[0][:300]}") from None
-    path = context.local_cache / "teacher-checkpoints" / folder.name / CHECKPOINT_NAME
-    stored(str(path)).write_bytes(checkpoint)
-    return path
+    local = context.local_cache / "teacher-checkpoints" / folder.name / CHECKPOINT_NAME
+    return _checkpoint_of(task.remote(spec, folder, context), local, f"training the teacher {folder.name}")
 
 
 @ray.remote(max_retries=3)  # as many as a training run's worker group survives (`WorkerPlan.max_failures`)
@@ -235,10 +230,14 @@ def train_on_a_worker(spec: RunSpec, out: Path, plan: WorkerPlan, context: RunCo
     if plan.workers > 1:
         return train_distributed(spec, out, plan, context)
     task = _train_task.options(num_cpus=plan.cpus_per_worker, num_gpus=gpus_of(plan))
+    return _checkpoint_of(task.remote(spec, context), RunFolder(out).checkpoint, f"training {out} on a worker")
+
+
+def _checkpoint_of(pending: ray.ObjectRef, path: Path, what: str) -> Path:
+    """The checkpoint a training task sends back as bytes, written to `path` on the driver."""
     try:
-        checkpoint = ray.get(task.remote(spec, context))
+        checkpoint = ray.get(pending)
     except ray.exceptions.RayError as error:
-        raise JobFailed(f"training {out} on a worker failed: {str(error).splitlines()[0][:300]}") from None
-    path = RunFolder(out).checkpoint
-    stored(path).write_bytes(checkpoint)
+        raise JobFailed(f"{what} failed: {str(error).splitlines()[0][:300]}") from None
+    stored(str(path)).write_bytes(checkpoint)
     return path
