@@ -2,6 +2,7 @@
 
     cd benchmarks && ../.venv/bin/python fidelity.py --configs 24 --seeds 0 1 --csv fidelity.csv
     cd benchmarks && ../.venv/bin/python fidelity.py --from-csv fidelity.csv     (the table again, no training)
+    cd benchmarks && ../.venv/bin/python fidelity.py --from-csv fidelity.csv --replay 27 --rung 1 --etas 3 9
 
 (From `benchmarks/`: the Ray tasks import `landscape` from the working directory.)
 
@@ -26,6 +27,13 @@ its cost, Spearman's ρ against the reference (per seed, then averaged; and of t
 the reference's top 3 it puts in its own top 3 (of the seed means). The `seed to seed` row is the ceiling:
 the reference at one seed ranking the reference at the other. Runs are Ray tasks, one CPU each;
 `--csv` keeps every run's figures, and `--from-csv` prints the table of such a file again without training.
+
+`--replay TRIALS` plays a sweep's halving at one truncation rung (`--rung`, epochs) on the measured runs:
+TRIALS configurations drawn (with replacement where there are fewer) from one seed's, in a random order, each
+trained out if its proxy at the rung passes — ASHA as Ray decides (at least the (1 − 1/η) quantile of the
+figures recorded at the rung before it; the first always passes) or synchronous halving (the top ⌈TRIALS/η⌉
+of all) — over 400 orders per seed: how many are trained out, the training-run equivalents, and the regret
+(the best reference drawn minus the best trained out).
 """
 
 from __future__ import annotations
@@ -206,6 +214,49 @@ def table(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("fidelity")
 
 
+def asha_passes(figures: np.ndarray, eta: int) -> np.ndarray:
+    """Which trials, arriving in this order, ASHA lets train on from a rung (Ray's `_Bracket.on_result`)."""
+    passes = np.ones(len(figures), dtype=bool)
+    for i in range(1, len(figures)):
+        passes[i] = figures[i] >= np.percentile(figures[:i], (1 - 1 / eta) * 100)
+    return passes
+
+
+def top_passes(figures: np.ndarray, eta: int) -> np.ndarray:
+    """Synchronous halving: the top ⌈n/η⌉ of the whole cohort train on."""
+    passes = np.zeros(len(figures), dtype=bool)
+    passes[np.argsort(-figures, kind="stable")[: math.ceil(len(figures) / eta)]] = True
+    return passes
+
+
+def replay(runs: pd.DataFrame, trials: int, rung: int, etas: list[int], orders: int = 400) -> pd.DataFrame:
+    """The halving rules played on measured runs (see the module docstring, `--replay`)."""
+    epochs = max(int(c.split("@")[1]) for c in runs.columns if c.startswith("trunc@") and not c.endswith("cost"))
+    rng = np.random.default_rng(0)
+    rows = []
+    for rule, passes_of in (("asha", asha_passes), ("synchronous", top_passes)):
+        for eta in etas:
+            out, regret = [], []
+            for _, group in runs.groupby("seed"):
+                figures, reference = group[f"trunc@{rung}"].to_numpy(), group["reference"].to_numpy()
+                for _ in range(orders):
+                    drawn = rng.choice(len(group), size=trials, replace=trials > len(group))
+                    passes = passes_of(figures[drawn], eta)
+                    out.append(passes.sum())
+                    regret.append(reference[drawn].max() - reference[drawn][passes].max())
+            rows.append(
+                {
+                    "rule": rule,
+                    "eta": eta,
+                    "trained out": float(np.mean(out)),
+                    "equivalents": (trials * rung + float(np.mean(out)) * (epochs - rung)) / epochs,
+                    "mean regret": float(np.mean(regret)),
+                    "P(regret > 0.005)": float(np.mean(np.array(regret) > 0.005)),
+                }
+            )
+    return pd.DataFrame(rows).set_index(["rule", "eta"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", type=Path, default=DEMO)
@@ -214,9 +265,18 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="*", default=[1 / 9, 1 / 3], help="none: truncation only")
     parser.add_argument("--csv", type=Path, help="also write every run's figures here")
     parser.add_argument("--from-csv", type=Path, help="print the table of a file --csv wrote; train nothing")
+    parser.add_argument("--replay", type=int, metavar="TRIALS", help="with --from-csv: play halving on the runs")
+    parser.add_argument("--rung", type=int, default=1, help="the epoch of the replayed rung")
+    parser.add_argument("--etas", type=int, nargs="+", default=[3, 9], help="the replayed reduction factors")
     args = parser.parse_args()
+    if args.replay and not args.from_csv:
+        parser.error("--replay plays halving on measured runs: give them with --from-csv")
     if args.from_csv:
-        print(table(with_forecasts(pd.read_csv(args.from_csv))).to_string(float_format=lambda v: f"{v:.3f}"))
+        runs = pd.read_csv(args.from_csv)
+        print(table(with_forecasts(runs)).to_string(float_format=lambda v: f"{v:.3f}"))
+        if args.replay:
+            print(f"\n{args.replay} trials, one rung at epoch {args.rung}, then trained out:")
+            print(replay(runs, args.replay, args.rung, args.etas).to_string(float_format=lambda v: f"{v:.4f}"))
         return
     base = load_search_space(args.space)
     configs = points(base, args.configs, base.seed)

@@ -15,6 +15,7 @@ SHAPES = {
     "cifar_resnet110": (3, 32, 32),
     "resnet50": (3, 224, 224),
     "digits_cnn": (1, 8, 8),
+    "digits_cnn_bn": (1, 8, 8),
 }
 
 
@@ -51,7 +52,27 @@ def test_unknown_architecture_names_the_valid_ones():
         create_model("resnet9000", 10)
 
 
-@pytest.mark.parametrize("name", ["lenet", "cifar_resnet20"])
+def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def test_the_plain_digits_cnn_keeps_its_weights_layout_and_the_normalised_one_only_adds_batch_norm():
+    """digits_cnn checkpoints written before digits_cnn_bn existed still load: the same names and shapes."""
+    plain = _shapes(create_model("digits_cnn", 10))
+    assert plain == {
+        "1.0.weight": (32, 1, 3, 3), "1.0.bias": (32,),
+        "1.2.weight": (64, 32, 3, 3), "1.2.bias": (64,),
+        "1.6.weight": (128, 1024), "1.6.bias": (128,),
+        "1.8.weight": (10, 128), "1.8.bias": (10,),
+    }  # fmt: skip
+    normalised = create_model("digits_cnn_bn", 10)
+    norms = [m for m in normalised.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert [m.num_features for m in norms] == [32, 64, 128]
+    added = [shape for norm in norms for shape in _shapes(norm).values()]
+    assert sorted(_shapes(normalised).values()) == sorted([*plain.values(), *added])
+
+
+@pytest.mark.parametrize("name", ["lenet", "cifar_resnet20", "digits_cnn_bn"])
 @pytest.mark.parametrize("mode", [m for m in INFERENCE_MODES if m != "eager"])
 def test_inference_modes_give_the_eager_logits(name, mode):
     model = create_model(name, 10).eval()

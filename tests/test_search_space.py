@@ -117,7 +117,7 @@ def test_dry_run_resolves_and_validates_as_the_command_would_and_starts_nothing(
     assert first == f"search space: {(SHIPPED / 'demo_digits.yaml').resolve()} (valid)"
     demo = load_search_space(SHIPPED / "demo_digits.yaml")
     assert re.fullmatch(
-        r"sweep demo_digits-\d{8}-\d{6}: catrs on digits \(digits_cnn\) at σ = 0.5, searching lbd, "
+        r"sweep demo_digits-\d{8}-\d{6}: catrs on digits \(digits_cnn_bn\) at σ = 0.5, searching lbd, "
         rf"epsilon, sigma0, confidence_mask; {demo.budget.num_samples} trials, 2 at a time",
         sweep,
     ), sweep
