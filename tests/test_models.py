@@ -72,6 +72,20 @@ def test_the_plain_digits_cnn_keeps_its_weights_layout_and_the_normalised_one_on
     assert sorted(_shapes(normalised).values()) == sorted([*plain.values(), *added])
 
 
+def test_the_normalised_digits_cnn_trains_on_a_batch_of_one_without_touching_its_running_statistics():
+    """The last batch of an epoch can hold one image (1,437 digits in batches of 4); it must not fail."""
+    model = create_model("digits_cnn_bn", 10).train()
+    model(torch.rand(8, 1, 8, 8)).sum().backward()  # an ordinary batch moves the statistics
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    out = model(torch.rand(1, 1, 8, 8))
+    out.sum().backward()
+    assert out.shape == (1, 10) and torch.isfinite(out).all()
+    feature_norm = model[1][9]
+    assert torch.equal(feature_norm.running_mean, before["1.9.running_mean"])
+    assert torch.equal(feature_norm.running_var, before["1.9.running_var"])
+    assert not torch.equal(model[1][1].running_mean, before["1.1.running_mean"])  # the conv norms still learn
+
+
 @pytest.mark.parametrize("name", ["lenet", "cifar_resnet20", "digits_cnn_bn"])
 @pytest.mark.parametrize("mode", [m for m in INFERENCE_MODES if m != "eager"])
 def test_inference_modes_give_the_eager_logits(name, mode):

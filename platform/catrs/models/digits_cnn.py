@@ -7,9 +7,24 @@ configuration ends; with normalisation it learns from the first epoch and ends h
 the figures). Attacks and certification run it in eval mode, as they do the CIFAR ResNets.
 """
 
+import torch
 from torch import nn
 
 from catrs.models.base import architecture
+
+
+class _FeatureNorm(nn.BatchNorm1d):
+    """Batch normalisation of the hidden features that also takes a batch of one image in training (the last of
+    an epoch whose size leaves one over, say 1,437 images in batches of 4): one value per feature has no
+    variance, so such a batch is normalised with the running statistics, which it leaves as they are. The
+    weights and buffers are BatchNorm1d's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:
+            return nn.functional.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        return super().forward(x)
 
 
 def _hidden(layer: nn.Module, width: int, norm: type[nn.Module] | None) -> list[nn.Module]:
@@ -22,7 +37,7 @@ def _digits_net(num_classes: int, in_channels: int, batch_norm: bool) -> nn.Modu
         *_hidden(nn.Conv2d(32, 64, 3, padding=1), 64, nn.BatchNorm2d if batch_norm else None),
         nn.MaxPool2d(2),
         nn.Flatten(),
-        *_hidden(nn.Linear(64 * 4 * 4, 128), 128, nn.BatchNorm1d if batch_norm else None),
+        *_hidden(nn.Linear(64 * 4 * 4, 128), 128, _FeatureNorm if batch_norm else None),
         nn.Linear(128, num_classes),
     )
 
