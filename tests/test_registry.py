@@ -60,5 +60,5 @@ def test_two_plug_ins_of_one_name_are_a_defect():
 
 def test_the_shipped_plug_ins_register_themselves():
     assert trainables.names() == ["catrs", "consistency", "gaussian", "macer", "smoothadv", "smoothmix", "stability"]
-    assert model_names() == ["cifar_resnet110", "cifar_resnet20", "digits_cnn", "lenet", "resnet50"]
+    assert model_names() == ["cifar_resnet110", "cifar_resnet20", "digits_cnn", "digits_cnn_bn", "lenet", "resnet50"]
     assert {"digits", "digits_c", "synthetic", "mnist", "cifar10", "cifar10_c", "imagenet"} <= set(dataset_names())
