@@ -178,6 +178,11 @@ def with_forecasts(runs: pd.DataFrame) -> pd.DataFrame:
     return runs
 
 
+def last_epoch(runs: pd.DataFrame) -> int:
+    """The trained-out epoch of a run table: its last `trunc@E` column."""
+    return max(int(c.split("@")[1]) for c in runs.columns if c.startswith("trunc@") and not c.endswith("cost"))
+
+
 def top_agreement(figures: pd.Series, reference: pd.Series) -> int:
     return len(set(figures.nlargest(TOP).index) & set(reference.nlargest(TOP).index))
 
@@ -186,7 +191,7 @@ def table(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per fidelity: cost relative to trained out, ρ per seed averaged, ρ and top-3 of the seed means."""
     fidelities = [c for c in runs.columns if "@" in c and not c.endswith(" cost")]
     means = runs.groupby("config").mean(numeric_only=True)
-    full_cost = runs[f"trunc@{max(int(c.split('@')[1]) for c in fidelities if c.startswith('trunc'))} cost"]
+    full_cost = runs[f"trunc@{last_epoch(runs)} cost"]
     rows = []
     for name in fidelities:
         per_seed = [spearmanr(group[name], group["reference"])[0] for _, group in runs.groupby("seed")]
@@ -231,7 +236,7 @@ def top_passes(figures: np.ndarray, eta: int) -> np.ndarray:
 
 def replay(runs: pd.DataFrame, trials: int, rung: int, etas: list[int], orders: int = 400) -> pd.DataFrame:
     """The halving rules played on measured runs (see the module docstring, `--replay`)."""
-    epochs = max(int(c.split("@")[1]) for c in runs.columns if c.startswith("trunc@") and not c.endswith("cost"))
+    epochs = last_epoch(runs)
     rng = np.random.default_rng(0)
     rows = []
     for rule, passes_of in (("asha", asha_passes), ("synchronous", top_passes)):
