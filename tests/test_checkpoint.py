@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,6 +31,17 @@ def test_round_trip_rebuilds_the_same_model(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.model()(x), model(x), rtol=0, atol=0)
     assert not list(tmp_path.glob(".*tmp"))  # the temporary file was renamed away
+
+
+def test_numpy_scalars_in_the_card_or_state_are_written_as_python_numbers_so_the_checkpoint_loads(tmp_path):
+    # A seed from np.arange or a value a sampler drew is a NumPy scalar, which weights_only=True refuses.
+    card = replace(make_card("digits", sigma=0.5), config={"seed": np.int64(3), "lbd": np.float64(0.5)})
+    state = {"next_epoch": np.int64(2), "history": [{"acr": np.float32(0.25)}]}
+    path = save_checkpoint(tmp_path / "ckpt.pt", card.build_model(), card, training_state=state)
+    loaded = load_checkpoint(path)
+    assert loaded.card.config == {"seed": 3, "lbd": 0.5} and type(loaded.card.config["seed"]) is int
+    assert loaded.training_state == {"next_epoch": 2, "history": [{"acr": 0.25}]}
+    assert type(loaded.training_state["history"][0]["acr"]) is float
 
 
 def test_mismatched_dataset_or_sigma_is_an_error(tmp_path):

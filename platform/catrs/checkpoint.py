@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -98,8 +99,23 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def plain(value: Any) -> Any:
+    """`value` with every NumPy scalar inside it (a seed from `np.arange`, a value a sampler drew) made the
+    Python number it holds: `weights_only=True` refuses NumPy scalars, so a payload holding one would be written
+    and then never load again."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {key: plain(inner) for key, inner in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(inner) for inner in value)
+    return value
+
+
 def write_atomically(path: str | Path, payload: dict[str, Any]) -> Path:
-    """`torch.save`s `payload` so that a crash leaves either the old file or the new one, never a torn one."""
+    """`torch.save`s `payload` (its NumPy scalars as Python numbers, `plain`) so that a crash leaves either the
+    old file or the new one, never a torn one."""
+    payload = plain(payload)
     stored(path).write(lambda stream: torch.save(payload, stream))
     return Path(path)
 
