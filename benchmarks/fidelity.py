@@ -3,6 +3,8 @@
     cd benchmarks && ../.venv/bin/python fidelity.py --configs 24 --seeds 0 1 --csv fidelity.csv
     cd benchmarks && ../.venv/bin/python fidelity.py --from-csv fidelity.csv     (the table again, no training)
     cd benchmarks && ../.venv/bin/python fidelity.py --from-csv fidelity.csv --replay 27 --rung 1 --etas 3 9
+    cd benchmarks && ../.venv/bin/python fidelity.py --reference-from fidelity.csv --families budget warm \
+        --fractions 0.125 0.25 --csv more.csv      (other fidelities against the same reference)
 
 (From `benchmarks/`: the Ray tasks import `landscape` from the working directory.)
 
@@ -21,6 +23,10 @@ trials' soft labels), and measures on `val`:
   ends (its proxy ties across configurations), a warm one is not;
 - learning-curve forecasts from the truncated run's proxies up to epoch E, at truncation's cost: their mean
   (`mean@E`) and the line through the last three extrapolated to the last epoch (`line@E`).
+
+`--families` runs some of them (`trunc` is the truncated run and the reference every row is ranked against);
+`--reference-from CSV` takes those from an earlier `--csv` of the same space instead, so another family can
+be measured against the same reference (its costs are then relative to that file's trained-out runs).
 
 Cost is training seconds with one proxy evaluation, relative to the trained-out run's. Each fidelity's row gives
 its cost, Spearman's ρ against the reference (per seed, then averaged; and of the seed means), and how many of
@@ -125,18 +131,46 @@ def teacher_weights(spec: RunSpec, context: RunContext) -> dict[str, torch.Tenso
     return load_checkpoint(need.teacher_checkpoint or default).state_dict
 
 
+FAMILIES = ("trunc", "budget", "light", "warm")
+
+
 @ray.remote(num_cpus=1)
-def measure(space: SearchSpace, point: dict, fractions: list[float], folder: Path) -> dict:
-    """One configuration at one seed: every fidelity's figure and training cost, and the reference."""
+def measure(space: SearchSpace, point: dict, fractions: list[float], families: list[str], folder: Path) -> dict:
+    """One configuration at one seed: each asked family's figures and training costs (`trunc`: the truncated
+    run's, and the reference)."""
     torch.set_num_threads(1)
     spec = space.resolve(point)
     context = RunContext.create(cache=folder.parent / "cache", progress=False)
     soft = soft_labels_for(spec, context)
     proxy = proxy_of(space, context)
     epochs = spec.config.epochs
-    session, run, _ = timed_fit(
-        spec, folder / "full", context, soft, replace(proxy, epochs=tuple(range(1, epochs + 1)))
-    )
+    figures: dict[str, float] = {}
+    if "trunc" in families:
+        figures |= truncated_and_reference(space, spec, folder / "full", context, soft, proxy)
+    for light in (False, True):
+        if ("light" if light else "budget") not in families:
+            continue
+        for fraction in fractions:
+            name = f"{'light' if light else 'budget'}@{fraction:.3g}"
+            low, _, seconds = timed_fit(
+                budgeted(spec, fraction, light), folder / name, context, soft, replace(proxy, epochs=(epochs,))
+            )
+            figures[name], figures[f"{name} cost"] = low.reports[-1][space.metric], seconds
+    if "warm" in families:
+        weights = teacher_weights(spec, context)
+        for fraction in fractions:
+            name, began = f"warm@{fraction:.3g}", time.perf_counter()
+            warm = WarmStart(folder / name, weights)
+            fit(budgeted(spec, fraction, False), warm, context, soft, replace(proxy, epochs=(epochs,)))
+            figures[name], figures[f"{name} cost"] = warm.reports[-1][space.metric], time.perf_counter() - began
+    return figures
+
+
+def truncated_and_reference(space: SearchSpace, spec: RunSpec, out: Path, context: RunContext, soft, proxy) -> dict:
+    """The run trained out with the proxy after every epoch (`trunc@E`, each costed as training to E plus one
+    proxy), and the reference: the trained-out model certified on val with the file's final protocol."""
+    epochs = spec.config.epochs
+    session, run, _ = timed_fit(spec, out, context, soft, replace(proxy, epochs=tuple(range(1, epochs + 1))))
     began = time.perf_counter()
     proxy.metrics(proxy.rows(run.model, (0, 1)))
     proxy_seconds = time.perf_counter() - began
@@ -145,23 +179,17 @@ def measure(space: SearchSpace, point: dict, fractions: list[float], folder: Pat
     for epoch, metrics in enumerate(session.reports, start=1):
         figures[f"trunc@{epoch}"] = metrics[space.metric]
         figures[f"trunc@{epoch} cost"] = sum(per_epoch[:epoch]) + proxy_seconds
-    for light in (False, True):
-        for fraction in fractions:
-            name = f"{'light' if light else 'budget'}@{fraction:.3g}"
-            low, _, seconds = timed_fit(
-                budgeted(spec, fraction, light), folder / name, context, soft, replace(proxy, epochs=(epochs,))
-            )
-            figures[name], figures[f"{name} cost"] = low.reports[-1][space.metric], seconds
-    weights = teacher_weights(spec, context)
-    for fraction in fractions:
-        name, began = f"warm@{fraction:.3g}", time.perf_counter()
-        warm = WarmStart(folder / name, weights)
-        fit(budgeted(spec, fraction, False), warm, context, soft, replace(proxy, epochs=(epochs,)))
-        figures[name], figures[f"{name} cost"] = warm.reports[-1][space.metric], time.perf_counter() - began
-    full = RunFolder(folder / "full")
+    full = RunFolder(out)
     request = trained_out_val_request(space, full.checkpoint, full.path / "val.parquet")
     figures["reference"] = evaluation_metrics(read_results(run_certification(request, context)), "acr", "")["acr"]
     return figures
+
+
+def joined(earlier: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """`runs` beside the earlier file's figures of the same configurations and seeds (`--reference-from`); a
+    fidelity measured again replaces the earlier figure."""
+    again = [c for c in runs.columns if c in earlier.columns and c not in ("config", "seed")]
+    return earlier.drop(columns=again).merge(runs, on=["config", "seed"], validate="one_to_one")
 
 
 def with_forecasts(runs: pd.DataFrame) -> pd.DataFrame:
@@ -268,6 +296,14 @@ def main() -> None:
     parser.add_argument("--configs", type=int, default=24)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--fractions", type=float, nargs="*", default=[1 / 9, 1 / 3], help="none: truncation only")
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES), help="the fidelities to run")
+    parser.add_argument(
+        "--reference-from",
+        type=Path,
+        metavar="CSV",
+        help="take the truncated runs and the reference of these configurations and seeds from a file --csv wrote "
+        "(the same space: the same draws) and run only the other families",
+    )
     parser.add_argument("--csv", type=Path, help="also write every run's figures here")
     parser.add_argument("--from-csv", type=Path, help="print the table of a file --csv wrote; train nothing")
     parser.add_argument("--replay", type=int, metavar="TRIALS", help="with --from-csv: play halving on the runs")
@@ -284,15 +320,26 @@ def main() -> None:
             print(replay(runs, args.replay, args.rung, args.etas).to_string(float_format=lambda v: f"{v:.4f}"))
         return
     base = load_search_space(args.space)
+    earlier, families = None, args.families
+    if args.reference_from:
+        earlier = pd.read_csv(args.reference_from)
+        args.configs, args.seeds = earlier["config"].nunique(), sorted(int(s) for s in earlier["seed"].unique())
+        families = [f for f in families if f != "trunc"]
+    elif "trunc" not in families:
+        parser.error("every fidelity is ranked against the reference: add trunc, or give --reference-from")
     configs = points(base, args.configs, base.seed)
     connect()
     with tempfile.TemporaryDirectory() as folder:
         jobs = {
-            (i, seed): measure.remote(replace(base, seed=seed), point, args.fractions, Path(folder) / f"{i}-{seed}")
+            (i, seed): measure.remote(
+                replace(base, seed=seed), point, args.fractions, families, Path(folder) / f"{i}-{seed}"
+            )
             for i, point in enumerate(configs)
             for seed in args.seeds
         }
         runs = pd.DataFrame([{"config": i, "seed": seed, **ray.get(ref)} for (i, seed), ref in jobs.items()])
+    if earlier is not None:
+        runs = joined(earlier, runs)
     if args.csv:
         runs.to_csv(args.csv, index=False)
     print(

@@ -56,3 +56,15 @@ def test_a_replay_on_a_fidelity_that_ranks_perfectly_has_no_regret_and_halving_k
         assert table.loc[("synchronous", eta), "trained out"] == kept
         assert table.loc[("synchronous", eta), "equivalents"] == pytest.approx((27 + kept * 7) / 8)
         assert table.loc[("asha", eta), "trained out"] > kept
+
+
+def test_figures_measured_later_join_the_earlier_reference_row_by_row(fidelity):
+    earlier = pd.DataFrame(
+        {"config": [0, 0, 1, 1], "seed": [0, 1, 0, 1], "reference": [0.1, 0.2, 0.3, 0.4], "warm@0.25": [9.0] * 4}
+    )
+    later = pd.DataFrame({"config": [1, 0, 1, 0], "seed": [1, 1, 0, 0], "warm@0.25": [4.0, 2.0, 3.0, 1.0]})
+    runs = fidelity.joined(earlier, later).sort_values(["config", "seed"])
+    assert runs["reference"].tolist() == [0.1, 0.2, 0.3, 0.4]
+    assert runs["warm@0.25"].tolist() == [1.0, 2.0, 3.0, 4.0]  # the new figures, each on its own row
+    with pytest.raises(pd.errors.MergeError):  # a configuration measured twice is not silently doubled
+        fidelity.joined(earlier, pd.concat([later, later]))

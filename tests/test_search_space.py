@@ -118,7 +118,7 @@ def test_dry_run_resolves_and_validates_as_the_command_would_and_starts_nothing(
     demo = load_search_space(SHIPPED / "demo_digits.yaml")
     assert re.fullmatch(
         r"sweep demo_digits-\d{8}-\d{6}: catrs on digits \(digits_cnn_bn\) at σ = 0.5, searching lbd, "
-        rf"epsilon, sigma0, confidence_mask; {demo.budget.num_samples} trials, 2 at a time",
+        rf"epsilon, sigma0, confidence_mask; {demo.budget.num_samples} trials, 2 at a time, every trial trained out",
         sweep,
     ), sweep
     expected = expected_cost(demo, demo.budget.num_samples)["training_run_equivalents"]
@@ -127,6 +127,15 @@ def test_dry_run_resolves_and_validates_as_the_command_would_and_starts_nothing(
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump(VALID))
     code, out, err = run_cli("tune", "mine.yaml", "--dry-run", "--num-samples", "3")
     assert code == 0 and "sweep t: catrs on synthetic at σ = 0.25" in out and "; 3 trials, 1 at a time" in out, err
+    for budget, cut in (
+        ({"scheduler": "halving", "reduction_factor": 3}, "synchronous halving at epoch 1 (η = 3)"),
+        ({"scheduler": "asha", "first_rung": 1}, "ASHA at epoch 1 (η = 2)"),
+        ({"fidelity": "fraction", "min_fraction": 0.25}, "ASHA at 1/4, 1/2 of the steps (η = 2)"),
+    ):
+        (tmp_path / "cut.yaml").write_text(yaml.safe_dump({**VALID, "budget": budget}))
+        code, out, err = run_cli("tune", "cut.yaml", "--dry-run")
+        assert code == 0 and f"1 at a time, {cut}\n" in out, err
+    (tmp_path / "cut.yaml").unlink()
     code, _, err = run_cli("tune", "mine.yaml", "--dry-run", "--num-samples", "0")
     assert code == 2 and "--num-samples must be a positive integer" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.yaml"]  # no MLflow store, no runs/
@@ -177,7 +186,7 @@ CASES = [
     ("refit not a flag", "selection.refit", "yes", "selection.refit: expected bool"),
     ("a rung at the last epoch", "budget.first_rung", 2, "budget.first_rung: 2 is not below the last epoch (2)"),
     ("wrong type", "budget.num_samples", "many", "budget.num_samples: expected int"),
-    ("unknown scheduler", "budget.scheduler", "hyperband", "budget.scheduler: expected asha or none"),
+    ("unknown scheduler", "budget.scheduler", "hyperband", "budget.scheduler: expected asha, halving or none"),
     ("zero workers", "resources.workers", 0, "resources.workers: must be at least 1"),
     ("unknown fidelity", "budget.fidelity", "steps", "budget.fidelity: expected epochs or fraction"),
     (
@@ -188,6 +197,18 @@ CASES = [
     ),
     ("a fraction of one", "budget", {"fidelity": "fraction", "min_fraction": 1.0}, "budget.min_fraction: must be"),
     ("rungs nobody cuts", "budget", {"fidelity": "fraction", "scheduler": "none"}, "fraction needs scheduler: asha"),
+    (
+        "halving by fraction",
+        "budget",
+        {"fidelity": "fraction", "scheduler": "halving"},
+        "halving compares trials at epochs",
+    ),
+    (
+        "halving with no rung",
+        "budget",
+        {"scheduler": "halving", "first_rung": 2},
+        "budget.first_rung: 2 is not below the last epoch (2): the halving scheduler",
+    ),
 ]
 
 

@@ -211,6 +211,58 @@ def _the_ui_tells_the_story(client, parent, children, chosen):
             assert client.get_run(child.info.run_id).info.run_name.endswith(f"stopped at {stopped}")
 
 
+def _three_epoch_space(tmp_path, name: str, **changes):
+    """The tiny space, trained three epochs, under another name and with `changes`, written to a file."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**SPACE, "name": name, "train": {**SPACE["train"], "epochs": 3}, **changes}))
+    return path
+
+
+def test_synchronous_halving_waits_for_every_trial_at_a_rung_and_keeps_the_best_share(
+    ray_cluster, run_cli, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    path = _three_epoch_space(
+        tmp_path,
+        "halving",
+        selection={"top_k": 1, "images": 16},
+        # Rungs at epochs 1 and 2: four trials, then the best two, then the best one trains its third epoch.
+        budget={"num_samples": 4, "max_concurrent": 2, "scheduler": "halving", "reduction_factor": 2},
+    )
+    code, out, err = run_cli("tune", path, "--dry-run")
+    assert code == 0 and "≈ 2.33 training-run equivalents in trials" in out, err  # (4 + 2 + 1) epochs of 3
+    code, out, err = run_cli("tune", path, "--cache-dir", tmp_path / "cache")
+    assert code == 0, err
+    client = MlflowClient(resolve_tracking_uri())
+    [parent] = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        "tags.`catrs.kind` = 'sweep' and tags.`catrs.sweep` = 'halving'",
+    )
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    history = {c.info.run_id: client.get_metric_history(c.info.run_id, "val_acr") for c in children}
+    epochs = {c.info.run_id: len(client.get_metric_history(c.info.run_id, "lr")) for c in children}
+    assert sorted(epochs.values()) == [1, 1, 2, 3]
+    for rung, survivors in ((1, 2), (2, 1)):
+        reached = [run for run, trained in epochs.items() if trained >= rung]
+        figure = {run: next(m.value for m in history[run] if m.step == rung) for run in reached}
+        went_on = {run for run in reached if epochs[run] > rung}
+        assert len(went_on) == survivors and min(figure[r] for r in went_on) >= max(
+            figure[r] for r in set(reached) - went_on
+        )  # the best of the rung went on
+        # No trial trained past the rung before every trial had reported it: the rung waited for all of them.
+        last_at_rung = max(m.timestamp for run in reached for m in history[run] if m.step == rung)
+        first_past = min(m.timestamp for run in went_on for m in client.get_metric_history(run, "lr") if m.step > rung)
+        assert first_past >= last_at_rung
+    for child in children:
+        stopped = child.data.tags.get("catrs.stopped_at")
+        assert stopped == (None if epochs[child.info.run_id] == 3 else f"epoch {epochs[child.info.run_id]}")
+    assert parent.data.metrics["cost/training_run_equivalents"] == pytest.approx(7 / 3)
+    assert (
+        parent.data.tags["best_trial"]
+        == next(c for c in children if epochs[c.info.run_id] == 3).data.tags["catrs.trial_id"]
+    )  # the only trial trained out is the choice
+
+
 def test_a_killed_sweep_driver_resumes_to_the_planned_trials_without_duplicate_runs(
     ray_cluster, run_cli, tmp_path, monkeypatch
 ):
@@ -221,15 +273,12 @@ def test_a_killed_sweep_driver_resumes_to_the_planned_trials_without_duplicate_r
     import time
 
     monkeypatch.chdir(tmp_path)
-    space = {
-        **SPACE,
-        "name": "killed",
-        "train": {**SPACE["train"], "epochs": 3},
+    path = _three_epoch_space(
+        tmp_path,
+        "killed",
         # Budgeted rungs (half the steps, then all): the kill may fall mid-climb, and the climb resumes.
-        "budget": {"num_samples": 3, "max_concurrent": 1, "fidelity": "fraction", "min_fraction": 0.5},
-    }
-    path = tmp_path / "killed.yaml"
-    path.write_text(yaml.safe_dump(space))
+        budget={"num_samples": 3, "max_concurrent": 1, "fidelity": "fraction", "min_fraction": 0.5},
+    )
     client = MlflowClient(resolve_tracking_uri())
 
     def experiments() -> list[str]:

@@ -717,7 +717,8 @@ def _dry_run(args: argparse.Namespace, space: Any) -> None:
     print(f"search space: {space.path.resolve()} (valid)")
     print(
         f"sweep {space.name}: {space.method} on {space.dataset}{arch} at σ = {space.sigma:g}, searching "
-        f"{', '.join(space.search)}; {trials} trials, {space.budget.max_concurrent} at a time"
+        f"{', '.join(space.search)}; {trials} trials, {space.budget.max_concurrent} at a time, "
+        f"{space.budget.describe(space.epochs)}"
     )
     print(format_expected_cost(space, trials))
     print("dry run: nothing started")

@@ -162,8 +162,8 @@ class Ledger:
 
 def expected_cost(space: SearchSpace, trials: int) -> dict[str, float]:
     """What the file's budget should cost, in training-run equivalents and samples per image, were the
-    scheduler to keep 1/η of the trials at each rung (ASHA keeps at least that many; the first trials at a rung
-    always go on)."""
+    scheduler to keep ⌈n/η⌉ of the n trials at each rung: synchronous halving keeps exactly that many, ASHA at
+    least that many (the first trials at a rung always go on)."""
     budget, eta = space.budget, space.budget.reduction_factor
     if rungs := budget.ladder():  # each rung trained from scratch at its fraction
         equivalents = sum(math.ceil(trials / eta**k) * rung.fraction for k, rung in enumerate(rungs))

@@ -25,6 +25,7 @@ import itertools
 import math
 import re
 from dataclasses import dataclass, field, fields
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -121,26 +122,39 @@ class Final(SamplingProtocol):
 
 @dataclass(frozen=True)
 class Budget:
-    """How many trials, how many at once, and how ASHA cuts them: at epochs (`fidelity: epochs`: a trial
-    trains on and is compared after first_rung · η^k epochs) or at budgets (`fidelity: fraction`: a trial
-    trains its whole schedule in min_fraction · η^k of the steps, from scratch at each rung, and is compared
-    after each), η being `reduction_factor`."""
+    """How many trials, how many at once, and how they are cut: by ASHA (`scheduler: asha`) at epochs
+    (`fidelity: epochs`: a trial trains on and is compared after first_rung · η^k epochs) or at budgets
+    (`fidelity: fraction`: a trial trains its whole schedule in min_fraction · η^k of the steps, from scratch
+    at each rung, and is compared after each), or by synchronous halving (`scheduler: halving`, epochs only:
+    each rung waits for all its trials and keeps the best ⌈n/η⌉, `catrs.distributed.halving`), η being
+    `reduction_factor`."""
 
     num_samples: int = 8
     max_concurrent: int = 1
-    scheduler: str = "asha"  # or "none"
+    scheduler: str = "asha"  # or "halving", or "none"
     fidelity: str = "epochs"  # or "fraction"
     first_rung: int = 1  # epochs (fidelity: epochs)
     min_fraction: float = 1 / 9  # of the steps (fidelity: fraction): reduction_factor^-k
     reduction_factor: int = 2
 
     def rungs(self, epochs: int) -> list[int]:
-        """The epochs at which ASHA compares truncated trials (none without a scheduler or by fraction)."""
+        """The epochs at which the scheduler compares truncated trials (none without one, or by fraction)."""
         rungs: list[int] = []
-        if self.scheduler == "asha" and self.fidelity == "epochs":
+        if self.scheduler in ("asha", "halving") and self.fidelity == "epochs":
             while (rung := self.first_rung * self.reduction_factor ** len(rungs)) < epochs:
                 rungs.append(rung)
         return rungs
+
+    def describe(self, epochs: int) -> str:
+        """How trials are cut, in words: `catrs tune --dry-run` says it."""
+        eta = f"η = {self.reduction_factor}"
+        if ladder := self.ladder():
+            shares = ", ".join(f"{Fraction(r.fraction).limit_denominator(1000)}" for r in ladder[:-1])
+            return f"ASHA at {shares} of the steps ({eta})"
+        if rungs := self.rungs(epochs):
+            name = "synchronous halving" if self.scheduler == "halving" else "ASHA"
+            return f"{name} at epoch{'s' if len(rungs) > 1 else ''} {', '.join(map(str, rungs))} ({eta})"
+        return "every trial trained out"
 
     def ladder(self) -> tuple[Rung, ...]:
         """The fractions of the steps a trial climbs (fidelity: fraction), on ASHA's clock 1, η, …, η^k."""
@@ -426,10 +440,11 @@ def load_search_space(path: str | Path) -> SearchSpace:
         epochs = space.epochs
     except UserError as error:
         check.fail("train", str(error))
-    if space.budget.scheduler == "asha" and space.budget.fidelity == "epochs" and not space.budget.rungs(epochs):
+    budget = space.budget
+    if budget.scheduler in ("asha", "halving") and budget.fidelity == "epochs" and not budget.rungs(epochs):
         check.fail(
             "budget.first_rung",
-            f"{space.budget.first_rung} is not below the last epoch ({epochs}): ASHA "
+            f"{budget.first_rung} is not below the last epoch ({epochs}): the {budget.scheduler} scheduler "
             f"would never compare trials; lower it, or set scheduler: none",
         )
     return space
@@ -534,8 +549,8 @@ def _run_sections(check: _Checker, raw: dict[str, Any]) -> dict[str, Any]:
     resources = check.section(Resources, raw.get("resources"), "resources")
     _check_positive(check, budget, "budget", ("num_samples", "max_concurrent", "first_rung"))
     _check_positive(check, resources, "resources", ("workers",))
-    if budget.scheduler not in ("asha", "none"):
-        check.fail("budget.scheduler", f"expected asha or none, got {budget.scheduler!r}")
+    if budget.scheduler not in ("asha", "halving", "none"):
+        check.fail("budget.scheduler", f"expected asha, halving or none, got {budget.scheduler!r}")
     if budget.reduction_factor < 2:
         check.fail("budget.reduction_factor", f"must be at least 2, got {budget.reduction_factor}")
     _check_fidelity(check, budget)
@@ -550,7 +565,11 @@ def _check_fidelity(check: _Checker, budget: Budget) -> None:
     if budget.fidelity != "fraction":
         return
     if budget.scheduler != "asha":
-        check.fail("budget.fidelity", "fraction needs scheduler: asha (without one every trial would climb every rung)")
+        check.fail(
+            "budget.fidelity",
+            "fraction needs scheduler: asha (without one every trial would climb every rung; "
+            "halving compares trials at epochs)",
+        )
     eta, lowest = budget.reduction_factor, budget.min_fraction
     steps = math.log(1 / lowest, eta) if 0 < lowest < 1 else math.nan
     if not (steps >= 0.99 and abs(steps - round(steps)) < 0.01):
