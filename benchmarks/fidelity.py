@@ -147,13 +147,15 @@ def measure(space: SearchSpace, point: dict, fractions: list[float], families: l
     figures: dict[str, float] = {}
     if "trunc" in families:
         figures |= truncated_and_reference(space, spec, folder / "full", context, soft, proxy)
-    for light in (False, True):
-        if ("light" if light else "budget") not in families:
-            continue
-        for fraction in fractions:
-            name = f"{'light' if light else 'budget'}@{fraction:.3g}"
+    for family in ("budget", "light"):
+        for fraction in fractions if family in families else []:
+            name = f"{family}@{fraction:.3g}"
             low, _, seconds = timed_fit(
-                budgeted(spec, fraction, light), folder / name, context, soft, replace(proxy, epochs=(epochs,))
+                budgeted(spec, fraction, light=family == "light"),
+                folder / name,
+                context,
+                soft,
+                replace(proxy, epochs=(epochs,)),
             )
             figures[name], figures[f"{name} cost"] = low.reports[-1][space.metric], seconds
     if "warm" in families:

@@ -37,7 +37,8 @@ class SynchronousHalving(FIFOScheduler):
     def __init__(self, rungs: list[int], trials: int, reduction_factor: int, max_running: int) -> None:
         super().__init__()  # the metric and mode come from the tuner (`set_search_properties`); higher is better
         self.rungs, self.trials, self.eta, self.max_running = list(rungs), trials, reduction_factor, max_running
-        self.figures: dict[int, dict[str, float]] = {rung: {} for rung in self.rungs}  # as reported, per rung
+        # Each rung's figures as reported: Tune updates a trial's last result only after asking the scheduler.
+        self.figures: dict[int, dict[str, float]] = {rung: {} for rung in self.rungs}
         self.kept: dict[int, set[str]] = {}  # each decided rung: the trials that go on from it
         self.chosen: set[str] = set()  # started by this scheduler and not yet paused or ended
         self._deciding = False

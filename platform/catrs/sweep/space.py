@@ -25,7 +25,6 @@ import itertools
 import math
 import re
 from dataclasses import dataclass, field, fields
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from catrs.data import dataset_names
 from catrs.errors import UserError
 from catrs.models import model_names
 from catrs.sampling import SamplingProtocol
+from catrs.sweep.trial import share
 from catrs.train import Rung, RunSpec, TrainConfig, WorkerPlan, schedule_keys, searchable_keys
 
 TOP_LEVEL = {
@@ -149,8 +149,7 @@ class Budget:
         """How trials are cut, in words: `catrs tune --dry-run` says it."""
         eta = f"η = {self.reduction_factor}"
         if ladder := self.ladder():
-            shares = ", ".join(f"{Fraction(r.fraction).limit_denominator(1000)}" for r in ladder[:-1])
-            return f"ASHA at {shares} of the steps ({eta})"
+            return f"ASHA at {', '.join(share(r.fraction) for r in ladder[:-1])} of the steps ({eta})"
         if rungs := self.rungs(epochs):
             name = "synchronous halving" if self.scheduler == "halving" else "ASHA"
             return f"{name} at epoch{'s' if len(rungs) > 1 else ''} {', '.join(map(str, rungs))} ({eta})"

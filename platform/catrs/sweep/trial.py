@@ -35,12 +35,17 @@ class TrialResult:
         return stopped_at(self.metrics, epochs)
 
 
+def share(fraction: float) -> str:
+    """A budgeted rung's share of the steps as people write it: 1/9, not 0.1111."""
+    return str(Fraction(fraction).limit_denominator(1000))
+
+
 def stopped_at(last: Mapping[str, Any], epochs: int) -> str:
     """Where a trial whose last report is `last` stopped: "epoch E" (truncated training), "1/9 of the steps"
     (a rung of budgeted training), or "" if it trained out: every epoch, every step."""
     fraction = float(last.get("fraction", 1.0))
     if fraction < 1:
-        return f"{Fraction(fraction).limit_denominator(1000)} of the steps"
+        return f"{share(fraction)} of the steps"
     epoch = int(last.get("epoch", epochs))
     return f"epoch {epoch}" if epoch < epochs else ""
 
