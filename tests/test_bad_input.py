@@ -209,6 +209,19 @@ CASES = {
         ],
         "--alpha must lie",
     ),
+    # Issue 33: α ≥ ½ would pass as a certificate with inflated radii.
+    "certify with alpha 0.6": lambda tmp, good: (
+        _certify(good, tmp / "o.parquet", "--alpha", "0.6"),
+        "--alpha must lie strictly between 0 and 0.5",
+    ),
+    "certify with alpha 0.5": lambda tmp, good: (
+        _certify(good, tmp / "o.parquet", "--alpha", "0.5"),
+        "--alpha must lie strictly between 0 and 0.5",
+    ),
+    "certify with alpha nan": lambda tmp, good: (
+        _certify(good, tmp / "o.parquet", "--alpha", "nan"),
+        "--alpha must lie strictly between 0 and 0.5",
+    ),
     "unknown split": lambda tmp, good: (_certify(good, tmp / "o.parquet", "--split", "dev"), "unknown split 'dev'"),
     "missing required option": lambda tmp, good: (["certify", "--dataset", "digits"], "are required"),
     "unknown command": lambda tmp, good: (["fit"], "invalid choice"),

@@ -178,6 +178,8 @@ CASES = [
     ("point missing a key", "points_to_evaluate", [{"lbd": 1.0}], "points_to_evaluate[0]: must set exactly"),
     ("unknown objective", "objective", "accuracy", "objective: expected acr"),
     ("alpha out of range", "proxy.alpha", 1.5, "proxy.alpha: must lie strictly between"),
+    ("alpha of one half", "final.alpha", 0.5, "final.alpha: must lie strictly between 0 and 0.5"),
+    ("selection alpha above one half", "selection.alpha", 0.6, "selection.alpha: must lie strictly between 0 and 0.5"),
     ("zero proxy samples", "proxy.n", 0, "proxy.n: must be a positive integer, got 0"),
     ("negative tolerance", "final", {"adaptive": True, "tolerance": -0.1}, "final.tolerance: must lie between 0"),
     ("adaptive not a flag", "proxy.adaptive", "yes", "proxy.adaptive: expected bool"),

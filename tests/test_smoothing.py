@@ -150,7 +150,9 @@ def test_noise_streams_are_keyed_by_index_and_phase():
     assert smooth.sample_counts(x, 777, 100, indices=[0], stream=NoiseStream.VOTES).sum() == 777
 
 
-@pytest.mark.parametrize("kwargs", [dict(n0=0), dict(n=0), dict(alpha=0.0), dict(alpha=1.0), dict(batch_size=0)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(n0=0), dict(n=0), dict(alpha=0.0), dict(alpha=0.5), dict(alpha=1.0), dict(batch_size=0)]
+)
 def test_certify_rejects_impossible_sampling_settings(kwargs):
     smooth = Smooth(CoinFlip(), 2, 1.0)
     settings = dict(n0=10, n=10, alpha=0.01, batch_size=10) | kwargs

@@ -135,7 +135,10 @@ def _add_sampling_options(parser: argparse.ArgumentParser, mode: str) -> None:
         "--n", type=int, default=published.n, help=f"estimation samples per image (default {published.n:,})"
     )
     parser.add_argument(
-        "--alpha", type=float, default=published.alpha, help=f"failure probability (default {published.alpha:g})"
+        "--alpha",
+        type=float,
+        default=published.alpha,
+        help=f"failure probability, below 0.5 (default {published.alpha:g})",
     )
     parser.add_argument(
         "--batch",

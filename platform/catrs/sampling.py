@@ -35,6 +35,11 @@ MAX_TOLERANCE = 1.0  # σ: beyond it, an "adaptive" certificate would be a diffe
 # certifies is within 0.01σ of n = 10^11's). Counting needs memory for one forward pass, not for n.
 MAX_SAMPLES = 10**12
 
+# CERTIFY holds with probability 1 − α and is defined for α < ½ (Cohen et al.): its one-sided bound is the lower
+# end of a two-sided interval at 2α, so at α ≥ ½ it is a Beta quantile at the median or above: no lower bound,
+# and the radii grow with α.
+MAX_ALPHA = 0.5
+
 
 @dataclass(frozen=True)
 class SamplingProtocol:
@@ -74,8 +79,9 @@ class SamplingProtocol:
             for name in ("n0", "n", "batch")
             if getattr(self, name) > MAX_SAMPLES
         ]
-        if not 0 < self.alpha < 1:
-            found.append(("alpha", f"must lie strictly between 0 and 1, got {self.alpha}"))
+        if not 0 < self.alpha < MAX_ALPHA:
+            problem = f"must lie strictly between 0 and {MAX_ALPHA:g} (CERTIFY is defined for α < ½), got {self.alpha}"
+            found.append(("alpha", problem))
         if not (math.isfinite(self.tolerance) and 0 <= self.tolerance <= MAX_TOLERANCE):
             found.append(
                 ("tolerance", f"must lie between 0 and {MAX_TOLERANCE:g} (units of sigma), got {self.tolerance}")

@@ -33,7 +33,7 @@ from statsmodels.stats.proportion import proportion_confint
 
 from catrs.adaptive import SampleSizePlanner
 from catrs.inference import Classifier, model_device, prepare_for_inference
-from catrs.sampling import DEFAULT_INFERENCE
+from catrs.sampling import DEFAULT_INFERENCE, MAX_ALPHA
 
 ABSTAIN = -1
 
@@ -411,7 +411,7 @@ def _check_sampling(n: int, alpha: float, batch_size: int, n0: int | None = None
         raise ValueError(f"n0 must be at least 1, got {n0}")
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    if not 0 < alpha < MAX_ALPHA:
+        raise ValueError(f"alpha must lie in (0, {MAX_ALPHA:g}), got {alpha}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
