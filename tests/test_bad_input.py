@@ -169,6 +169,12 @@ def _train(tmp: Path, out: object, *extra: object) -> list[object]:
     return ["train", "--method", "gaussian", "--dataset", "synthetic", "--epochs", "1", "--out", out, *extra]
 
 
+def _train_method(tmp: Path, method: str, *sets: str) -> list[object]:
+    """`catrs train` of `method` with `--set` for each of `sets`."""
+    given = [arg for pair in sets for arg in ("--set", pair)]
+    return ["train", "--method", method, "--dataset", "synthetic", "--epochs", "1", *given, "--out", tmp / "r"]
+
+
 def run_of_other_settings(tmp, good):
     from catrs.train import TrainConfig, train
     from tests.helpers import quiet_context
@@ -241,6 +247,41 @@ CASES = {
     "train with negative workers": lambda tmp, good: (
         ["train", "--method", "gaussian", "--dataset", "synthetic", "--workers", "-1", "--out", tmp / "r"],
         "--workers and --gpus-per-worker must be",
+    ),
+    # Issue 33: a hyper-parameter out of its domain trained for minutes, then diverged.
+    "train with lbd=nan": lambda tmp, good: (
+        _train_method(tmp, "catrs", "lbd=nan"),
+        "hyper-parameter lbd must be a finite number, got nan",
+    ),
+    "train with lbd=inf": lambda tmp, good: (
+        _train_method(tmp, "stability", "lbd=inf"),
+        "hyper-parameter lbd must be a finite number, got inf",
+    ),
+    "train with a negative epsilon": lambda tmp, good: (
+        _train_method(tmp, "smoothadv", "epsilon=-1"),
+        "hyper-parameter epsilon must be at least 0, got -1.0",
+    ),
+    "train with no noises": lambda tmp, good: (
+        _train_method(tmp, "consistency", "num_noises=0"),
+        "hyper-parameter num_noises must be at least 1, got 0",
+    ),
+    "train with a mix step past the attack": lambda tmp, good: (
+        _train_method(tmp, "smoothmix", "num_steps=1", "mix_step=2"),
+        "hyper-parameter mix_step must be at most num_steps (1), got 2",
+    ),
+    "train --config with a fractional count": lambda tmp, good: (
+        [
+            "train",
+            "--config",
+            _written(tmp / "c.yaml", "method: catrs\ndataset: synthetic\nmethod_config: {num_noises: 2.5}\n"),
+            "--out",
+            tmp / "r",
+        ],
+        "hyper-parameter num_noises=2.5 is not a valid int",
+    ),
+    "a search space whose fixed value leaves its domain": lambda tmp, good: (
+        ["tune", _space_with(tmp, DEMO_LINES.replace("num_noises: 4 ", "num_noises: 0 ")), "--dry-run"],
+        "fixed: hyper-parameter num_noises must be at least 1, got 0",
     ),
     "train with a non-positive lr": lambda tmp, good: (
         ["train", "--method", "gaussian", "--lr", "0", "--out", tmp / "r"],

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import re
+from dataclasses import fields
+
 import numpy as np
 import pytest
 import torch
@@ -49,6 +53,60 @@ def test_registry_has_the_seven_methods_and_names_them_on_error():
         trainables.get("catrs").make_config({"lambda": 1.0})
     config = trainables.get("catrs").make_config({"lbd": "2.5", "num_noises": "8", "confidence_mask": "true"})
     assert (config.lbd, config.num_noises, config.confidence_mask) == (2.5, 8, True)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_float_hyper_parameter_must_be_finite(name):
+    method = trainables.get(name)
+    floats = [f.name for f in fields(method.config_type) if f.type in ("float", float)]
+    for field_name, value in itertools.product(floats, ("nan", "inf", float("-inf"))):
+        with pytest.raises(ValueError, match=f"hyper-parameter {field_name} must be a finite number"):
+            method.make_config({field_name: value})
+
+
+# (method, overrides, what the refusal says): each method's domains (docs/methods.md's tables).
+OUT_OF_DOMAIN = [
+    ("catrs", {"lbd": 0.0}, "lbd must be positive, got 0.0"),
+    ("catrs", {"epsilon": -0.5}, "epsilon must be at least 0"),
+    ("catrs", {"num_noises": 0}, "num_noises must be at least 1"),
+    ("catrs", {"num_steps": -1}, "num_steps must be at least 0"),
+    ("catrs", {"sigma0": 0.0}, "sigma0 must be positive"),
+    ("catrs", {"teacher_noises": 0}, "teacher_noises must be at least 1"),
+    ("consistency", {"lbd": -1.0}, "lbd must be positive"),
+    ("consistency", {"eta": -0.1}, "eta must be at least 0"),
+    ("consistency", {"num_noises": 0}, "num_noises must be at least 1"),
+    ("macer", {"lbd": 0.0}, "lbd must be positive"),
+    ("macer", {"gamma": 0.0}, "gamma must be positive"),
+    ("macer", {"beta": -16.0}, "beta must be positive"),
+    ("macer", {"num_noises": 0}, "num_noises must be at least 1"),
+    ("smoothadv", {"epsilon": -1.0}, "epsilon must be at least 0"),
+    ("smoothadv", {"num_noises": 0}, "num_noises must be at least 1"),
+    ("smoothadv", {"num_steps": -1}, "num_steps must be at least 0"),
+    ("smoothadv", {"warmup": -1}, "warmup must be at least 0"),
+    ("smoothmix", {"eta": -5.0}, "eta must be at least 0"),
+    ("smoothmix", {"alpha": -1.0}, "alpha must be at least 0"),
+    ("smoothmix", {"num_noises": 0}, "num_noises must be at least 1"),
+    ("smoothmix", {"mix_step": -1}, "mix_step must be at least 0"),
+    ("smoothmix", {"num_steps": 1, "mix_step": 2}, "mix_step must be at most num_steps (1), got 2"),
+    ("stability", {"lbd": 0.0}, "lbd must be positive"),
+    ("catrs", {"num_noises": 2.5}, "num_noises=2.5 is not a valid int"),
+    ("catrs", {"num_noises": float("inf")}, "num_noises=inf is not a valid int"),
+    ("catrs", {"lbd": True}, "lbd=True is not a valid float"),
+]
+
+
+@pytest.mark.parametrize("name,overrides,message", OUT_OF_DOMAIN, ids=[f"{c[0]}-{c[1]}" for c in OUT_OF_DOMAIN])
+def test_hyper_parameters_out_of_their_domain_are_refused(name, overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        trainables.get(name).make_config(overrides)
+
+
+def test_the_edges_of_each_domain_are_accepted():
+    """What the domains keep: the variants docs/methods.md names (no search, no warm-up, the clean mix start)."""
+    trainables.get("catrs").make_config({"num_steps": 0, "epsilon": 0.0, "eps_double_epoch": -1})
+    trainables.get("smoothadv").make_config({"num_steps": 0, "warmup": 0})
+    trainables.get("smoothmix").make_config({"num_steps": 0, "mix_step": 0, "eta": 0.0})
+    assert trainables.get("catrs").make_config({"num_noises": 4.0}).num_noises == 4
 
 
 # --- CAT-RS ------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ every module of `trainables` at its first lookup, so a new method is one new fil
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
@@ -94,16 +95,40 @@ class Method:
 METHODS: Registry[Method] = Registry("training method", "trainables")
 
 
+def check_domains(
+    config: Any, *, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (), counts: tuple[str, ...] = ()
+) -> None:
+    """Refuses (ValueError naming the field) a config whose numbers leave their domains: every float must be
+    finite (a NaN weight trains for minutes, then diverges), `positive` ones above 0, `non_negative` ones at
+    least 0, `counts` (how many noises, steps, votes) at least 1. A method's `__post_init__` calls it, so
+    neither `--set` nor a sweep file nor code builds a config outside them."""
+    for field in fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"hyper-parameter {field.name} must be a finite number, got {value}")
+    rules = (
+        (positive, "positive", lambda v: v > 0),
+        (non_negative, "at least 0", lambda v: v >= 0),
+        (counts, "at least 1", lambda v: v >= 1),
+    )
+    for names, wanted, holds in rules:
+        for name in names:
+            if not holds(value := getattr(config, name)):
+                raise ValueError(f"hyper-parameter {name} must be {wanted}, got {value}")
+
+
 def _coerce(name: str, value: Any, kind: type) -> Any:
     """Command-line strings into the config field's type; a value that does not fit is a ValueError naming it."""
     spelled_bool = {"1", "true", "yes", "on", "0", "false", "no", "off"}
     if kind is bool and isinstance(value, str) and value.lower() in spelled_bool:
         return value.lower() in {"1", "true", "yes", "on"}
     try:
-        if kind is bool and not isinstance(value, bool):
+        if (kind is bool) != isinstance(value, bool):  # int(True) is 1, and bool("no") is True
+            raise ValueError
+        if kind is int and isinstance(value, float) and not value.is_integer():  # int(2.5) is a silent 2
             raise ValueError
         return kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise ValueError(f"hyper-parameter {name}={value!r} is not a valid {kind.__name__}") from None
 
 

@@ -35,6 +35,7 @@ from trainables.base import (
     StepContext,
     StepOutput,
     accuracy,
+    check_domains,
     draw_noises,
     forward_copies,
     frozen_eval,
@@ -63,8 +64,13 @@ class CatrsConfig:
     def __post_init__(self) -> None:
         if self.soft_labels not in SOFT_LABEL_SOURCES:
             raise ValueError(f"soft_labels must be one of {', '.join(SOFT_LABEL_SOURCES)}, got {self.soft_labels!r}")
-        if self.num_noises < 1 or self.num_steps < 0 or self.epsilon < 0 or self.sigma0 <= 0:
-            raise ValueError("catrs needs num_noises ≥ 1, num_steps ≥ 0, epsilon ≥ 0 and sigma0 > 0")
+        # eps_double_epoch takes any epoch (negative: never); T = 0 is the variant without a search.
+        check_domains(
+            self,
+            positive=("lbd", "sigma0"),
+            non_negative=("epsilon", "num_steps"),
+            counts=("num_noises", "teacher_noises"),
+        )
 
 
 def pixel_mean(t: Tensor) -> Tensor:

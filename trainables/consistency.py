@@ -21,6 +21,7 @@ from trainables.base import (
     StepContext,
     StepOutput,
     accuracy,
+    check_domains,
     draw_noises,
     forward_copies,
     kl_to_target,
@@ -32,6 +33,9 @@ class ConsistencyConfig:
     lbd: float = 10.0  # CIFAR-10 σ = 0.5 (20 / 10 / 10 at σ = 0.25 / 0.5 / 1.0; MNIST 10 / 5 / 5)
     eta: float = 0.5
     num_noises: int = 2
+
+    def __post_init__(self) -> None:
+        check_domains(self, positive=("lbd",), non_negative=("eta",), counts=("num_noises",))
 
 
 def consistency_terms(logits: Tensor) -> tuple[Tensor, Tensor]:

@@ -17,7 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainables.base import METHODS, Batch, Method, StepContext, StepOutput, accuracy, draw_noises, forward_copies
+from trainables.base import (
+    METHODS,
+    Batch,
+    Method,
+    StepContext,
+    StepOutput,
+    accuracy,
+    check_domains,
+    draw_noises,
+    forward_copies,
+)
 
 
 @dataclass(frozen=True)
@@ -27,6 +37,10 @@ class MacerConfig:
     beta: float = 16.0
     num_noises: int = 16
     deferred: bool = False
+
+    def __post_init__(self) -> None:
+        # γ ≤ 0 leaves L_rob nothing to reward (ξ ≥ 0 wherever it applies); β ≤ 0 flattens or inverts the votes q.
+        check_domains(self, positive=("lbd", "gamma", "beta"), counts=("num_noises",))
 
 
 def macer_margin(logits: Tensor, y: Tensor, beta: float, gamma: float) -> tuple[Tensor, Tensor]:

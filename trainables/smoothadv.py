@@ -24,6 +24,7 @@ from trainables.base import (
     StepContext,
     StepOutput,
     accuracy,
+    check_domains,
     draw_noises,
     forward_copies,
     frozen_eval,
@@ -39,6 +40,10 @@ class SmoothAdvConfig:
     num_noises: int = 8
     num_steps: int = 10
     warmup: int = 10  # epochs over which ε grows linearly to its value
+
+    def __post_init__(self) -> None:
+        # T = 0 or ε = 0 is Gaussian training on the m noises; warmup 0 starts at the full ε.
+        check_domains(self, non_negative=("epsilon", "num_steps", "warmup"), counts=("num_noises",))
 
 
 def warmed_up_epsilon(config: SmoothAdvConfig, epoch: int) -> float:

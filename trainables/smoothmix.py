@@ -26,6 +26,7 @@ from trainables.base import (
     StepContext,
     StepOutput,
     accuracy,
+    check_domains,
     draw_noises,
     forward_copies,
     frozen_eval,
@@ -45,6 +46,13 @@ class SmoothMixConfig:
     num_steps: int = 4
     alpha: float = 1.0
     mix_step: int = 1
+
+    def __post_init__(self) -> None:
+        check_domains(self, non_negative=("eta", "num_steps", "alpha", "mix_step"), counts=("num_noises",))
+        if self.mix_step > self.num_steps:  # the mix starts at one of the attack's iterates x_0 … x_T
+            raise ValueError(
+                f"hyper-parameter mix_step must be at most num_steps ({self.num_steps}), got {self.mix_step}"
+            )
 
 
 def smoothmix_iterates(

@@ -13,12 +13,15 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.base import METHODS, Batch, Method, StepContext, StepOutput, accuracy, noisy
+from trainables.base import METHODS, Batch, Method, StepContext, StepOutput, accuracy, check_domains, noisy
 
 
 @dataclass(frozen=True)
 class StabilityConfig:
     lbd: float = 2.0  # CIFAR-10 σ = 0.5 (2 / 2 / 1 at σ = 0.25 / 0.5 / 1.0; MNIST 2)
+
+    def __post_init__(self) -> None:
+        check_domains(self, positive=("lbd",))
 
 
 def stability_loss(model: nn.Module, batch: Batch, config: StabilityConfig, context: StepContext) -> StepOutput:
