@@ -348,6 +348,24 @@ CASES = {
         _train(tmp, tmp / "r", "--device", "cuda:999"),
         "--device cuda:999: no such device here",
     ),
+    # Issue 33: a precision the device lacks created a FAILED run and a folder first; a name said one format and
+    # the file held another.
+    "train --precision fp16 on a CPU": lambda tmp, good: (
+        _train(tmp, tmp / "r", "--precision", "fp16", "--device", "cpu"),
+        "--precision fp16 trains on CUDA only; on cpu use bf16 or fp32",
+    ),
+    "--out named as CSV": lambda tmp, good: (
+        _certify(good, tmp / "results.csv"),
+        "--out results.csv: catrs writes results as Parquet or TSV, not CSV; name it results.parquet or results.tsv",
+    ),
+    "--out named .parquet, --format tsv": lambda tmp, good: (
+        _certify(good, tmp / "x.parquet", "--format", "tsv"),
+        "--out x.parquet names a parquet file, but --format tsv was given: name it x.tsv, or leave --format out",
+    ),
+    "--out named .tsv, --format parquet": lambda tmp, good: (
+        _certify(good, tmp / "x.tsv", "--format", "parquet"),
+        "--out x.tsv names a tsv file, but --format parquet was given",
+    ),
     "--max 0": lambda tmp, good: (_certify(good, tmp / "o.parquet", "--max", "0"), "--max must be a positive integer"),
     "--max -1": lambda tmp, good: (_certify(good, tmp / "o.parquet", "--max", "-1"), "leave it out for every image"),
     "--checkpoint naming a run folder": lambda tmp, good: (

@@ -116,6 +116,16 @@ def test_tsv_output_is_the_research_format_and_resumes(run_cli, digits_checkpoin
     assert "radius (ℓ∞)" in text and f"{0.25 / 8:.4f}" in text  # digits: d = 64, r/√d
 
 
+def test_a_name_that_says_no_format_takes_format(run_cli, digits_checkpoint, tmp_path):
+    """Cohen et al.'s names (`sigma_0.50`) say no format: --format decides, Parquet without it; read back either way."""
+    code, _, err = certify(run_cli, digits_checkpoint, tmp_path / "sigma_0.50", "--max", "2", "--format", "tsv")
+    assert code == 0, err
+    assert (tmp_path / "sigma_0.50").read_text().splitlines()[0].split("\t") == CERTIFY_COLUMNS
+    code, _, err = certify(run_cli, digits_checkpoint, tmp_path / "cert", "--max", "2")
+    assert code == 0, err
+    assert (tmp_path / "cert").read_bytes()[:4] == b"PAR1"
+
+
 def test_predict_writes_predictions(run_cli, digits_checkpoint, tmp_path):
     out = tmp_path / "pred.parquet"
     code, _, err = run_cli(

@@ -31,7 +31,7 @@ from catrs.errors import UserError
 from catrs.faults import inject
 from catrs.inference import check_pass_fits, describe_device, pick_device
 from catrs.ownership import claim
-from catrs.results import ADAPTIVE_COLUMNS, CORRUPTION_COLUMNS, ResultRow, ResultWriter
+from catrs.results import ADAPTIVE_COLUMNS, CORRUPTION_COLUMNS, ResultRow, ResultWriter, output_format
 from catrs.sampling import DEFAULT_INFERENCE, INFERENCE_MODES, Mode, SamplingProtocol
 from catrs.smoothing import Smooth
 from catrs.storage import Stored
@@ -231,7 +231,7 @@ def prepare_certification(request: CertifyRequest, context: RunContext) -> Prepa
         "device": describe_device(pick_device(context.device)),  # the queue's workers may set theirs
     }
     extra = (CORRUPTION_COLUMNS if spec.base else ()) + (ADAPTIVE_COLUMNS if settings.protocol.adaptive else ())
-    writer = ResultWriter(request.out, provenance, request.output_format, extra_columns=extra)
+    writer = ResultWriter(request.out, provenance, output_format(request.out, request.output_format), extra)
     dataset = get_dataset(request.dataset, request.split, context.data_root, context.download)
     selected = select_positions(len(dataset), request.skip, request.max_index)
     return PreparedCertification(request, checkpoint, provenance, writer, dataset, selected)

@@ -376,6 +376,7 @@ def _run_train(args: argparse.Namespace) -> None:
     # Every refusal before the MLflow run starts: the folder, a run of other settings in it, the data.
     check_run_folder(spec, args.out)
     data = _training_split(args, config, context)
+    _check_precision(args, config.precision)
     with claimed_run(spec, args.out):
         tracker = Tracker(context.tracking_uri, spool=args.out / "mlflow-pending")  # unusable: fails before work
         tags = run_tags("train", config.method, config.dataset, config.sigma)
@@ -401,6 +402,24 @@ def _training_split(args: argparse.Namespace, config: Any, context: Any) -> Any:
         if capacity().accelerated:
             return facts_on_a_worker(config.dataset, (config.train_split,), context)[config.train_split]
     return split_facts(config.dataset, config.train_split, context.data_root, context.download)
+
+
+def _check_precision(args: argparse.Namespace, precision: str) -> None:
+    """The precision on the device the run trains on — this process's, or its Ray workers' (a GPU each where
+    the plan or the cluster gives one; Ray is connected by now) — checked before the run's folder and MLflow
+    run exist (the training loop's own check comes after both)."""
+    import torch
+
+    from catrs.inference import check_precision, pick_device
+
+    if not args.workers:
+        check_precision(precision, pick_device(args.device))
+        return
+    from catrs.distributed.train import gpus_of
+    from catrs.train import WorkerPlan
+
+    gpus = gpus_of(WorkerPlan(args.workers, args.gpus_per_worker, args.cpus_per_worker))
+    check_precision(precision, torch.device("cuda" if gpus else "cpu"))
 
 
 def _log_model(tracker: Any, run_id: str, checkpoint: Path, example: Any) -> None:

@@ -121,6 +121,12 @@ def check_device(requested: str) -> str:
     return requested
 
 
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuses a training precision `device` cannot run: fp16's loss scaling (`torch.amp.GradScaler`) is CUDA's."""
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError(f"--precision fp16 trains on CUDA only; on {device} use bf16 or fp32")
+
+
 def check_pass_fits(batch: int, input_dim: int, device: torch.device) -> None:
     """Refuses a forward pass whose noisy inputs alone (float32, and the channels-last copy) would not fit in
     the device's free memory: a clear error before any work, not an out-of-memory error in the middle."""

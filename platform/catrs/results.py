@@ -73,6 +73,13 @@ IDENTITY_KEYS = [
 # What files written before a key existed hold: fixed-n CERTIFY, which gives up no radius.
 IDENTITY_DEFAULTS = {"procedure": "fixed", "tolerance": 0.0}
 FORMATS = ("parquet", "tsv")
+# What a name's suffix says of its format; an output named without one of these is Parquet unless --format says
+# TSV (Cohen et al.'s result files are named like `sigma_0.50`, whose ".50" says nothing).
+SUFFIX_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".tsv": "tsv", ".txt": "tsv", ".tab": "tsv"}
+# Names that say a format catrs does not write: an output so named is refused, not written as Parquet under it.
+FOREIGN_SUFFIXES = frozenset(
+    {".csv", ".json", ".jsonl", ".xlsx", ".xls", ".feather", ".arrow", ".orc", ".avro", ".h5", ".hdf5", ".pkl", ".npz"}
+)
 _PARQUET_MAGIC = b"PAR1"
 FLUSH_SECONDS = 5.0
 
@@ -103,7 +110,30 @@ def detect_format(path: str | Path | Stored, requested: str | None = None) -> st
         if requested not in FORMATS:
             raise UserError(f"unknown result format {requested!r}; choose one of: {', '.join(FORMATS)}")
         return requested
-    return "tsv" if Path(stored(path).name).suffix.lower() in {".tsv", ".txt", ".tab"} else "parquet"
+    return SUFFIX_FORMATS.get(_suffix(path), "parquet")
+
+
+def output_format(path: str | Path | Stored, requested: str | None = None) -> str:
+    """The format an output is written in, refused before any work where its name says another: a name of a
+    format catrs does not write (`results.csv`), or a `--format` its suffix contradicts (`x.parquet` as TSV,
+    which every later read would call foreign)."""
+    name, suffix = stored(path).name, _suffix(path)
+    if suffix in FOREIGN_SUFFIXES:
+        raise UserError(
+            f"--out {name}: catrs writes results as Parquet or TSV, not {suffix[1:].upper()}; "
+            f"name it {Path(name).stem}.parquet or {Path(name).stem}.tsv"
+        )
+    chosen, named = detect_format(path, requested), SUFFIX_FORMATS.get(suffix)
+    if named is not None and named != chosen:
+        raise UserError(
+            f"--out {name} names a {named} file, but --format {chosen} was given: "
+            f"name it {Path(name).stem}.{chosen}, or leave --format out"
+        )
+    return chosen
+
+
+def _suffix(path: str | Path | Stored) -> str:
+    return Path(stored(path).name).suffix.lower()
 
 
 def _parse_time(column: pd.Series) -> pd.Series:
@@ -145,8 +175,9 @@ def read_results(path: str | Path | Stored) -> pd.DataFrame:
 
 
 def _parse(path: Stored, data: bytes) -> pd.DataFrame:
-    """The bytes as a table: Parquet by its magic number, else the research TSV if they are text."""
-    if data[:4] != _PARQUET_MAGIC and detect_format(path) == "parquet":
+    """The bytes as a table: Parquet by its magic number, else the research TSV if they are text — unless the
+    name says Parquet (a name that says nothing, `sigma_0.50`, may hold either)."""
+    if data[:4] != _PARQUET_MAGIC and SUFFIX_FORMATS.get(_suffix(path)) == "parquet":
         raise UserError(f"{path} is not a Parquet file (its first bytes are not PAR1): truncated or foreign")
     try:
         if data[:4] == _PARQUET_MAGIC:
