@@ -68,6 +68,15 @@ def checkpoint_of_another_arch(tmp, good):
     return _certify(tmp / "liar.pt", tmp / "o.parquet"), "do not fit architecture lenet"
 
 
+def diverged_checkpoint(tmp, good):
+    card = make_card()
+    model = card.build_model()
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    save_checkpoint(tmp / "nan.pt", model, card)
+    return _certify(tmp / "nan.pt", tmp / "o.parquet"), "checkpoint weights are not finite (NaN or infinity in"
+
+
 def missing_data_directory(tmp, good):
     card = make_card("mnist")
     save_checkpoint(tmp / "mnist.pt", card.build_model(), card)
@@ -188,6 +197,7 @@ CASES = {
     "foreign checkpoint": foreign_checkpoint,
     "malicious pickle": malicious_checkpoint,
     "checkpoint of another architecture": checkpoint_of_another_arch,
+    "checkpoint of a diverged run": diverged_checkpoint,
     "missing data directory": missing_data_directory,
     "data of the wrong shape": data_of_the_wrong_shape,
     "output with other provenance": output_with_other_provenance,

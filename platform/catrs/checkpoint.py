@@ -81,6 +81,9 @@ class Checkpoint:
     training_state: dict[str, Any] | None = None
 
     def model(self, device: torch.device | str = "cpu") -> nn.Module:
+        """The network with these weights, in eval mode on `device`; weights that do not fit the architecture, or
+        that are not all finite, are refused."""
+        self.check_finite()
         model = self.card.build_model()
         try:
             model.load_state_dict(self.state_dict)
@@ -88,6 +91,21 @@ class Checkpoint:
             first_line = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
             raise UserError(f"checkpoint weights do not fit architecture {self.card.arch}: {first_line}") from None
         return model.to(device).eval()
+
+    def check_finite(self) -> None:
+        """Refuses NaN or infinite weights (a diverged run's): every noisy sample of such a network votes for the
+        class argmax makes of NaN logits, so it would be certified as a constant classifier, with no word why."""
+        broken = [
+            name
+            for name, tensor in self.state_dict.items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+        ]
+        if broken:
+            more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
+            raise UserError(
+                f"checkpoint weights are not finite (NaN or infinity in {broken[0]}{more}): the training that "
+                f"wrote them diverged; train again (a lower --lr) or use another checkpoint"
+            )
 
 
 def unwrap(model: nn.Module) -> nn.Module:
