@@ -172,6 +172,16 @@ def _space_with(tmp: Path, text: str) -> Path:
 
 
 DEMO_LINES = (Path(__file__).parents[1] / "search_spaces" / "demo_digits.yaml").read_text()
+SMALL_SPACE = """name: small
+method: catrs
+dataset: synthetic
+sigma: 0.25
+train: {{epochs: 2, batch_size: 64}}
+fixed: {fixed}
+search: {{lbd: {{loguniform: [0.5, 2.0]}}}}
+objective: acr
+proxy: {{n: 64, images: 16}}
+"""
 
 
 def _train(tmp: Path, out: object, *extra: object) -> list[object]:
@@ -290,8 +300,8 @@ CASES = {
         "hyper-parameter num_noises=2.5 is not a valid int",
     ),
     "a search space whose fixed value leaves its domain": lambda tmp, good: (
-        ["tune", _space_with(tmp, DEMO_LINES.replace("num_noises: 4 ", "num_noises: 0 ")), "--dry-run"],
-        "fixed: hyper-parameter num_noises must be at least 1, got 0",
+        ["tune", _space_with(tmp, SMALL_SPACE.format(fixed="{num_steps: -1}")), "--dry-run"],
+        "fixed: hyper-parameter num_steps must be at least 0, got -1",
     ),
     "train with a non-positive lr": lambda tmp, good: (
         ["train", "--method", "gaussian", "--lr", "0", "--out", tmp / "r"],
@@ -436,6 +446,15 @@ CASES = {
         ["report", REFERENCE_TSV, "--linf"],
         "--linf needs the data set's input size",
     ),
+    # Issue 33: --linf took --dataset's input size over the one a file records.
+    "report --linf with a --dataset the file contradicts": lambda tmp, good: (
+        ["report", _recording(tmp / "d.parquet", "digits"), "--linf", "--dataset", "cifar10"],
+        "--dataset cifar10 contradicts",
+    ),
+    "report --linf of results of two input sizes": lambda tmp, good: (
+        ["report", _recording(tmp / "d.parquet", "digits"), _recording(tmp / "m.parquet", "mnist"), "--linf"],
+        "--linf: the results are of data sets of other input sizes (digits d=64, mnist d=784)",
+    ),
     # Look-ups create nothing; refusals leave no MLflow run.
     "a registered model in a store that does not exist": lambda tmp, good: (
         _certify("models:/demo@champion", tmp / "o.parquet", "--tracking-uri", f"sqlite:///{tmp}/none/mlflow.db"),
@@ -447,6 +466,14 @@ CASES = {
     ),
     "train into a folder of another run": run_of_other_settings,
 }
+
+
+def _recording(path: Path, dataset: str) -> Path:
+    """Result rows as Parquet that records the data set they are of."""
+    from catrs.results import read_results
+
+    read_results(REFERENCE_TSV).head(5).assign(dataset=dataset).to_parquet(path)
+    return path
 
 
 def _written(path: Path, text: str) -> Path:

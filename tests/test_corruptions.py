@@ -175,8 +175,12 @@ def test_table3_compares_results_per_corruption_with_the_best_of_every_row_marke
 
     pixels = matplotlib.image.imread(plot)
     assert pixels.shape[0] > 200 and pixels.std() > 0.05  # not a blank canvas
-    table = json.loads(run_cli("report", *two_corruption_results, "--json")[1])
-    assert table["accuracy"]["B"]["frost"] is None and table["acr"]["A"]["mACR"] == pytest.approx(0.925 / 3)
+    reports = json.loads(run_cli("report", *two_corruption_results, "--json")[1])
+    assert "frost" not in reports["B"]["corruptions"] and reports["A"]["mACR"] == pytest.approx(0.925 / 3)
+    # Each result says what it covers: fog at two severities, the others at one of them.
+    assert reports["A"]["coverage"]["missing"] == {"snow": [2], "frost": [2]}
+    assert reports["B"]["coverage"]["corruptions"] == {"fog": [1, 2], "snow": [1]}
+    assert "A: partial: 3 corruptions at severities 1–2; missing severity 2 of snow; severity 2 of frost" in out
 
 
 def test_table3_refuses_to_mix_corruption_and_clean_results(run_cli, two_corruption_results, tmp_path):

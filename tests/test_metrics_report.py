@@ -262,7 +262,9 @@ def test_report_reads_an_mlflow_run(run_cli, digits_checkpoint, tmp_path):
     code, text, err = run_cli("report", run.info.run_id, out, "--json")
     assert code == 0, err
     rows = json.loads(text)
-    assert rows[run.info.run_name] == rows["cert"]  # the same results, from the store and from the file
+    from_store, from_file = rows[run.info.run_name], rows["cert"]
+    assert from_store.pop("path").startswith(f"runs:/{run.info.run_id}/results/") and from_file.pop("path") == str(out)
+    assert from_store == from_file  # the same results and provenance, from the store and from the file
 
 
 def test_results_with_the_same_file_name_are_told_apart_by_their_folder(run_cli, tmp_path):

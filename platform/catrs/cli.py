@@ -275,9 +275,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="with --sweep: the radius of the certified accuracy on the frontier (default 0.5)",
     )
     report.add_argument("--radii", type=_non_negative_float, nargs="+", default=None)
-    report.add_argument("--json", action="store_true", help="print one JSON object (one per source)")
+    report.add_argument(
+        "--json", action="store_true", help="print a source's report as one JSON object; several: {label: that object}"
+    )
     report.add_argument("--linf", action="store_true", help="also show the ℓ∞ radii r/√d")
-    report.add_argument("--dataset", default=None, help="data set of a TSV file (for the ℓ∞ view)")
+    report.add_argument(
+        "--dataset", default=None, help="the data set of results that record none, such as a research TSV (for --linf)"
+    )
     report.add_argument("--markdown", action="store_true", help="the comparison table as Markdown")
     report.add_argument("--latex", action="store_true", help="the comparison table as LaTeX")
     report.add_argument(
@@ -569,8 +573,8 @@ def _checkpoint_file(given: str, context: Any) -> Path:
 
 
 def _run_report(args: argparse.Namespace) -> None:
-    from catrs.metrics import DEFAULT_RADII, linf_radius
-    from catrs.report import build_report, comparison_table, format_comparison, format_report, load_sources
+    from catrs.metrics import DEFAULT_RADII
+    from catrs.report import comparison_input_dim, comparison_table, format_comparison, load_sources
 
     radii = args.radii or DEFAULT_RADII
     if args.plot is not None:
@@ -580,35 +584,69 @@ def _run_report(args: argparse.Namespace) -> None:
         return
     if not args.sources:
         raise UserError("give result files or MLflow run ids to report on, or --sweep PARENT_RUN_ID")
-    if len(args.sources) == 1 and not (args.markdown or args.latex or args.plot) and Path(args.sources[0]).exists():
-        report = build_report(args.sources[0], radii, args.dataset)
-        if args.linf and "linf_radius" not in report:
-            raise UserError(f"--linf needs the data set's input size: {args.sources[0]} names none; add --dataset NAME")
-        print(json.dumps(report) if args.json else format_report(report, linf=args.linf))
-        return
-    frames = load_sources(args.sources, args.tracking_uri)
-    if any("corruption" in frame.columns for frame in frames.values()):
-        _report_corruptions(args, frames)
-        return
-    table = comparison_table(frames, radii)
+    sources = load_sources(args.sources, args.tracking_uri)
+    frames = {label: source.frame for label, source in sources.items()}
+    single = len(sources) == 1 and not (args.markdown or args.latex or args.plot)
+    table3 = not single and _compares_corruptions(args, frames)
+    dim = comparison_input_dim(sources, args.dataset) if args.linf else None  # refused before any plot
     if args.plot:
-        from catrs.plots import plot_certified_accuracy
-
-        plot_certified_accuracy(frames, args.plot)
-    if args.json:
-        print(json.dumps({label: row.to_dict() for label, row in table.iterrows()}))
-        return
-    style = _table_style(args)
-    linf = None
-    if args.linf:
-        from catrs.data import dataset_spec
-
-        if not args.dataset:
-            raise UserError("--linf needs --dataset NAME to know the input dimension")
-        linf = {f"{r:.2f}": float(linf_radius(r, dataset_spec(args.dataset).input_dim)) for r in radii}
-    print(format_comparison(table, style, linf))
+        _plot_results(frames, table3, args.plot)
+    if args.json or single:
+        _print_reports(args, sources, radii)
+    elif table3:
+        _report_corruptions(args, sources)
+    else:
+        print(format_comparison(comparison_table(frames, radii), _table_style(args), _linf_row(radii, dim)))
     if args.plot:
         print(f"plot: {args.plot}")
+
+
+def _print_reports(args: argparse.Namespace, sources: dict[str, Any], radii: Any) -> None:
+    """Each result's report: one source's as text or one JSON object, several as {label: that object}, so
+    that a source's figures read the same (fractions, keys, provenance) alone or beside others."""
+    from catrs.report import format_report, source_report
+
+    reports = {label: source_report(source, radii, args.dataset) for label, source in sources.items()}
+    if not args.json:
+        print(format_report(next(iter(reports.values())), linf=args.linf))
+    else:
+        print(json.dumps(next(iter(reports.values())) if len(reports) == 1 else reports))
+
+
+def _compares_corruptions(args: argparse.Namespace, frames: dict[str, Any]) -> bool:
+    """Whether the comparison is the paper's Table 3 (results of `certify --corruptions`); refuses clean
+    results among them, and --linf (the table is accuracy at r = 0 and ACR)."""
+    if not any("corruption" in frame.columns for frame in frames.values()):
+        return False
+    clean = [label for label, frame in frames.items() if "corruption" not in frame.columns]
+    if clean:
+        raise UserError(
+            f"{', '.join(clean)} holds no corruption rows; compare results of `certify --corruptions` "
+            f"with each other, and clean results with each other"
+        )
+    if args.linf:
+        raise UserError("--linf does not apply to corruption results (their table is accuracy at r = 0 and ACR)")
+    return True
+
+
+def _plot_results(frames: dict[str, Any], table3: bool, path: Path) -> None:
+    """The certified-accuracy curves, or for corruption results the bars of accuracy per corruption."""
+    if table3:
+        from catrs.plots import plot_corruption_accuracy
+        from catrs.report import corruption_comparison
+
+        plot_corruption_accuracy(corruption_comparison(frames)[0], path)
+    else:
+        from catrs.plots import plot_certified_accuracy
+
+        plot_certified_accuracy(frames, path)
+
+
+def _linf_row(radii: Any, dim: int | None) -> dict[str, float] | None:
+    """The ℓ∞ radius r/√d under each radius of a comparison (None: no ℓ∞ row)."""
+    from catrs.metrics import linf_radius
+
+    return None if dim is None else {f"{r:.2f}": float(linf_radius(r, dim)) for r in radii}
 
 
 def _check_plot(path: Path) -> None:
@@ -672,36 +710,25 @@ def _report_sweeps(args: argparse.Namespace) -> None:
         print(f"plot: {args.plot}")
 
 
-def _report_corruptions(args: argparse.Namespace, frames: dict[str, Any]) -> None:
-    """The paper's Table 3 for results of `certify --corruptions`: accuracy at r = 0, then ACR, per corruption."""
-    from catrs.report import TABLE3_ACCURACY, TABLE3_ACR, corruption_comparison, format_comparison
+def _report_corruptions(args: argparse.Namespace, sources: dict[str, Any]) -> None:
+    """The paper's Table 3 for results of `certify --corruptions`: accuracy at r = 0, then ACR, per corruption;
+    then what each result covers (partial where it misses corruptions or severities)."""
+    from catrs.report import (
+        TABLE3_ACCURACY,
+        TABLE3_ACR,
+        corruption_comparison,
+        corruption_coverage,
+        describe_coverage,
+        format_comparison,
+    )
 
-    clean = [label for label, frame in frames.items() if "corruption" not in frame.columns]
-    if clean:
-        raise UserError(
-            f"{', '.join(clean)} holds no corruption rows; compare results of `certify --corruptions` "
-            f"with each other, and clean results with each other"
-        )
-    if args.linf:
-        raise UserError("--linf does not apply to corruption results (their table is accuracy at r = 0 and ACR)")
-    accuracy, acr = corruption_comparison(frames)
-    if args.plot:
-        from catrs.plots import plot_corruption_accuracy
-
-        plot_corruption_accuracy(accuracy, args.plot)
-    if args.json:
-        as_json = {
-            name: table.astype(object).where(table.notna(), None).to_dict()
-            for name, table in (("accuracy", accuracy), ("acr", acr))
-        }
-        print(json.dumps(as_json))
-        return
+    accuracy, acr = corruption_comparison({label: source.frame for label, source in sources.items()})
     style = _table_style(args)
     print(format_comparison(accuracy, style, layout=TABLE3_ACCURACY))
     print()
     print(format_comparison(acr, style, layout=TABLE3_ACR))
-    if args.plot:
-        print(f"plot: {args.plot}")
+    for label, source in sources.items():
+        print(f"{label}: {describe_coverage(corruption_coverage(source.frame, source.provenance.get('dataset')))}")
 
 
 def _sweep(args: argparse.Namespace, space: Any, resume: bool) -> None:

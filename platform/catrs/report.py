@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,39 @@ from catrs.results import read_provenance, read_results
 from catrs.storage import Stored
 
 
-def build_report(path: str | Path | Stored, radii: Sequence[float], dataset: str | None = None) -> dict[str, Any]:
-    """The summary of `path` as a JSON-ready dict; with σ known, the `outcomes` (abstained, misclassified, and
-    the correct rows by p_A's lower bound); with a data set known, the ℓ∞ radii too."""
+@dataclass(frozen=True)
+class Source:
+    """One result to report on: its rows, what it records of itself (`read_provenance`), and where it is."""
+
+    frame: pd.DataFrame
+    provenance: dict[str, Any]
+    where: str  # the file, or `runs:/RUN_ID/PATH` for an MLflow run's logged results
+
+
+def read_source(path: str | Path | Stored) -> Source:
     frame = read_results(path)
+    return Source(frame, read_provenance(path, frame), str(path))
+
+
+def build_report(path: str | Path | Stored, radii: Sequence[float], dataset: str | None = None) -> dict[str, Any]:
+    """The summary of the result file `path` as a JSON-ready dict (`source_report`)."""
+    return source_report(read_source(path), radii, dataset)
+
+
+# What a report of no rows leaves out: summarize's zeros for them would read as a result.
+NO_ROWS = {"acr": None, "abstain_rate": None, "misclassification_rate": None, "clean_accuracy": None}
+
+
+def source_report(source: Source, radii: Sequence[float], dataset: str | None = None) -> dict[str, Any]:
+    """The summary of one result as a JSON-ready dict, the same for a file or a run and for one source or
+    several; with σ known, the `outcomes` (abstained, misclassified, and the correct rows by p_A's lower
+    bound); with the data set known (`dataset_of`), the ℓ∞ radii; with corruption rows, the per-corruption
+    figures and what they cover (`corruption_coverage`). Rows none: counts and provenance only."""
+    frame, provenance = source.frame, source.provenance
     summary = summarize(frame, radii)
-    provenance = read_provenance(path, frame)
-    report: dict[str, Any] = {"path": str(path), **summary, "provenance": provenance}
+    report: dict[str, Any] = {"path": source.where, **summary, "provenance": provenance}
+    if not len(frame):
+        return report | NO_ROWS | {"certified_accuracy": {}}
     report["certified_accuracy"] = {repr(float(r)): acc for r, acc in summary["certified_accuracy"].items()}
     sigma = sigma_of(frame, provenance)
     if sigma is not None and "radius" in frame.columns:
@@ -41,7 +67,8 @@ def build_report(path: str | Path | Stored, radii: Sequence[float], dataset: str
             for name, row in table.drop(index="mean").iterrows()
         }
         report["mAcc"], report["mACR"] = float(table["accuracy"]["mean"]), float(table["acr"]["mean"])
-    dataset = dataset or provenance.get("dataset")
+        report["coverage"] = corruption_coverage(frame, provenance.get("dataset"))
+    dataset = dataset_of(source, dataset)
     if dataset:
         dim = dataset_spec(dataset).input_dim
         report["input_dim"] = dim
@@ -49,10 +76,82 @@ def build_report(path: str | Path | Stored, radii: Sequence[float], dataset: str
     return report
 
 
+def dataset_of(source: Source, given: str | None = None) -> str | None:
+    """The data set of a result, for its ℓ∞ radii: the one it records, else `given` (--dataset); a `given` that
+    contradicts the record (another input size, so other ℓ∞ radii) is refused."""
+    recorded = source.provenance.get("dataset")
+    if given and recorded and dataset_spec(given).trained_as != dataset_spec(str(recorded)).trained_as:
+        raise UserError(f"--dataset {given} contradicts {source.where}, which records {recorded}: leave --dataset out")
+    return str(recorded) if recorded else given
+
+
+def comparison_input_dim(sources: dict[str, Source], given: str | None = None) -> int:
+    """d of a comparison's ℓ∞ row: each result's data set (`dataset_of`), which must share one input size."""
+    dims = {}
+    for source in sources.values():
+        dataset = dataset_of(source, given)
+        if dataset is None:
+            raise UserError(f"--linf needs the data set's input size: {source.where} names none; add --dataset NAME")
+        dims[dataset] = dataset_spec(dataset).input_dim
+    if len(set(dims.values())) > 1:
+        sizes = ", ".join(f"{name} d={dim}" for name, dim in dims.items())
+        raise UserError(f"--linf: the results are of data sets of other input sizes ({sizes}); compare them apart")
+    return next(iter(dims.values()))
+
+
+def corruption_coverage(frame: pd.DataFrame, dataset: str | None) -> dict[str, Any]:
+    """What corruption rows cover: {corruption: its severities} in the file's order, and what they miss of the
+    data set's benchmark (`DatasetSpec.corruptions`, `severities`) as {corruption: missing severities};
+    `partial` where anything is missing. Without a recorded data set, the benchmark is what the rows hold:
+    every corruption they name, at every severity any of them has."""
+    covered = {
+        str(name): sorted(int(s) for s in group["severity"].unique())
+        for name, group in frame.groupby("corruption", sort=False)
+    }
+    spec = dataset_spec(dataset) if dataset else None
+    names = list(spec.corruptions) if spec and spec.corruptions else list(covered)
+    levels = range(1, spec.severities + 1) if spec and spec.severities else sorted(set().union(*covered.values()))
+    missing = {name: [s for s in levels if s not in covered.get(name, [])] for name in names}
+    missing = {name: gaps for name, gaps in missing.items() if gaps}
+    return {"dataset": dataset, "corruptions": covered, "missing": missing, "partial": bool(missing)}
+
+
+def describe_coverage(coverage: dict[str, Any]) -> str:
+    """One line: what the corruption rows cover, and "partial" with what they miss."""
+    covered, missing = coverage["corruptions"], coverage["missing"]
+    of = f" of {coverage['dataset']}" if coverage["dataset"] else ""
+    held = f"{_counted(len(covered), 'corruption')} at {_severities(sorted(set().union(*covered.values())))}"
+    if not coverage["partial"]:
+        return f"complete: {held}, every corruption and severity{of}"
+    absent = [name for name in missing if name not in covered]
+    lacks = [f"{_counted(len(absent), 'corruption')} ({', '.join(absent)})"] if absent else []
+    lacks += [f"{_severities(levels)} of {name}" for name, levels in missing.items() if name in covered]
+    return f"partial: {held}{of}; missing {'; '.join(lacks)}"
+
+
+def _counted(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
+def _severities(levels: Sequence[int]) -> str:
+    return f"severit{'y' if len(levels) == 1 else 'ies'} {_spans(levels)}"
+
+
+def _spans(numbers: Sequence[int]) -> str:
+    """1, 2, 3, 5 → "1–3, 5"."""
+    spans: list[list[int]] = []
+    for number in numbers:
+        if spans and number == spans[-1][-1] + 1:
+            spans[-1].append(number)
+        else:
+            spans.append([number])
+    return ", ".join(f"{span[0]}–{span[-1]}" if len(span) > 1 else f"{span[0]}" for span in spans)
+
+
 def format_report(report: dict[str, Any], linf: bool = False) -> str:
     """A terminal table: one header line, ACR and rates, samples per image, certified accuracy (%) per radius,
     the outcomes as bars."""
-    lines = [f"{report['path']}: {report['count']} rows"]
+    lines = [f"{report['path']}: {report['count']} rows" + ("; no rows, so no ACR or accuracy" * (not report["count"]))]
     provenance = report["provenance"]
     if provenance:
         lines.append(
@@ -89,11 +188,18 @@ def format_report(report: dict[str, Any], linf: bool = False) -> str:
     elif report["acr"] is not None:
         lines.append("no histogram of p_A's lower bound: σ unknown (the file records none)")
     if "corruptions" in report:
-        lines.append("per corruption, averaged over severities:  acc@r=0 (%)    ACR")
-        for name, row in report["corruptions"].items():
-            lines.append(f"  {name:<22}{100 * row['accuracy']:>14.1f}{row['acr']:>9.3f}")
-        lines.append(f"  {'mean (mAcc, mACR)':<22}{100 * report['mAcc']:>14.1f}{report['mACR']:>9.3f}")
+        lines += _corruption_lines(report)
     return "\n".join(lines)
+
+
+def _corruption_lines(report: dict[str, Any]) -> list[str]:
+    """Per corruption, the severities it covers and its figures averaged over them; their means; the coverage."""
+    covered = report["coverage"]["corruptions"]
+    lines = [f"per corruption, averaged over its severities:{'severities':>12}{'acc@r=0 (%)':>14}{'ACR':>9}"]
+    for name, row in report["corruptions"].items():
+        lines.append(f"  {name:<43}{_spans(covered[name]):>12}{100 * row['accuracy']:>14.1f}{row['acr']:>9.3f}")
+    lines.append(f"  {'mean (mAcc, mACR)':<55}{100 * report['mAcc']:>14.1f}{report['mACR']:>9.3f}")
+    return [*lines, describe_coverage(report["coverage"])]
 
 
 def _samples_line(report: dict[str, Any]) -> str:
@@ -130,10 +236,10 @@ def _outcome_lines(outcomes: dict[str, float]) -> list[str]:
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-def load_source(source: str, tracking_uri: str | None = None) -> tuple[str, pd.DataFrame]:
-    """(label, rows) of a result file, or of an MLflow run's logged results (a 32-hex run id)."""
+def load_source(source: str, tracking_uri: str | None = None) -> tuple[str, Source]:
+    """(label, result) of a result file, or of an MLflow run's logged results (a 32-hex run id)."""
     if Path(source).exists() or not RUN_ID.match(source):
-        return Path(source).stem, read_results(source)
+        return Path(source).stem, read_source(source)
     from catrs.tracking import Tracker
 
     tracker = Tracker(tracking_uri, lookup=True)
@@ -148,7 +254,7 @@ def load_source(source: str, tracking_uri: str | None = None) -> tuple[str, pd.D
         raise UserError(f"MLflow run {source} logged no results file (artifacts/results/*.parquet)")
     with tempfile.TemporaryDirectory() as folder:
         path = tracker.client.download_artifacts(source, files[0], folder)
-        return run.info.run_name or source, read_results(path)
+        return run.info.run_name or source, replace(read_source(path), where=f"runs:/{source}/{files[0]}")
 
 
 def split_label(given: str) -> tuple[str, str]:
@@ -159,33 +265,35 @@ def split_label(given: str) -> tuple[str, str]:
     return label, source
 
 
-def load_sources(sources: Sequence[str], tracking_uri: str | None = None) -> dict[str, pd.DataFrame]:
-    """Every source's rows under a distinct label: the LABEL of a `LABEL=SOURCE`, else its name, or
+def load_sources(sources: Sequence[str], tracking_uri: str | None = None) -> dict[str, Source]:
+    """Every source's result under a distinct label: the LABEL of a `LABEL=SOURCE`, else its name, or
     `folder/name` where names collide."""
     loaded = []
     for given in sources:
         label, source = split_label(given)
-        name, frame = load_source(source, tracking_uri)
-        loaded.append((source, label or name, bool(label), frame))
+        name, result = load_source(source, tracking_uri)
+        loaded.append((source, label or name, bool(label), result))
     names = [label for _, label, _, _ in loaded]
-    frames = {}
-    for source, label, chosen, frame in loaded:
+    results = {}
+    for source, label, chosen, result in loaded:
         if names.count(label) > 1 and not chosen:
             label = f"{Path(source).parent.name}/{label}"
-        if label in frames:
+        if label in results:
             raise UserError(
                 f"two results are labelled {label} (the second: {source}); give each result once, under its own label"
             )
-        frames[label] = frame
-    return frames
+        results[label] = result
+    return results
 
 
 def comparison_table(frames: dict[str, pd.DataFrame], radii: Sequence[float]) -> pd.DataFrame:
-    """The paper's Table 1: one row per result, ACR and certified accuracy (%) at each radius."""
+    """The paper's Table 1: one row per result, ACR and certified accuracy (%) at each radius; a result of no
+    rows has none (dashes), not zeros."""
     rows = {}
     for label, frame in frames.items():
         summary = summarize(frame, radii)
-        rows[label] = {"ACR": summary["acr"], **{f"{r:.2f}": 100 * a for r, a in summary["certified_accuracy"].items()}}
+        row = {"ACR": summary["acr"], **{f"{r:.2f}": 100 * a for r, a in summary["certified_accuracy"].items()}}
+        rows[label] = row if len(frame) else dict.fromkeys(row, np.nan)
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
@@ -215,9 +323,9 @@ TABLE1 = Layout(
     "column", lambda column: 3 if column == "ACR" else 1, "best in its column; certified accuracy in %, radii in ℓ2"
 )
 TABLE3_ACCURACY = Layout(
-    "row", lambda column: 1, "best in its row; certified accuracy at r = 0 in %, averaged over severities"
+    "row", lambda column: 1, "best in its row; certified accuracy at r = 0 in %, averaged over the severities covered"
 )
-TABLE3_ACR = Layout("row", lambda column: 3, "best in its row; ACR averaged over severities")
+TABLE3_ACR = Layout("row", lambda column: 3, "best in its row; ACR averaged over the severities covered")
 
 
 def _cells(table: pd.DataFrame, layout: Layout, mark: Callable[[str], str]) -> list[list[str]]:

@@ -55,6 +55,10 @@ class DatasetSpec:
     description: str = ""
     base: str | None = None  # a corrupted copy of this data set's test split: models trained on it apply
     val_per_class: int = 0  # images of each class held out of the training split as `val`
+    # A corrupted copy's full benchmark: its corruptions and their severities (1…N), what a report of results on
+    # it checks them against (results that miss some are partial).
+    corruptions: tuple[str, ...] = ()
+    severities: int = 0
 
     @property
     def trained_as(self) -> str:

@@ -158,10 +158,21 @@ DATASETS.add(
         load_cifar10_c,
         "CIFAR-10-C: 15 corruptions × 5 severities of the test set",
         base="cifar10",
+        corruptions=CIFAR10_C,
+        severities=5,
     )
 )
 DATASETS.add(
     DatasetSpec(
-        "mnist_c", 10, (1, 28, 28), None, "lenet", load_mnist_c, "MNIST-C: 16 corruptions of the test set", base="mnist"
+        "mnist_c",
+        10,
+        (1, 28, 28),
+        None,
+        "lenet",
+        load_mnist_c,
+        "MNIST-C: 16 corruptions of the test set",
+        base="mnist",
+        corruptions=MNIST_C,
+        severities=1,
     )
 )

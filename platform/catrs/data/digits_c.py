@@ -168,5 +168,7 @@ DATASETS.add(
         load_digits_c,
         "12 generated corruptions × 5 severities of the digits test set, catrs's own",
         base="digits",
+        corruptions=tuple(CORRUPTIONS),
+        severities=SEVERITIES,
     )
 )
