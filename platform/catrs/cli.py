@@ -205,7 +205,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from catrs import __version__
+
     parser = _Parser(prog="catrs", description="Certifiably robust classifiers by randomized smoothing.")
+    parser.add_argument("--version", action="version", version=f"catrs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train a base classifier with a registered method")

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -65,11 +66,14 @@ def ui_hint(uri: str, experiment_id: str | None = None, run_id: str | None = Non
         page = (
             f"/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "") + "?workflowType=machine_learning"
         )
+    store = shlex.quote(uri)  # a store under a folder with spaces (or quotes) is one word for the shell
     if uri.startswith("sqlite:"):
-        return f"MLflow: mlflow ui --backend-store-uri {uri} --host 127.0.0.1  (then open http://127.0.0.1:5000{page})"
+        return (
+            f"MLflow: mlflow ui --backend-store-uri {store} --host 127.0.0.1  (then open http://127.0.0.1:5000{page})"
+        )
     if uri.startswith(("http://", "https://")):
         return f"MLflow: open {uri.rstrip('/')}{page}"
-    return f"MLflow: mlflow ui --backend-store-uri {uri}"
+    return f"MLflow: mlflow ui --backend-store-uri {store}"
 
 
 @functools.lru_cache(maxsize=1)
