@@ -97,6 +97,25 @@ def test_resume_skips_finished_images_and_equals_an_uninterrupted_run(run_cli, d
     assert b["idx"].is_unique
 
 
+def _mlflow_runs() -> int:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    return len(client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=50_000))
+
+
+def test_rerunning_a_finished_certification_says_it_is_complete_and_adds_no_run(run_cli, digits_checkpoint, tmp_path):
+    out = tmp_path / "cert.parquet"
+    assert certify(run_cli, digits_checkpoint, out, "--max", "4")[0] == 0
+    before, runs = out.read_bytes(), _mlflow_runs()
+    code, text, err = certify(run_cli, digits_checkpoint, out, "--max", "4")
+    assert code == 0, err
+    assert f"{out} is complete: all 4 images; nothing to do, no run added" in text
+    assert out.read_bytes() == before and _mlflow_runs() == runs
+    assert certify(run_cli, digits_checkpoint, out, "--max", "6")[0] == 0  # more images: work, and a run
+    assert len(read_results(out)) == 6 and _mlflow_runs() == runs + 1
+
+
 def test_tsv_output_is_the_research_format_and_resumes(run_cli, digits_checkpoint, tmp_path):
     out = tmp_path / "cert.tsv"
     assert certify(run_cli, digits_checkpoint, out, "--max", "4")[0] == 0

@@ -482,7 +482,6 @@ def _certify_only(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_sampling(args: argparse.Namespace) -> None:
     from catrs.certify import CertifyRequest, CertifySettings, prepare_certification
-    from catrs.results import read_results
     from catrs.sampling import Mode, SamplingProtocol
     from catrs.tracking import ui_hint
 
@@ -515,15 +514,26 @@ def _run_sampling(args: argparse.Namespace) -> None:
     if args.chunk_size is not None and args.chunk_size < 1:
         raise UserError(f"--chunk-size must be a positive integer, got {args.chunk_size}")
     prepared = prepare_certification(request, context)  # every refusal happens here, before MLflow or Ray start
+    if prepared.selected and not prepared.todo:  # a finished command run again: one MLflow run per output
+        print(f"{prepared.writer.path} is complete: all {len(prepared.selected)} images; nothing to do, no run added")
+        _print_results(args, prepared.writer.path)
+        return
     with prepared.claimed():
         out, tracker, run_id = _sample_and_track(args, request, prepared, context)
+    _print_results(args, out)
+    print(ui_hint(tracker.uri, tracker.experiment_id, run_id))
+
+
+def _print_results(args: argparse.Namespace, out: Any) -> None:
+    """Where the results are; for corruptions, their per-corruption report."""
+    from catrs.results import read_results
+
     if args.command == "certify" and "corruption" in read_results(out).columns:
         from catrs.metrics import DEFAULT_RADII
         from catrs.report import build_report, format_report
 
         print(format_report(build_report(out, DEFAULT_RADII)))
     print(f"results: {out}  (summary: catrs report {out})")
-    print(ui_hint(tracker.uri, tracker.experiment_id, run_id))
 
 
 def _sample_and_track(args: argparse.Namespace, request: Any, prepared: Any, context: Any) -> tuple[Any, Any, str]:
