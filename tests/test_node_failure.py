@@ -192,4 +192,4 @@ def test_a_node_lost_mid_sweep_retries_its_trial_and_mlflow_has_each_trial_once(
     assert sorted(c.data.tags["catrs.trial_id"] for c in children) == sorted(sweep.trials["trial"])
     assert all(c.info.status == "FINISHED" for c in children)
     for child in children:  # the retried trial's epochs are logged once each, not once per attempt
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_acr")] == [3]
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "proxy/val_acr")] == [3]

@@ -118,9 +118,11 @@ def test_dry_run_resolves_and_validates_as_the_command_would_and_starts_nothing(
     demo = load_search_space(SHIPPED / "demo_digits.yaml")
     assert re.fullmatch(
         r"sweep demo_digits-\d{8}-\d{6}: catrs on digits \(digits_cnn_bn\) at σ = 0.5, searching lbd, "
-        rf"epsilon, sigma0, confidence_mask; {demo.budget.num_samples} trials, 2 at a time, every trial trained out",
+        rf"epsilon, num_noises, sigma0, confidence_mask; {demo.budget.num_samples} trials, "
+        rf"{demo.budget.max_concurrent} at a time, {re.escape(demo.budget.describe(demo.epochs))}",
         sweep,
     ), sweep
+    assert "population-based training" in sweep and "perturb lbd, epsilon, num_noises" in sweep
     expected = expected_cost(demo, demo.budget.num_samples)["training_run_equivalents"]
     assert cost.startswith(f"expected cost: ≈ {expected:.2f} training-run equivalents in trials, 2 teacher run(s)")
     assert last == "dry run: nothing started"
@@ -188,7 +190,7 @@ CASES = [
     ("refit not a flag", "selection.refit", "yes", "selection.refit: expected bool"),
     ("a rung at the last epoch", "budget.first_rung", 2, "budget.first_rung: 2 is not below the last epoch (2)"),
     ("wrong type", "budget.num_samples", "many", "budget.num_samples: expected int"),
-    ("unknown scheduler", "budget.scheduler", "hyperband", "budget.scheduler: expected asha, halving or none"),
+    ("unknown scheduler", "budget.scheduler", "hyperband", "budget.scheduler: expected asha, halving, pbt, pb2, none"),
     ("zero workers", "resources.workers", 0, "resources.workers: must be at least 1"),
     ("unknown fidelity", "budget.fidelity", "steps", "budget.fidelity: expected epochs or fraction"),
     (

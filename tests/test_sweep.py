@@ -59,7 +59,10 @@ def test_a_small_sweep_runs_to_completion_and_is_on_record_in_mlflow(ray_cluster
     assert parent.info.status == "FINISHED"
     assert f"catrs report --sweep {parent.info.run_id}" in out and "Table 3" not in out  # synthetic has no corruptions
     assert {"test_acr", "test_certified_accuracy_0", "final_val_acr"} <= set(parent.data.metrics)
-    assert {a.path for a in client.list_artifacts(parent.info.run_id, "results")} == {"results/final.parquet"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "results")} == {
+        "results/final.parquet",
+        "results/test_p_lower.csv",  # the distribution of p_A's lower bound, a table beside its chart
+    }
 
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 3
@@ -68,9 +71,9 @@ def test_a_small_sweep_runs_to_completion_and_is_on_record_in_mlflow(ray_cluster
         assert child.info.status == "FINISHED"
         assert child.data.tags["catrs.method"] == "catrs" and child.data.tags["catrs.sigma"] == "0.25"
         assert {"lbd", "sigma0"} <= set(child.data.params)
-        assert "val_acr" in child.data.metrics and "val_certified_accuracy_0.25" in child.data.metrics
+        assert "proxy/val_acr" in child.data.metrics and "proxy/val_certified_accuracy_0.25" in child.data.metrics
         assert not {"acr", "test_noisy_accuracy"} & set(child.data.metrics)  # no figure of the test split
-        history = client.get_metric_history(child.info.run_id, "val_acr")
+        history = client.get_metric_history(child.info.run_id, "proxy/val_acr")
         assert 1 <= len(history) <= 2
         files = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"config.json", "proxy", "plots"} <= files
@@ -87,7 +90,7 @@ def test_a_small_sweep_runs_to_completion_and_is_on_record_in_mlflow(ray_cluster
     assert cost["optimizer_steps"] == sum(epochs) * -(-train_images // 128)
     votes = 2 * len(get_dataset("synthetic", "train")) * 20  # a teacher per σ0, voting on the training split
     assert cost["teacher_runs"] == 2 and cost["samples/votes"] == votes
-    proxies = sum(len(client.get_metric_history(c.info.run_id, "val_samples")) for c in children)
+    proxies = sum(len(client.get_metric_history(c.info.run_id, "proxy/val_samples")) for c in children)
     assert proxies * 16 * 16 <= cost["samples/proxy"] <= proxies * 16 * (16 + 64)
     assert cost["samples/test"] == 40 * (16 + 100)  # every test image: n0 + n
     assert (
@@ -160,7 +163,7 @@ def test_a_small_sweep_runs_to_completion_and_is_on_record_in_mlflow(ray_cluster
     importances = {
         k: float(v) for k, v in client.get_run(parent.info.run_id).data.params.items() if k.startswith("importance.")
     }
-    objectives = {c.data.metrics["val_acr"] for c in children}
+    objectives = {c.data.metrics["proxy/val_acr"] for c in children}
     if len(objectives) > 1:  # with three tiny trials the proxy ACR can tie: then there is nothing to attribute
         assert set(importances) == {"importance.lbd", "importance.sigma0"} and "importance for val_acr:" in text
         assert sum(importances.values()) == pytest.approx(1.0, abs=2e-3)  # logged to 3 decimals
@@ -181,6 +184,7 @@ def _the_ui_tells_the_story(client, parent, children, chosen):
     assert parent.info.run_name.endswith(f"test acr {parent.data.metrics['test_acr']:.3f}")
     note = parent.data.tags["mlflow.note.content"]
     assert f"runs/{chosen.info.run_id})" in note and "| trial |" in note and "**Winner:" in note
+    assert "`proxy/val_acr` (the proxy" in note and "### Cost" in note and "training-run equivalents" in note
     assert {
         "epochs",
         "batch_size",
@@ -195,6 +199,12 @@ def _the_ui_tells_the_story(client, parent, children, chosen):
     chosen = client.get_run(chosen.info.run_id)
     assert chosen.data.tags["catrs.winner"] == "true" and chosen.info.run_name.startswith("★ lbd=")
     assert chosen.data.params["method_config.lbd"] == chosen.data.params["lbd"]  # the winner has every setting
+    # A trial's page shows its curves and a few headline figures, not a one-point chart per radius or bin.
+    assert {k for k in chosen.data.metrics if k.startswith(("final_val_", "test_"))} == {
+        f"{prefix}{figure}"
+        for prefix in ("final_val_", "test_")
+        for figure in ("acr", "clean_accuracy", "certified_accuracy_0.25")
+    }
     inputs = {
         (d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"]) for d in chosen.inputs.dataset_inputs
     }
@@ -239,7 +249,7 @@ def test_synchronous_halving_waits_for_every_trial_at_a_rung_and_keeps_the_best_
         "tags.`catrs.kind` = 'sweep' and tags.`catrs.sweep` = 'halving'",
     )
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    history = {c.info.run_id: client.get_metric_history(c.info.run_id, "val_acr") for c in children}
+    history = {c.info.run_id: client.get_metric_history(c.info.run_id, "proxy/val_acr") for c in children}
     epochs = {c.info.run_id: len(client.get_metric_history(c.info.run_id, "lr")) for c in children}
     assert sorted(epochs.values()) == [1, 1, 2, 3]
     for rung, survivors in ((1, 2), (2, 1)):
@@ -363,3 +373,98 @@ def _the_ui_server_answers_with_the_same_story(
         assert alias["run_id"] == chosen
     finally:
         server.stop()
+
+
+def test_a_killed_population_sweep_resumes_records_each_copy_and_its_choice_replays_to_the_same_weights(
+    ray_cluster, run_cli, tmp_path, monkeypatch
+):
+    """Synchronous PBT with two members and quantile ½: after each of epochs 1 and 2 the lower member copies
+    the other, so copies are certain. The driver is killed after the first copy and resumed; then the copies are
+    read back from MLflow against the lineage each member's checkpoint keeps, and the choice's `replay.yaml` is
+    trained again with `catrs train --config` to the very weights the sweep certified."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    path = _three_epoch_space(
+        tmp_path,
+        "population",
+        search={"lbd": {"loguniform": [0.5, 2.0]}, "sigma0": {"choice": [0.25, 0.5]}},
+        selection={"top_k": 1, "images": 16},
+        budget={
+            "scheduler": "pbt",
+            "population": 2,
+            "interval": 1,
+            "quantile": 0.5,
+            "synch": True,
+            "max_concurrent": 2,
+        },
+    )
+    code, out, err = run_cli("tune", path, "--dry-run")
+    assert code == 0 and "2 trials, 2 at a time, synchronous population-based training (PBT)" in out, err
+    assert "perturb lbd" in out and "≈ 2.00 training-run equivalents" in out
+    client = MlflowClient(resolve_tracking_uri())
+
+    def children() -> list:
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        return client.search_runs(experiments, "tags.`catrs.sweep` = 'population' and tags.`catrs.kind` = 'trial'")
+
+    def copies(run) -> dict[int, str]:
+        tags = client.get_run(run.info.run_id).data.tags
+        return {int(k.rsplit("_", 1)[1]): v for k, v in tags.items() if k.startswith("catrs.exploit.after_epoch_")}
+
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    cache = tmp_path / "cache"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "catrs.cli", "tune", str(path), "--cache-dir", str(cache)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not any(copies(run) for run in children()):
+        assert driver.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(1)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert not any(run.info.status == "FINISHED" for run in children())
+
+    code, out, err = run_cli("tune", path, "--resume", "--cache-dir", cache)
+    assert code == 0, err
+    runs = children()
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert len({r.data.tags["catrs.trial_id"] for r in runs}) == 2  # the two members, each once
+    ids = {r.data.tags["catrs.trial_id"] for r in runs}
+    for run in runs:  # each copy the member's weights carry is on record on its run, with whom it copied
+        table = pd.read_csv(client.download_artifacts(run.info.run_id, "schedule/schedule.csv", str(tmp_path)))
+        owners = table["trained_by"].tolist()
+        member = run.data.tags["catrs.trial_id"]
+        assert table["epoch"].tolist() == [1, 2, 3] and owners[-1] == member and set(owners) <= ids
+        for epoch in range(1, 3):
+            if owners[epoch] == member != owners[epoch - 1]:
+                assert copies(run)[epoch].startswith(f"copied {owners[epoch - 1]} after epoch {epoch}")
+    assert sum(len(copies(run)) for run in runs) >= 1
+
+    parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
+    chosen = parent.data.tags["best_run"]
+    replay = client.download_artifacts(chosen, "schedule/replay.yaml", str(tmp_path / "chosen"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the trials trained (Ray gives a one-CPU trial one thread)
+    try:
+        code, _, err = run_cli("train", "--config", replay, "--out", tmp_path / "replayed", "--cache-dir", cache)
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+    best = load_checkpoint(tmp_path / "runs" / "sweeps" / "population" / "best" / "checkpoint.pt")
+    replayed = load_checkpoint(tmp_path / "replayed" / "checkpoint.pt").state_dict
+    assert all(torch.equal(best.state_dict[k], replayed[k]) for k in best.state_dict)
+    [version] = client.search_model_versions("name = 'population'")  # the registry holds the schedule too
+    schedule = best.training_state["config"]["schedule"]
+    assert json.loads(version.tags.get("train.schedule", "[]")) == [dict(change) for change in schedule]

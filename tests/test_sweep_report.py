@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from catrs.sweep.report import dominated_area, importances, pareto_optimal
+from catrs.sweep.report import dominated_area, importances, pareto_optimal, sweep_report
 from catrs.tracking import Tracker
 
 
@@ -60,21 +60,26 @@ SWEEPS = {
 @pytest.fixture
 def two_sweeps(tmp_path):
     """Two finished sweeps as `catrs tune` records them: a parent run, and a child per trial with its proxy
-    metrics and searched λ."""
+    metrics (`proxy/val_acr`, …; the second as sweeps of earlier versions named them, `val_acr`, …) and
+    searched λ; the first sweep's third trial is its choice."""
     uri = f"sqlite:///{tmp_path / 'sweeps.db'}"
     tracker = Tracker(uri)
     parents = {}
     for name, trials in SWEEPS.items():
         parent = tracker.start(name, {"catrs.kind": "sweep", "catrs.sweep": name, "catrs.objective": "acr"})
+        prefix = "proxy/" if name == "lambda-catrs" else ""
         for number, (clean, certified) in enumerate(trials):
-            child = tracker.start(f"{name}-{number}", {"catrs.trial_id": f"{name[7:11]}{number}"}, parent=parent)
+            tags = {"catrs.trial_id": f"{name[7:11]}{number}"}
+            if prefix and number == 2:
+                tags["catrs.winner"] = "true"
+            child = tracker.start(f"{name}-{number}", tags, parent=parent)
             tracker.log_params(child, {"lbd": 2.0**number})
             tracker.log_metrics(
                 child,
                 {
-                    "val_acr": clean * certified,
-                    "val_certified_accuracy_0": clean,
-                    "val_certified_accuracy_0.5": certified,
+                    prefix + "val_acr": clean * certified,
+                    prefix + "val_certified_accuracy_0": clean,
+                    prefix + "val_certified_accuracy_0.5": certified,
                 },
             )
         parents[name] = parent
@@ -142,8 +147,10 @@ def test_sweeps_compare_their_frontiers_with_the_higher_one_marked(run_cli, two_
         "val_acr": pytest.approx(0.21),
         "pareto": False,
         "stopped_at": "",
+        "chosen": False,
         "final_val": None,
     }  # trained out, not shortlisted
+    assert by_lambda[4.0]["chosen"] and not any(t["chosen"] for t in records["lambda-consistency"]["trials"])
 
 
 @pytest.mark.parametrize(
@@ -164,3 +171,26 @@ def test_bad_sweep_comparisons_are_refused_in_one_line(run_cli, two_sweeps, extr
         "report", "--sweep", ids["catrs"], *(a.format(**ids) for a in extra), "--tracking-uri", uri
     )
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_a_radius_the_trials_pages_do_not_chart_is_read_from_their_proxy_rows(tmp_path):
+    """A trial's page charts the proxy at the radius nearest σ only; the report at another radius reads the
+    trial's last proxy rows (`proxy/evaluation.parquet`)."""
+    uri = f"sqlite:///{tmp_path / 'rows.db'}"
+    tracker = Tracker(uri)
+    parent = tracker.start("rows", {"catrs.kind": "sweep", "catrs.sweep": "rows", "catrs.objective": "acr"})
+    expected = {}
+    for number, radii in enumerate(([0.1, 0.3, 0.6, -1.0], [0.4, 0.5, 0.0, 0.0], [0.2, 0.2, 0.2, 0.9])):
+        child = tracker.start(f"rows-{number}", {"catrs.trial_id": f"t{number}"}, parent=parent)
+        tracker.log_params(child, {"lbd": float(number + 1)})
+        rows = pd.DataFrame({"predict": [0, 1, 2, -1], "radius": radii, "correct": [1, 1, 0, 0]})
+        tracker.log_metrics(child, {"proxy/val_acr": float(rows["radius"].where(rows["correct"] == 1, 0).mean())})
+        path = tmp_path / f"{number}" / "evaluation.parquet"
+        path.parent.mkdir()
+        rows.to_parquet(path)
+        tracker.log_artifact(child, path, "proxy")
+        expected[f"t{number}"] = (0.5, float(((rows["radius"] >= 0.25) & (rows["correct"] == 1)).mean()))
+    report = sweep_report(tracker, parent, radius=0.25)
+    found = {t: (c, r) for t, c, r in report.trials[["trial", "clean", "certified"]].itertuples(index=False)}
+    assert found.keys() == expected.keys()
+    assert all(found[t] == pytest.approx(expected[t]) for t in expected)

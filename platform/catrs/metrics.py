@@ -31,6 +31,7 @@ DEFAULT_RADII = tuple(0.25 * k for k in range(11))  # 0.00 … 2.50, the columns
 # 0.9, 0.99, 0.999, 0.9999 certifies 1.28σ, 2.33σ, 3.09σ, 3.72σ).
 P_LOWER_EDGES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 0.999, 0.9999, 1.0)
 P_LOWER_BINS = tuple(f"{low:g}-{high:g}" for low, high in pairwise(P_LOWER_EDGES))  # LO-HI: 0.5-0.6 … 0.9999-1
+P_LOWER_PREFIX = "p_lower/"  # the histogram's bins among a certification's figures (`outcome_metrics`)
 # What a row records of the noisy samples it took: all of them, and an adaptive certification's split of them.
 SAMPLE_COLUMNS = ("samples", "pilot_samples", "estimation_samples")
 
@@ -163,7 +164,7 @@ def outcome_metrics(frame: pd.DataFrame, sigma: float | None) -> dict[str, float
     the `sample_means`, and with σ known, the histogram of p_A's lower bound as `p_lower/LO-HI`."""
     metrics = {"misclassification_rate": misclassification_rate(frame), **sample_means(frame)}
     if sigma is not None and "radius" in frame.columns:
-        metrics.update({f"p_lower/{name}": share for name, share in p_lower_histogram(frame, sigma).items()})
+        metrics.update({P_LOWER_PREFIX + name: share for name, share in p_lower_histogram(frame, sigma).items()})
     return metrics
 
 

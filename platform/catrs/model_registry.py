@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,6 +54,11 @@ def card_tags(card: ModelCard) -> dict[str, str]:
             for k in ("epochs", "batch_size", "lr", "lr_step", "seed", "train_split")
             if k in card.config
         }
+    )
+    # A population member's settings changed mid-run (`hyper.*` are those it started from), and a sweep's
+    # teacher may have trained on another schedule: with these the version retrains to the same weights.
+    tags.update(
+        {f"train.{k}": json.dumps(card.config[k]) for k in ("schedule", "teacher_training") if card.config.get(k)}
     )
     return tags
 

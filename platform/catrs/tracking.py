@@ -37,6 +37,7 @@ from catrs.data import SplitFacts
 from catrs.errors import UserError
 from catrs.metrics import (
     DEFAULT_RADII,
+    P_LOWER_PREFIX,
     certification_metrics,
     corruption_table,
     outcome_metrics,
@@ -389,8 +390,9 @@ class Tracker:
         radii: Sequence[float] = DEFAULT_RADII,
         prefix: str = "",
     ) -> dict[str, float]:
-        """ACR, abstain rate, certified accuracy at radii and what ACR leaves out (`outcome_metrics`) as metrics;
-        the file, a curve plot and a bar chart of the outcomes as artifacts."""
+        """ACR, abstain rate, certified accuracy at radii and what ACR leaves out (`outcome_metrics`) as metrics,
+        but for the distribution of p_A's lower bound, a table (`results/PREFIXp_lower.csv`) beside its bar
+        chart, not a one-point chart per bin; the file and a curve plot as artifacts. Returns every figure."""
         sigma = sigma_of(frame, None if result_file is None else read_provenance(result_file, frame))
         metrics = certification_metrics(frame, radii) | outcome_metrics(frame, sigma)
         if "corruption" in frame.columns:
@@ -398,8 +400,13 @@ class Tracker:
             metrics.update(mAcc=float(table["accuracy"]["mean"]), mACR=float(table["acr"]["mean"]))
             metrics.update({f"accuracy_0/{name}": float(row.accuracy) for name, row in table.iterrows()})
             metrics.update({f"acr/{name}": float(row.acr) for name, row in table.iterrows()})
-        self.log_metrics(run_id, {prefix + k: v for k, v in metrics.items()})
+        bins = {k.removeprefix(P_LOWER_PREFIX): v for k, v in metrics.items() if k.startswith(P_LOWER_PREFIX)}
+        self.log_metrics(run_id, {prefix + k: v for k, v in metrics.items() if not k.startswith(P_LOWER_PREFIX)})
         with tempfile.TemporaryDirectory() as folder:
+            if bins:
+                shares = Path(folder) / f"{prefix}p_lower.csv"
+                pd.DataFrame({"p_lower": list(bins), "share": list(bins.values())}).to_csv(shares, index=False)
+                self.log_artifact(run_id, shares, "results")
             plot = Path(folder) / f"{prefix}certified_accuracy.png"
             title = prefix.rstrip("_") + ":" if prefix else ""
             plot_certified_accuracy({"": frame}, plot, title)

@@ -99,6 +99,12 @@ class TrainConfig:
         "fp32", flag="--precision", help="fp32 (default), bf16 or fp16 (CUDA): the training step under autocast"
     )
     method_config: dict[str, Any] = field(default_factory=dict)  # `--set KEY=VALUE`
+    # Method settings that change mid-run, in epoch order: ({"after_epoch": E, KEY: VALUE, …}, …) trains the
+    # epochs after the E-th with those values (a population sweep's member: `catrs.sweep.population`).
+    schedule: tuple[dict[str, Any], ...] = ()
+    # The schedule settings of the run's Gaussian teacher where they are not the run's own (a sweep's trials
+    # share their first point's teacher), so that the recorded settings retrain the same run.
+    teacher_training: dict[str, Any] = field(default_factory=dict)
     train_split: str = "train"  # or "train_minus_val": keep the `val` split unseen (every sweep trial does)
 
     @property
@@ -109,7 +115,8 @@ class TrainConfig:
     def resolve(self, teacher_schedule: TrainConfig | None = None) -> RunSpec:
         """The run, validated once and typed: default architecture and batch size filled in, the method's
         hyper-parameters parsed. `teacher_schedule`: the settings whose schedule trains the run's Gaussian
-        teacher, if it needs one (default: its own; a sweep's trials share their first point's)."""
+        teacher, if it needs one (default: its own, but for its `teacher_training`; a sweep's trials share
+        their first point's)."""
         data = dataset_spec(self.dataset)
         checks = [
             (self.sigma > 0, f"--sigma must be positive, got {self.sigma}"),
@@ -140,14 +147,48 @@ class TrainConfig:
         except (KeyError, ValueError, TypeError) as error:
             raise UserError(str(error.args[0] if error.args else error)) from None
         config = replace(
-            self, arch=arch, method_config=asdict(hyper), batch_size=self.batch_size or method.default_batch_size
+            self,
+            arch=arch,
+            method_config=asdict(hyper),
+            batch_size=self.batch_size or method.default_batch_size,
+            schedule=checked_schedule(method, asdict(hyper), self.schedule),
         )
-        teacher = (
-            config
-            if teacher_schedule is None
-            else replace(teacher_schedule, batch_size=teacher_schedule.batch_size or method.default_batch_size)
-        )
-        return RunSpec(config, method, hyper, data, teacher_schedule=teacher)
+        if teacher_schedule is None:
+            teacher_schedule = replace(config, **self.teacher_training)
+        teacher = replace(teacher_schedule, batch_size=teacher_schedule.batch_size or method.default_batch_size)
+        differs = {k: v for k in schedule_keys() if (v := getattr(teacher, k)) != getattr(config, k)}
+        return RunSpec(replace(config, teacher_training=differs), method, hyper, data, teacher_schedule=teacher)
+
+
+def checked_schedule(method: Method, base: dict[str, Any], schedule: Any) -> tuple[dict[str, Any], ...]:
+    """A run's schedule of method settings, validated and typed: each change names the epoch after which it
+    applies (increasing, from 1) and method settings that may change mid-run — not those that decide the soft
+    labels (a teacher's σ0, its votes), which the weights trained so far depend on."""
+    if not isinstance(schedule, (list, tuple)):
+        raise UserError(f"schedule must be a list of changes, got {schedule!r}")
+    fixed = {"after_epoch", *method.teacher_keys, *method.shared_keys}
+    checked, settings, last = [], dict(base), 0
+    for change in schedule:
+        after = change.get("after_epoch") if isinstance(change, dict) else None
+        if not isinstance(after, int) or isinstance(after, bool) or after <= last:
+            raise UserError(f"schedule: each change needs an after_epoch above the last one's ({last}), got {change!r}")
+        if barred := sorted(set(change) & fixed - {"after_epoch"}):
+            raise UserError(f"schedule: {', '.join(barred)} cannot change mid-run (after epoch {after})")
+        try:
+            settings = asdict(method.make_config(with_changes(settings, [change])))
+        except (KeyError, ValueError, TypeError) as error:
+            raise UserError(f"schedule after epoch {after}: {error.args[0] if error.args else error}") from None
+        checked.append({"after_epoch": after, **{k: settings[k] for k in change if k != "after_epoch"}})
+        last = after
+    return tuple(checked)
+
+
+def with_changes(settings: dict[str, Any], changes: Any) -> dict[str, Any]:
+    """Method settings with each change of a schedule applied in turn (its `after_epoch` aside)."""
+    merged = dict(settings)
+    for change in changes:
+        merged.update({k: v for k, v in change.items() if k != "after_epoch"})
+    return merged
 
 
 def config_flags() -> list[dataclasses.Field]:
@@ -180,6 +221,12 @@ class RunSpec:
     @property
     def arch(self) -> str:
         return str(self.config.arch)
+
+    def hyper_at(self, epoch: int) -> Any:
+        """The method's settings for the epoch of index `epoch` (0-based): the config's, changed by every change
+        of the schedule that applies after an earlier epoch."""
+        changes = [change for change in self.config.schedule if change["after_epoch"] <= epoch]
+        return self.method.make_config(with_changes(self.config.method_config, changes)) if changes else self.hyper
 
     def card(self) -> ModelCard:
         """What rebuilds the run's model, and what it was trained for."""
@@ -296,9 +343,18 @@ class TrainingRun:
         return path
 
 
-def run_identity(config: TrainConfig) -> dict[str, Any]:
-    """The settings a checkpoint must share for a run to continue from it: all of them but the epochs."""
-    return {key: value for key, value in asdict(config).items() if key != "epochs"}
+def run_identity(config: TrainConfig, trained: int | None = None) -> dict[str, Any]:
+    """The settings a checkpoint must share for a run to continue from it: all of them but the epochs, and of
+    the schedule the changes that apply to the `trained` epochs (None: all of them) — a population member that
+    copies another continues its run with settings of its own."""
+    identity = {key: value for key, value in asdict(config).items() if key not in ("epochs", "schedule")}
+    identity["schedule"] = schedule_before(config.schedule, trained)
+    return identity
+
+
+def schedule_before(schedule: Any, trained: int | None) -> list[dict[str, Any]]:
+    """The changes of `schedule` that apply to the first `trained` epochs (None: all), as plain dicts."""
+    return [dict(change) for change in schedule or () if trained is None or change["after_epoch"] < trained]
 
 
 def check_same_run(checkpoint: Checkpoint, config: TrainConfig, where: str) -> dict[str, Any]:
@@ -306,13 +362,31 @@ def check_same_run(checkpoint: Checkpoint, config: TrainConfig, where: str) -> d
     state = checkpoint.training_state
     if state is None:
         raise UserError(f"{where} holds no training state (a final export?); choose another --out")
-    recorded, wanted = state["config"], run_identity(config)
+    trained = int(state["next_epoch"])
+    recorded, wanted = state["config"], run_identity(config, trained)
+    recorded = {**recorded, "schedule": schedule_before(recorded.get("schedule"), trained)}
     defaults = asdict(TrainConfig())  # a setting added since the checkpoint was written has its default there
     differing = [k for k, v in wanted.items() if recorded.get(k, defaults[k]) != v]
     if differing:
         details = ", ".join(f"{k}: {recorded.get(k)!r} vs {wanted[k]!r}" for k in differing)
         raise UserError(f"{where} holds a run with other settings ({details}); use another --out to start anew")
     return state
+
+
+def continued(spec: RunSpec, checkpoint: Checkpoint | None) -> RunSpec:
+    """The run of a population member that starts from `checkpoint` (its own, or after an exploit another
+    member's): the settings and schedule the checkpoint was trained with, continued from its next epoch with
+    `spec`'s method settings where they differ. Without a checkpoint, `spec` itself."""
+    state = None if checkpoint is None else checkpoint.training_state
+    if state is None:
+        return spec
+    trained, recorded = int(state["next_epoch"]), state["config"]
+    past = schedule_before(recorded.get("schedule"), trained)
+    in_force = with_changes(recorded["method_config"], past)
+    moved = {k: v for k, v in spec.config.method_config.items() if in_force.get(k) != v}
+    schedule = past + ([{"after_epoch": trained, **moved}] if moved else [])
+    config = replace(spec.config, method_config=recorded["method_config"], schedule=tuple(schedule))
+    return config.resolve(teacher_schedule=spec.teacher_schedule)
 
 
 def check_run_folder(spec: RunSpec, out: Path) -> None:
@@ -383,7 +457,7 @@ def train_step(run: TrainingRun, model: nn.Module, context: StepContext, batch: 
 
     Returns each chunk's detached loss and scalars, still on the device (no host synchronisation).
     """
-    method, hyper = run.spec.method, run.spec.hyper
+    method, hyper = run.spec.method, run.spec.hyper_at(context.epoch)
     count = method.chunks(hyper)
     xs = batch.x.chunk(count)  # fewer than `count` pieces for a batch smaller than that
     others = [t.chunk(count) if t is not None else [None] * len(xs) for t in (batch.y, batch.index, batch.soft_labels)]

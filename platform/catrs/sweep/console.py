@@ -59,6 +59,9 @@ class SweepProgress:
     def failed(self, trial_id: str, point: dict[str, Any]) -> None:
         self.bar.update(1)
 
+    def exploited(self, trial_id: str, copied_id: str, epoch: int, *settings: dict[str, Any]) -> None:
+        pass  # the bar counts members that end
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

@@ -95,6 +95,9 @@ class Ledger:
     def failed(self, trial_id: str, point: dict[str, Any]) -> None:
         pass
 
+    def exploited(self, trial_id: str, copied_id: str, epoch: int, *settings: dict[str, Any]) -> None:
+        pass  # a member's epochs after a copy count as any others
+
     # --- the sweep's own phases
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -165,7 +168,9 @@ def expected_cost(space: SearchSpace, trials: int) -> dict[str, float]:
     scheduler to keep ⌈n/η⌉ of the n trials at each rung: synchronous halving keeps exactly that many, ASHA at
     least that many (the first trials at a rung always go on)."""
     budget, eta = space.budget, space.budget.reduction_factor
-    if rungs := budget.ladder():  # each rung trained from scratch at its fraction
+    if budget.population:  # each member trains once, reporting the proxy at every interval and the end
+        equivalents, proxies = float(trials), trials * (len(budget.rungs(space.epochs)) + 1)
+    elif rungs := budget.ladder():  # each rung trained from scratch at its fraction
         equivalents = sum(math.ceil(trials / eta**k) * rung.fraction for k, rung in enumerate(rungs))
         proxies = sum(math.ceil(trials / eta**k) for k in range(len(rungs)))
     elif epoch_rungs := budget.rungs(space.epochs):  # truncation: survivors train on

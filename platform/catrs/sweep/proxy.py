@@ -1,6 +1,7 @@
 """A sweep's cheap measure of a trial: CERTIFY's exact ACR on some val images with small n, at ASHA's rungs.
 
-    catrs tune demo_digits          (every trial reports it as `val_acr`, `val_certified_accuracy_R`, …)
+    catrs tune demo_digits          (every trial reports it as `val_acr`, `val_certified_accuracy_R`, …;
+                                     MLflow shows them as `proxy/val_acr`, …)
 
 The proxy certifies in `evaluate` mode (`Smooth.evaluate_batch`: an image whose selected class is already
 wrong gets no estimation samples, since it counts 0 at every radius anyway), so its ACR and certified
@@ -24,6 +25,7 @@ from catrs.results import ResultRow
 from catrs.sampling import Mode
 from catrs.sweep.ledger import samples_spent
 from catrs.sweep.space import SearchSpace
+from catrs.sweep.trial import PROXY_PREFIX
 
 
 def spread(length: int, count: int) -> tuple[int, int]:
@@ -61,9 +63,7 @@ class ProxyEvaluation:
     @property
     def names(self) -> tuple[str, ...]:
         """The metrics it reports."""
-        accuracies = certification_metrics(pd.DataFrame(columns=["predict", "radius", "correct"]))
-        names = [*accuracies, self.objective, "samples"]
-        return tuple(f"val_{name}" for name in dict.fromkeys(names) if name != "abstain_rate")
+        return proxy_metric_names(self.objective)
 
     def due(self, epoch: int, epochs: int) -> bool:
         return epoch + 1 in self.epochs or epoch + 1 == epochs
@@ -87,6 +87,19 @@ class ProxyEvaluation:
         metrics = evaluation_metrics(frame, self.objective, "val_")
         metrics["val_samples"] = samples_spent(frame, self.settings.protocol, Mode.EVALUATE)  # for the ledger
         return metrics, frame
+
+
+def proxy_metric_names(objective: str) -> tuple[str, ...]:
+    """What the proxy reports to the scheduler: `val_acr`, `val_clean_accuracy`, … and `val_OBJECTIVE`."""
+    accuracies = certification_metrics(pd.DataFrame(columns=["predict", "radius", "correct"]))
+    names = [*accuracies, objective, "samples"]
+    return tuple(f"val_{name}" for name in dict.fromkeys(names) if name != "abstain_rate")
+
+
+def proxy_name(metric: str) -> str:
+    """A proxy figure as MLflow shows it, named as the estimate it is (`proxy/val_acr`), apart from the
+    selection's certification of val with the final protocol (`final_val_acr`)."""
+    return PROXY_PREFIX + metric
 
 
 def proxy_of(space: SearchSpace, context: RunContext) -> ProxyEvaluation:

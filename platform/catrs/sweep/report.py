@@ -28,8 +28,10 @@ import pandas as pd
 from matplotlib.ticker import FuncFormatter
 
 from catrs.errors import UserError
+from catrs.metrics import certification_metrics
 from catrs.plots import png_figure
 from catrs.report import split_label
+from catrs.sweep.trial import PROXY_PREFIX
 from catrs.tracking import Tracker
 
 
@@ -39,7 +41,7 @@ class SweepReport:
     parent_run_id: str
     objective: str
     radius: float
-    trials: pd.DataFrame  # one row per trial: its params, clean, certified@r, objective, final val, pareto
+    trials: pd.DataFrame  # a row per trial: params, clean, certified@r, objective, final val, chosen, pareto
     importances: dict[str, float]
     kinds: dict[str, str] = field(default_factory=dict)  # searched key → its domain kind (empty: unknown)
 
@@ -123,7 +125,9 @@ def sweep_report(tracker: Tracker, parent_run_id: str, radius: float = 0.5, labe
     kinds = searched_kinds(parent.data.tags)
     rows = []
     for child in tracker.children(parent_run_id):
-        metrics = child.data.metrics
+        metrics = proxy_figures(child.data.metrics)
+        if objective in metrics and certified not in metrics:  # a radius the trial's page does not chart
+            metrics |= proxy_rows_figures(tracker, child.info.run_id, radius)
         if objective not in metrics or certified not in metrics:
             continue
         searched = {k: v for k, v in child.data.params.items() if not kinds or k in kinds}
@@ -131,6 +135,7 @@ def sweep_report(tracker: Tracker, parent_run_id: str, radius: float = 0.5, labe
             {
                 "trial": child.data.tags.get("catrs.trial_id", child.info.run_id),
                 "stopped_at": child.data.tags.get("catrs.stopped_at", ""),
+                "chosen": child.data.tags.get("catrs.winner") == "true",
                 "final_val": metrics.get("final_" + objective, np.nan),
                 **{f"param:{k}": v for k, v in searched.items()},
                 "clean": metrics.get("val_certified_accuracy_0", metrics.get("val_clean_accuracy")),
@@ -153,6 +158,24 @@ def sweep_report(tracker: Tracker, parent_run_id: str, radius: float = 0.5, labe
     return SweepReport(name, parent_run_id, objective, radius, trials, importances(trials, params, objective), kinds)
 
 
+def proxy_figures(metrics: dict[str, float]) -> dict[str, float]:
+    """A trial's metrics with its proxy figures under the names the trials reported them (`val_acr`): MLflow
+    names them `proxy/val_acr`, sweeps of earlier versions `val_acr`."""
+    return {**metrics, **{k.removeprefix(PROXY_PREFIX): v for k, v in metrics.items() if k.startswith(PROXY_PREFIX)}}
+
+
+def proxy_rows_figures(tracker: Tracker, run_id: str, radius: float) -> dict[str, float]:
+    """The clean and certified accuracy at `radius` of a trial's last proxy, from its rows (MLflow charts
+    the radius nearest σ only); none where the trial logged no rows."""
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            frame = pd.read_parquet(tracker.client.download_artifacts(run_id, "proxy/evaluation.parquet", folder))
+        except Exception:  # no rows logged (a trial that failed), or a store that lost them
+            return {}
+    figures = certification_metrics(frame, (0.0, radius))
+    return {f"val_{name}": figures[name] for name in ("certified_accuracy_0", f"certified_accuracy_{radius:g}")}
+
+
 def searched_kinds(tags: dict[str, str]) -> dict[str, str]:
     """The searched keys and their domain kinds (loguniform, uniform, int, choice) a sweep's parent names;
     empty for sweeps of earlier versions, whose every param was searched."""
@@ -171,11 +194,21 @@ def sweep_reports(tracker: Tracker, sweeps: Sequence[str], radius: float) -> lis
 
 
 def plot_frontiers(reports: Sequence[SweepReport], path: Path) -> Path:
-    """Every trial of each sweep (faint) and each sweep's Pareto front (a line through two or more), in one
-    colour per sweep."""
+    """Every trial of each sweep (faint), each sweep's Pareto front (a line through two or more) and its choice
+    (ringed), in one colour per sweep."""
     with png_figure(path, figsize=(5, 4)) as axes:
         for colour, report in enumerate(reports):
             axes.scatter(report.trials["clean"], report.trials["certified"], color=f"C{colour}", alpha=0.35)
+            chosen = report.trials[report.trials["chosen"]]
+            axes.scatter(
+                chosen["clean"],
+                chosen["certified"],
+                s=160,
+                facecolors="none",
+                edgecolors=f"C{colour}",
+                linewidths=1.5,
+                label=f"{report.name}: the choice" if len(chosen) else None,
+            )
             style = "o-" if len(report.front) > 1 else "o"
             axes.plot(
                 report.front["clean"],
@@ -208,6 +241,17 @@ def plot_objective_by_param(report: SweepReport, path: Path) -> Path:
                 x = x.map({value: i for i, value in enumerate(order)})
                 axis.set_xticks(range(len(order)), order)
             axis.scatter(x[~stopped], trials.loc[~stopped, report.objective], label="proxy, trained out")
+            chosen = trials["chosen"]
+            if chosen.any():  # the sweep's choice, ringed, at its proxy figure
+                axis.scatter(
+                    x[chosen],
+                    trials.loc[chosen, report.objective],
+                    s=160,
+                    facecolors="none",
+                    edgecolors="black",
+                    linewidths=1.5,
+                    label="the choice",
+                )
             if stopped.any():
                 axis.scatter(
                     x[stopped],
@@ -275,6 +319,7 @@ def format_sweep_report(report: SweepReport) -> str:
         columns={"final_val": "final_" + report.objective, "stopped_at": "stopped at"}
     )
     shown["pareto"] = shown["pareto"].map({True: "*", False: ""})
+    shown["chosen"] = shown["chosen"].map({True: "★", False: ""})
     shown = shown.drop(
         columns=[
             c

@@ -42,13 +42,22 @@ from catrs.storage import Stored, stored
 from catrs.sweep import selection
 from catrs.sweep.console import SweepOutcome, SweepProgress
 from catrs.sweep.ledger import Ledger
+from catrs.sweep.population import draw_population, population_study, record_population
 from catrs.sweep.proxy import evaluation_metrics
 from catrs.sweep.space import SearchSpace
-from catrs.sweep.story import PARENT_FILE, TrialRecords, close_orphans, parent_run, tell_the_story, trade_off_report
+from catrs.sweep.story import (
+    PARENT_FILE,
+    TrialRecords,
+    close_orphans,
+    parent_run,
+    tell_the_story,
+    trade_off_report,
+    trained_config,
+)
 from catrs.sweep.trial import TrialObserver, TrialResult
 from catrs.teacher import Producer
 from catrs.tracking import Tracker, system_metrics
-from catrs.train import RunFolder, soft_labels_for
+from catrs.train import RunFolder, RunSpec, TrainConfig, soft_labels_for
 from catrs.vote_store import SoftLabels
 
 BEST_DIR = "best"  # the best trial's checkpoint, beside the sweep's final results
@@ -87,6 +96,8 @@ def run_sweep(space: SearchSpace, options: SweepOptions, context: RunContext) ->
             )
         # A sweep stopped before Tune saved its first state has no trials to resume: they start anew.
         plan = replace(plan, resume=plan.resume and plan.can_resume())
+        if space.budget.population and not plan.resume:
+            plan = replace(plan, initial=tuple(draw_population(population_study(space, sweep_dir), space)))
         tracker = Tracker(context.tracking_uri, spool=sweep_dir / "mlflow-pending")  # unreachable: fails first
         connect()
         data = split_facts_of(space.dataset, ("train_minus_val", "val"), context)
@@ -123,6 +134,8 @@ def _sweep(
             with ledger.phase("trials"):
                 results = run_trials(plan, soft_labels, context, observers)
             progress.close()
+            if space.budget.population:
+                record_population(population_study(space, sweep_dir), results, space)
             table = trials_table(results, space)
             shortlisted = selection.shortlist(candidates(results, space), space.selection.top_k)
             if not shortlisted:
@@ -132,7 +145,7 @@ def _sweep(
             with ledger.phase("selection"):
                 for candidate in shortlisted:
                     _validate(candidate, space, sweep_dir, data["val"].size, context, ledger)
-                    records.log_to_child(candidate.trial_id, candidate.val_metrics)
+                    records.log_to_child(candidate.trial_id, candidate.val_metrics, selection.VAL_PREFIX)
             winner = selection.choose(shortlisted, space.objective)
         # The choice is made: from here on the test split may be read, once.
         with ledger.phase("test"):
@@ -144,7 +157,9 @@ def _sweep(
             ledger.certified("test", test_rows, request.settings.protocol, request.mode)
         test_metrics = tracker.log_results(parent, test_rows, final, prefix=selection.TEST_PREFIX)
         tracker.log_metrics(parent, ledger.metrics())
-        records.log_to_child(winner.trial_id, {selection.TEST_PREFIX + k: v for k, v in test_metrics.items()})
+        records.log_to_child(
+            winner.trial_id, {selection.TEST_PREFIX + k: v for k, v in test_metrics.items()}, selection.TEST_PREFIX
+        )
         tracker.log_metrics(parent, winner.val_metrics)
         tracker.log_params(parent, {f"best.{k}": v for k, v in winner.point.items()})
         tracker.set_tags(parent, {"best_trial": winner.trial_id, "best_checkpoint": str(best)})
@@ -160,7 +175,10 @@ def _sweep(
             tracker, model_run, space.model_name, best, data["val"].example, _standing(space, winner, data["val"])
         )
         test_split = split_facts_of(space.dataset, ("test",), context)["test"]
-        tell_the_story(tracker, space, parent, winner, winner_run, table, test_metrics, test_split)
+        config = trained_config(RunFolder(best.parent)) or {}
+        tell_the_story(
+            tracker, space, parent, winner, winner_run, table, test_metrics, test_split, config, ledger.lines()
+        )
         close_orphans(tracker, parent, {str(t) for t in table["trial"]})
         report = trade_off_report(tracker, parent, space)
     tracker.end(parent, "FINISHED")
@@ -284,11 +302,19 @@ def _winner_checkpoint(
     best_dir = sweep_dir / BEST_DIR
     if space.selection.refit:
         ledger.refit = True
-        return train_on_a_worker(
-            space.resolve(winner.point, train_split="train"), best_dir, space.resources.plan(), context
-        )
+        return train_on_a_worker(_refit_run(space, winner, sweep_dir), best_dir, space.resources.plan(), context)
     winner.checkpoint.to_directory(str(best_dir))
     return RunFolder(best_dir).checkpoint
+
+
+def _refit_run(space: SearchSpace, winner: selection.Candidate, sweep_dir: Path) -> RunSpec:
+    """The winner trained again on the whole training split: its point, or a population member's schedule
+    (read from the checkpoint `_validate` fetched)."""
+    if not space.budget.population:
+        return space.resolve(winner.point, train_split="train")
+    config = trained_config(RunFolder(sweep_dir / "trials" / winner.trial_id)) or {}
+    schedule = replace(TrainConfig(**config), train_split="train")
+    return schedule.resolve(teacher_schedule=space.settings(space.first_point(), train_split="train"))
 
 
 def _with_selection(

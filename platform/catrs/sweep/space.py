@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,8 @@ MOVED = {
     "first_rung·reduction_factor^k",
 }
 DOMAIN_KINDS = ("loguniform", "uniform", "int", "choice")
+NUMERIC = ("loguniform", "uniform", "int")
+POPULATION_SCHEDULERS = ("pbt", "pb2")  # a population that trains once (`catrs.sweep.population`)
 OBJECTIVE = re.compile(r"^(acr|certified_accuracy_(\d+(\.\d+)?)|auc_(\d+(\.\d+)?))$")
 
 
@@ -127,19 +129,33 @@ class Budget:
     (`fidelity: fraction`: a trial trains its whole schedule in min_fraction · η^k of the steps, from scratch
     at each rung, and is compared after each), or by synchronous halving (`scheduler: halving`, epochs only:
     each rung waits for all its trials and keeps the best ⌈n/η⌉, `catrs.distributed.halving`), η being
-    `reduction_factor`."""
+    `reduction_factor`. Or a population that trains once (`scheduler: pbt | pb2`, `catrs.sweep.population`):
+    `population` members (the file's key for `num_samples`) train side by side, and after every `interval`
+    epochs the bottom `quantile` of them copy the weights of the top and perturb the settings in `move`."""
 
     num_samples: int = 8
     max_concurrent: int = 1
-    scheduler: str = "asha"  # or "halving", or "none"
+    scheduler: str = "asha"  # or "halving", "pbt", "pb2", or "none"
     fidelity: str = "epochs"  # or "fraction"
     first_rung: int = 1  # epochs (fidelity: epochs)
     min_fraction: float = 1 / 9  # of the steps (fidelity: fraction): reduction_factor^-k
     reduction_factor: int = 2
+    interval: int = 1  # pbt, pb2: epochs between a member's exploit-and-explore steps
+    quantile: float = 0.25  # pbt, pb2: the share at the bottom that copies the share at the top
+    resample_probability: float = 0.25  # pbt: how often a moved setting is drawn anew rather than perturbed
+    move: tuple[str, ...] = field(default=(), metadata={"type": list})  # pbt, pb2: the settings that move
+    synch: bool = False  # pbt, pb2: every member waits at each interval for the others (and restarts after it)
+
+    @property
+    def population(self) -> bool:
+        return self.scheduler in POPULATION_SCHEDULERS
 
     def rungs(self, epochs: int) -> list[int]:
-        """The epochs at which the scheduler compares truncated trials (none without one, or by fraction)."""
+        """The epochs at which the scheduler compares trials: truncated ones (none without a scheduler, or by
+        fraction), or a population's members (every `interval` epochs before the last)."""
         rungs: list[int] = []
+        if self.population:
+            return list(range(self.interval, epochs, self.interval))
         if self.scheduler in ("asha", "halving") and self.fidelity == "epochs":
             while (rung := self.first_rung * self.reduction_factor ** len(rungs)) < epochs:
                 rungs.append(rung)
@@ -148,6 +164,8 @@ class Budget:
     def describe(self, epochs: int) -> str:
         """How trials are cut, in words: `catrs tune --dry-run` says it."""
         eta = f"η = {self.reduction_factor}"
+        if self.population:
+            return describe_population(self, epochs)
         if ladder := self.ladder():
             return f"ASHA at {', '.join(share(r.fraction) for r in ladder[:-1])} of the steps ({eta})"
         if rungs := self.rungs(epochs):
@@ -255,6 +273,74 @@ class SearchSpace:
         keys = [key for key in trainables.get(self.method).teacher_keys if key in self.search]
         choices = itertools.product(*(self.search[key].values for key in keys))
         return [{**self.first_point(), **dict(zip(keys, values, strict=True))} for values in choices]
+
+
+def moving_keys(space: SearchSpace) -> tuple[str, ...]:
+    """The settings the population perturbs: the file's `move`, or every searched setting that may move
+    (PB2: every numeric one; its bandit models numbers)."""
+    if space.budget.move:
+        return tuple(space.budget.move)
+    method = trainables.get(space.method)
+    movable = [key for key, domain in space.search.items() if not _fixed_reason(key, domain, space, method)]
+    return tuple(movable)
+
+
+def _fixed_reason(key: str, domain: Domain, space: SearchSpace, method: Any) -> str:
+    """Why `key` cannot move mid-run ("" if it can)."""
+    if key in method.teacher_keys:
+        return (
+            "decides the soft labels the weights were fitted to, so it stays with them: a member that copies "
+            "another takes its value; search it, but do not move it"
+        )
+    if key in searchable_keys():
+        return "a training-schedule setting (it shapes the whole run, not a step); search it, but do not move it"
+    if space.budget.scheduler == "pb2" and domain.kind not in NUMERIC:
+        return "PB2's bandit models numbers; a choice stays fixed per member (move it with scheduler: pbt)"
+    return ""
+
+
+def population_problems(space: SearchSpace) -> list[tuple[str, str]]:
+    """What is wrong with a population sweep's file, as (key, problem) pairs."""
+    budget, problems = space.budget, []
+    if budget.num_samples < 2:
+        problems.append(
+            ("budget.population", f"needs at least 2 members to copy one another, got {budget.num_samples}")
+        )
+    if budget.interval >= space.epochs:
+        problems.append(
+            (
+                "budget.interval",
+                f"{budget.interval} is not below the last epoch ({space.epochs}): no member would copy another",
+            )
+        )
+    if not 0 < budget.quantile <= 0.5:
+        problems.append(("budget.quantile", f"must be in (0, 0.5], got {budget.quantile}"))
+    if not 0 <= budget.resample_probability <= 1:
+        problems.append(("budget.resample_probability", f"must be in [0, 1], got {budget.resample_probability}"))
+    if space.resources.workers != 1:
+        problems.append(
+            ("resources.workers", "a population trains each member in one worker (an exploit restores one process)")
+        )
+    method = trainables.get(space.method)
+    for key in budget.move:
+        if key not in space.search:
+            problems.append(("budget.move", f"{key!r} is not searched; searched: {', '.join(space.search)}"))
+        elif reason := _fixed_reason(key, space.search[key], space, method):
+            problems.append(("budget.move", f"{key} cannot move: {reason}"))
+    if not problems and not moving_keys(space):
+        problems.append(("budget.move", "nothing to move: search at least one setting a run may change mid-run"))
+    return problems
+
+
+def describe_population(budget: Budget, epochs: int) -> str:
+    """How a population sweep runs, in words (`catrs tune --dry-run`)."""
+    name = "PBT" if budget.scheduler == "pbt" else "PB2"
+    rungs = budget.rungs(epochs)
+    return (
+        f"{'synchronous ' if budget.synch else ''}population-based training ({name}), each trial a member "
+        f"trained once; after epoch{'s' if len(rungs) > 1 else ''} {', '.join(map(str, rungs))} the bottom "
+        f"{budget.quantile:.0%} copy the top {budget.quantile:.0%} and perturb {', '.join(budget.move)}"
+    )
 
 
 def _middle(domain: Domain) -> Any:
@@ -446,6 +532,10 @@ def load_search_space(path: str | Path) -> SearchSpace:
             f"{budget.first_rung} is not below the last epoch ({epochs}): the {budget.scheduler} scheduler "
             f"would never compare trials; lower it, or set scheduler: none",
         )
+    if budget.population:
+        for key, problem in population_problems(space):
+            check.fail(key, problem)
+        space = replace(space, budget=replace(budget, move=moving_keys(space)))
     return space
 
 
@@ -544,18 +634,38 @@ def _run_sections(check: _Checker, raw: dict[str, Any]) -> dict[str, Any]:
     )
     if selection.images < 0:
         check.fail("selection.images", f"must be 0 (all) or more, got {selection.images}")
-    budget = check.section(Budget, raw.get("budget"), "budget")
+    budget = check.section(Budget, _population_key(check, check.mapping(raw.get("budget"), "budget")), "budget")
     resources = check.section(Resources, raw.get("resources"), "resources")
-    _check_positive(check, budget, "budget", ("num_samples", "max_concurrent", "first_rung"))
+    _check_positive(check, budget, "budget", ("num_samples", "max_concurrent", "first_rung", "interval"))
     _check_positive(check, resources, "resources", ("workers",))
-    if budget.scheduler not in ("asha", "halving", "none"):
-        check.fail("budget.scheduler", f"expected asha, halving or none, got {budget.scheduler!r}")
+    if budget.scheduler not in SCHEDULERS:
+        check.fail("budget.scheduler", f"expected {', '.join(SCHEDULERS)}, got {budget.scheduler!r}")
     if budget.reduction_factor < 2:
         check.fail("budget.reduction_factor", f"must be at least 2, got {budget.reduction_factor}")
     _check_fidelity(check, budget)
     if (resources.gpus_per_worker or 0) < 0 or resources.cpus_per_worker <= 0:
         check.fail("resources", "gpus_per_worker must be ≥ 0 and cpus_per_worker > 0")
     return {"proxy": proxy, "selection": selection, "final": final, "budget": budget, "resources": resources}
+
+
+SCHEDULERS = ("asha", "halving", *POPULATION_SCHEDULERS, "none")
+POPULATION_KEYS = ("interval", "quantile", "resample_probability", "move", "synch")
+
+
+def _population_key(check: _Checker, budget: dict[str, Any]) -> dict[str, Any]:
+    """The budget section with a population sweep's `population` read as its number of trials, and the
+    population's keys refused under the other schedulers."""
+    if budget.get("scheduler") not in POPULATION_SCHEDULERS:
+        for key in ("population", *POPULATION_KEYS):
+            if key in budget:
+                check.fail(f"budget.{key}", "applies to a population sweep only (scheduler: pbt or pb2)")
+        return budget
+    if "num_samples" in budget:
+        check.fail("budget.num_samples", "a population sweep trains each member once: give `population` instead")
+    budget = dict(budget)
+    if "population" in budget:
+        budget["num_samples"] = budget.pop("population")
+    return budget
 
 
 def _check_fidelity(check: _Checker, budget: Budget) -> None:

@@ -24,11 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
+from catrs.checkpoint import load_checkpoint
 from catrs.data import SplitFacts
 from catrs.errors import UserError
 from catrs.metrics import DEFAULT_RADII
 from catrs.plots import plot_certified_accuracy
+from catrs.sweep.population import plot_schedule, read_lineage, replay_config, schedule_table
+from catrs.sweep.proxy import proxy_metric_names, proxy_name
 from catrs.sweep.report import SweepReport, log_sweep_report, sweep_report
 from catrs.sweep.selection import Candidate
 from catrs.sweep.space import SearchSpace
@@ -37,6 +41,16 @@ from catrs.tracking import Tracker, flatten, run_tags
 from catrs.train import RunFolder
 
 PARENT_FILE = "mlflow_parent_run"
+EXPLOIT_TAG = "catrs.exploit.after_epoch_"  # a population member's copies, one tag each
+REPLAY_FILE = "replay.yaml"
+
+
+def trained_config(run: RunFolder) -> dict[str, Any] | None:
+    """The settings a run folder's checkpoint was trained with (None without one)."""
+    if not run.checkpoint.exists():
+        return None
+    state = load_checkpoint(run.checkpoint).training_state
+    return None if state is None else dict(state["config"])
 
 
 def _short(value: Any) -> str:
@@ -92,22 +106,44 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def sweep_note(
-    space: SearchSpace, table: pd.DataFrame, winner: Mapping[str, Any], winner_link: str, test: Mapping[str, float]
+    space: SearchSpace,
+    table: pd.DataFrame,
+    winner: Mapping[str, Any],
+    winner_link: str,
+    test: Mapping[str, float],
+    cost: list[str],
 ) -> str:
-    """The parent run's description: the choice and its test figures, how it was made, and every trial."""
+    """The parent run's description: the choice and its test figures, how it was made, every trial, and what
+    the sweep cost (the ledger, also the `cost/…` metrics)."""
     refit = " (re-trained on the whole training split)" if space.selection.refit else ""
     figures = ", ".join(f"{key} {test[key]:.3f}" for key in (space.objective, "clean_accuracy") if key in test)
+    trained = (
+        f"A population of {space.budget.num_samples} members trained once on `train_minus_val`, each reporting "
+        f"`{proxy_name(space.metric)}` (the proxy: a cheap certification of `val`) every {space.budget.interval} "
+        f"epoch(s); the bottom ones copied the top ones' weights and perturbed {', '.join(space.budget.move)} "
+        f"(each copy is a `{EXPLOIT_TAG}…` tag on the member's run; its settings per epoch are in its "
+        f"`schedule/` artifacts, with the `replay.yaml` that trains it again)."
+        if space.budget.population
+        else f"Trials trained on `train_minus_val` and reported `{proxy_name(space.metric)}` (the proxy: a cheap "
+        f"certification of `val`)."
+    )
     return "\n".join(
         [
             f"## {space.method} on {space.dataset}, σ = {space.sigma:g}: sweep {space.name}",
             "",
             f"**Winner: [{trial_name(winner)}]({winner_link})**{refit} — on the test split: {figures}.",
             "",
-            f"Trials trained on `train_minus_val` and reported `{space.metric}` (the proxy) on `val`; the top "
-            f"{space.selection.top_k} by it were certified on `val` again (`final_val_{space.objective}`), the best "
-            f"was chosen, and only then was `test` read, once, for the winner (`test_{space.objective}`).",
+            f"{trained} The top {space.selection.top_k} by the proxy were certified on `val` again with the final "
+            f"protocol (`final_val_{space.objective}`), the best was chosen, and only then was `test` read, once, "
+            f"for the winner (`test_{space.objective}`).",
             "",
             markdown_table(table),
+            "",
+            "### Cost",
+            "",
+            "```",
+            *cost,
+            "```",
         ]
     )
 
@@ -153,7 +189,10 @@ class TrialRecords:
                 space = self.space
                 tags = run_tags("trial", space.method, space.dataset, space.sigma, trial_id=trial_id, sweep=space.name)
                 run_id = self.tracker.start(trial_name(point), tags, self.parent_run_id)
-                self.tracker.log_params(run_id, point)  # what differs; the parent has what all share
+                if self.space.budget.population:  # a member's params are its final settings (`completed`)
+                    self.tracker.set_tags(run_id, {"catrs.initial_settings": trial_name(point)})
+                else:
+                    self.tracker.log_params(run_id, point)  # what differs; the parent has what all share
                 self.tracker.log_dataset(run_id, self.data["train_minus_val"], "training")
                 self.tracker.log_dataset(run_id, self.data["val"], "validation")
             self._runs[trial_id] = run_id
@@ -163,10 +202,20 @@ class TrialRecords:
         """The trial's child run, if it has one."""
         return self.tracker.find({"catrs.trial_id": trial_id, "mlflow.parentRunId": self.parent_run_id})
 
-    def log_to_child(self, trial_id: str, metrics: dict[str, float]) -> None:
-        """`metrics` on the trial's child run, if it has one."""
+    def log_to_child(self, trial_id: str, metrics: dict[str, float], prefix: str) -> None:
+        """The headline figures of a certification (`metrics`, each name `prefix` + figure) on the trial's
+        child run, if it has one: ACR, the objective, clean accuracy and certified accuracy at σ. The rest (every
+        radius, p_A's histogram) is on the parent with the rows: a trial's page keeps its curves in view."""
+        headline = {
+            "acr",
+            self.space.objective,
+            "clean_accuracy",
+            f"certified_accuracy_{nearest_logged_radius(self.space.sigma):g}",
+        }
         if child := self.child(trial_id):
-            self.tracker.log_metrics(child, metrics)
+            self.tracker.log_metrics(
+                child, {prefix + k: metrics[prefix + k] for k in headline if prefix + k in metrics}
+            )
 
     def started(self, trial_id: str, point: dict[str, Any]) -> None:
         self._guarded(lambda: self.run_for(trial_id, point))
@@ -174,7 +223,20 @@ class TrialRecords:
     def reported(self, trial_id: str, point: dict[str, Any], metrics: dict[str, float]) -> None:
         step = int(metrics.get("step", metrics.get("epoch", 0)))  # (a trial climbing rungs counts on over them)
         self._reported.setdefault(trial_id, set()).add(step)
-        self._guarded(lambda: self.tracker.log_metrics(self.run_for(trial_id, point), metrics, step=step))
+        self._guarded(lambda: self.tracker.log_metrics(self.run_for(trial_id, point), self._named(metrics), step=step))
+
+    def _named(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The proxy's headline figures named as the proxy's (`proxy/val_acr`; its other radii stay in its
+        rows, `proxy/evaluation.parquet`: a chart each would bury the training curves), the training's as
+        they are."""
+        proxied, shown = proxy_metric_names(self.space.objective), self._proxy_headline
+        return {(proxy_name(k) if k in proxied else k): v for k, v in metrics.items() if k not in proxied or k in shown}
+
+    @property
+    def _proxy_headline(self) -> set[str]:
+        space = self.space
+        radius = nearest_logged_radius(space.sigma)
+        return {space.metric, "val_clean_accuracy", f"val_certified_accuracy_{radius:g}", "val_samples"}
 
     def completed(
         self, trial_id: str, point: dict[str, Any], last: dict[str, Any], checkpoint: TrialCheckpoint | None
@@ -184,6 +246,9 @@ class TrialRecords:
             # The history in the checkpoint is its last rung's: its epoch E was reported at step `offset` + E.
             offset = int(last.get("step", last.get("epoch", 0))) - int(last.get("epoch", 0))
             self._log_trial_files(run_id, trial_id, point, checkpoint, offset)
+            if self.space.budget.population:  # where it ended, after its copies and perturbations
+                self.tracker.log_params(run_id, point)
+                self.tracker.rename(run_id, trial_name(point))
             if where := stopped_at(last, self.space.epochs):  # the scheduler stopped it: say so in the run list
                 self.tracker.set_tags(run_id, {"catrs.stopped_at": where})
                 self.tracker.rename(run_id, stopped_name(point, where))
@@ -193,6 +258,17 @@ class TrialRecords:
 
     def failed(self, trial_id: str, point: dict[str, Any]) -> None:
         self._guarded(lambda: self.tracker.end(self.run_for(trial_id, point), "FAILED"))
+
+    def exploited(self, trial_id: str, copied_id: str, epoch: int, *settings: dict[str, Any]) -> None:
+        """A tag per copy on the member's run: `catrs.exploit.after_epoch_004` = "copied T after epoch 4 ·
+        before: … · copied: … · after: …" (the moved settings)."""
+        moving = self.space.budget.move
+        said = " · ".join(
+            f"{label}: {trial_name({k: values[k] for k in moving})}"
+            for label, values in zip(("before", "copied", "after"), settings, strict=True)
+        )
+        tag = {f"{EXPLOIT_TAG}{epoch:03d}": f"copied {copied_id} after epoch {epoch} · {said}"}
+        self._guarded(lambda: self.tracker.set_tags(self.run_for(trial_id, settings[-1]), tag))
 
     def _guarded(self, log: Callable[[], object]) -> None:
         """A store that went away must not stop the sweep: the trial's results stay in the run storage."""
@@ -211,13 +287,16 @@ class TrialRecords:
         """The proxy results, their curve, the metric history and the resolved config, from the run storage."""
         with tempfile.TemporaryDirectory() as scratch:
             folder = Path(scratch)
-            config = asdict(self.space.resolve(point).config)
+            run = RunFolder(folder / "checkpoint")
+            if checkpoint is not None:
+                checkpoint.to_directory(str(run.path))
+            config = trained_config(run) or asdict(self.space.resolve(point).config)
             (folder / "config.json").write_text(json.dumps(config, indent=1))
             self.tracker.log_artifact(run_id, folder / "config.json")
             if checkpoint is None:
                 return
-            run = RunFolder(folder / "checkpoint")
-            checkpoint.to_directory(str(run.path))
+            if self.space.budget.population:
+                self._log_schedule(run_id, config, run, folder)
             if run.evaluation_file.exists():
                 self.tracker.log_artifact(run_id, run.evaluation_file, "proxy")
                 plot_certified_accuracy(
@@ -230,6 +309,20 @@ class TrialRecords:
                 self.tracker.log_artifact(run_id, run.history_file)
                 self._log_every_epoch(run_id, trial_id, run.history(), offset)
 
+    def _log_schedule(self, run_id: str, config: dict[str, Any], run: RunFolder, folder: Path) -> None:
+        """The member's settings per epoch (those it inherited included) as a table and a plot, and the file
+        `catrs train --config` replays them with (`catrs.sweep.population`)."""
+        keys = self.space.budget.move
+        table = schedule_table(config, read_lineage(run.path), keys)
+        table.to_csv(folder / "schedule.csv", index=False)
+        plot_schedule(table, keys, folder / "schedule.png")
+        (folder / REPLAY_FILE).write_text(
+            "# catrs train --config replay.yaml --out DIR   (the member's weights again: same data, seed, schedule)\n"
+            + yaml.safe_dump(replay_config(config), sort_keys=False)
+        )
+        for name in ("schedule.csv", "schedule.png", REPLAY_FILE):
+            self.tracker.log_artifact(run_id, folder / name, "schedule")
+
     def _log_every_epoch(self, run_id: str, trial_id: str, history: list[dict[str, float]], offset: int) -> None:
         """The training metrics of the epochs whose reports this driver did not see (a driver killed and
         resumed misses those in between), from the trial's metric history, so that the run has every epoch."""
@@ -237,7 +330,7 @@ class TrialRecords:
         for row in history:
             step = offset + int(row["epoch"])
             if step not in reported:
-                self.tracker.log_metrics(run_id, {k: v for k, v in row.items() if k != "epoch"}, step=step)
+                self.tracker.log_metrics(run_id, self._named({k: v for k, v in row.items() if k != "epoch"}), step=step)
 
 
 def parent_run(tracker: Tracker, space: SearchSpace, sweep_dir: Path, resume: bool, data: dict[str, SplitFacts]) -> str:
@@ -278,9 +371,13 @@ def tell_the_story(
     table: pd.DataFrame,
     test_metrics: dict[str, float],
     test_split: SplitFacts,
+    config: dict[str, Any],
+    cost: list[str],
 ) -> None:
     """Names, tags and the parent's description that make the UI's runs table read as the sweep went
-    (above): the parent with its test figure and the trials table, the winner starred."""
+    (above): the parent with its test figure and the trials table, the winner starred with every setting of
+    the model certified on test (`config`, its checkpoint's: a population member's schedule included), and
+    what the sweep cost (`cost`: the ledger's lines)."""
     test = test_metrics.get(space.objective, math.nan)
     tracker.log_dataset(parent, test_split, "evaluation")
     tracker.rename(parent, parent_name(space, test))
@@ -288,12 +385,12 @@ def tell_the_story(
     tracker.set_tags(
         parent,
         {
-            "mlflow.note.content": sweep_note(space, table, winner.point, link, test_metrics),
+            "mlflow.note.content": sweep_note(space, table, winner.point, link, test_metrics, cost),
             **({"best_run": winner_run} if winner_run else {}),
         },
     )
     if winner_run:  # the run a reader opens: every setting of it, not only what the trials varied
-        tracker.log_params(winner_run, asdict(space.resolve(winner.point).config))
+        tracker.log_params(winner_run, config)
         tracker.set_tags(winner_run, {"catrs.winner": "true"})
         tracker.rename(winner_run, winner_name(winner.point, space.objective, winner.val(space.objective), test))
         tracker.log_dataset(winner_run, test_split, "evaluation")

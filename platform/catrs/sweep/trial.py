@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Protocol
 
+PROXY_PREFIX = "proxy/"  # the proxy's figures in MLflow (`catrs.sweep.proxy.proxy_name`)
+
 
 class TrialCheckpoint(Protocol):
     """A trial's latest checkpoint folder in the sweep's run storage (a local directory or an object store)."""
@@ -64,3 +66,7 @@ class TrialObserver(Protocol):
         """The trial ended: trained out, or stopped by the scheduler (`stopped_at(last, epochs)` says where)."""
 
     def failed(self, trial_id: str, point: dict[str, Any]) -> None: ...
+
+    def exploited(self, trial_id: str, copied_id: str, epoch: int, *settings: dict[str, Any]) -> None:
+        """A population member copied the weights of `copied_id` after `epoch` epochs; `settings`: its own
+        before, those of the member it copied, and those it goes on with (`catrs.sweep.population`)."""
