@@ -165,6 +165,18 @@ CASES = [
     ("typo in a fixed hyper-parameter", "fixed.num_step", 2, "fixed: unknown hyper-parameter(s) num_step"),
     ("unknown train setting", "train.learning_rate", 0.1, "train.learning_rate: unknown key"),
     ("impossible range", "search.lbd", {"uniform": [2.0, 1.0]}, "search.lbd: impossible range"),
+    (
+        "range beyond the method's domain",
+        "search.lbd",
+        {"uniform": [-1.0, 1.0]},
+        "search.lbd: hyper-parameter lbd must",
+    ),
+    (
+        "choice beyond the domain",
+        "search.num_noises",
+        {"choice": [0, 4]},
+        "search.num_noises: hyper-parameter num_noises",
+    ),
     ("loguniform through zero", "search.lbd", {"loguniform": [0.0, 1.0]}, "loguniform needs low > 0"),
     ("two kinds in one range", "search.lbd", {"uniform": [0, 1], "choice": [1]}, "give exactly one of"),
     ("empty choice", "search.lbd", {"choice": []}, "choice needs a non-empty list"),

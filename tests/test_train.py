@@ -186,7 +186,12 @@ def test_train_then_certify_on_digits_from_the_cli(run_cli, tmp_path, method):
         (["--method", "catrs", "--set", "confidence_mask=maybe"], "confidence_mask='maybe' is not a valid bool"),
         (["--method", "catrs", "--set", "soft_labels=oracle"], "soft_labels must be one of teacher, mean_softmax"),
         (["--method", "gaussian", "--arch", "vgg"], "unknown architecture 'vgg'"),
-        (["--method", "gaussian", "--sigma", "0"], "--sigma must be positive"),
+        (["--method", "gaussian", "--sigma", "0"], "--sigma must be a positive number"),
+        (["--method", "gaussian", "--sigma", "inf"], "--sigma must be a positive number, got inf"),
+        (["--method", "gaussian", "--lr", "inf"], "--lr must be a positive number, got inf"),
+        (["--method", "gaussian", "--lr-gamma", "0"], "--lr-gamma must be in (0, 1], got 0.0"),
+        (["--method", "gaussian", "--momentum", "nan"], "--momentum must be a number ≥ 0, got nan"),
+        (["--method", "gaussian", "--weight-decay", "-1"], "--weight-decay must be a number ≥ 0, got -1.0"),
         (["--method", "gaussian", "--epochs", "0"], "--epochs must be at least 1"),
         (["--method", "gaussian", "--dataset", "svhn"], "unknown dataset 'svhn'"),
     ],
@@ -195,6 +200,24 @@ def test_train_refuses_bad_input_in_one_line(run_cli, tmp_path, args, message):
     code, _, err = run_cli("train", "--out", tmp_path / "run", *args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_rerunning_a_finished_training_adds_no_run_and_a_diverged_one_leaves_no_trained_checkpoint(run_cli, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from catrs.context import resolve_tracking_uri
+
+    client = MlflowClient(resolve_tracking_uri())
+    quick = ["--method", "gaussian", "--dataset", "synthetic", "--sigma", "0.25", "--epochs", "1", "--batch", "64"]
+    code, _, err = run_cli("train", "--out", tmp_path / "done", *quick)
+    assert code == 0, err
+    runs = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+    code, out, err = run_cli("train", "--out", tmp_path / "done", *quick)
+    assert code == 0 and "is complete: 1 epochs trained; nothing to do, no run added" in out, err
+    assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == runs
+    code, _, err = run_cli("train", "--out", tmp_path / "diverged", *quick, "--lr", "1e30")
+    assert code == 2 and "training diverged at epoch 1" in err
+    assert not (tmp_path / "diverged" / "checkpoint.pt").exists()  # nothing certify could take for a model
 
 
 def test_train_reads_a_yaml_config_and_names_a_wrong_key(run_cli, tmp_path):

@@ -373,7 +373,7 @@ def _train_config(args: argparse.Namespace) -> Any:
 
 def _run_train(args: argparse.Namespace) -> None:
     from catrs.tracking import Tracker, run_tags, tracked_run, ui_hint
-    from catrs.train import check_run_folder, claimed_run
+    from catrs.train import RunFolder, check_run_folder, claimed_run
 
     spec = _train_config(args).resolve()
     config = spec.config
@@ -382,6 +382,10 @@ def _run_train(args: argparse.Namespace) -> None:
     context = _context(args)
     # Every refusal before the MLflow run starts: the folder, a run of other settings in it, the data.
     check_run_folder(spec, args.out)
+    if RunFolder(args.out).trained_epochs() >= config.epochs:  # finished: nothing to train, no empty run
+        print(f"{args.out} is complete: {config.epochs} epochs trained; nothing to do, no run added")
+        print(f"checkpoint: {RunFolder(args.out).checkpoint}")
+        return
     data = _training_split(args, config, context)
     _check_precision(args, config.precision)
     with claimed_run(spec, args.out):

@@ -42,7 +42,7 @@ from catrs.context import RunContext
 from catrs.data import TRAINING_SPLITS, DatasetSpec, dataset_spec, get_dataset
 from catrs.errors import UserError
 from catrs.faults import inject
-from catrs.inference import describe_device, pick_device
+from catrs.inference import check_precision, describe_device, pick_device
 from catrs.interrupts import note_saved
 from catrs.models import model_names
 from catrs.ownership import claim
@@ -119,10 +119,13 @@ class TrainConfig:
         their first point's)."""
         data = dataset_spec(self.dataset)
         checks = [
-            (self.sigma > 0, f"--sigma must be positive, got {self.sigma}"),
+            (0 < self.sigma < math.inf, f"--sigma must be a positive number, got {self.sigma}"),
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
             (self.batch_size is None or self.batch_size >= 1, f"--batch must be at least 1, got {self.batch_size}"),
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (0 < self.lr < math.inf, f"--lr must be a positive number, got {self.lr}"),
+            (0 < self.lr_gamma <= 1, f"--lr-gamma must be in (0, 1], got {self.lr_gamma}"),
+            (0 <= self.momentum < math.inf, f"--momentum must be a number ≥ 0, got {self.momentum}"),
+            (0 <= self.weight_decay < math.inf, f"--weight-decay must be a number ≥ 0, got {self.weight_decay}"),
             (self.lr_step >= 1, f"--lr-step must be at least 1, got {self.lr_step}"),
             (0 < self.fraction <= 1, f"--fraction must be in (0, 1], got {self.fraction}"),
             (0 <= self.seed < 2**63, f"--seed must be a non-negative integer below 2^63, got {self.seed}"),
@@ -294,8 +297,7 @@ class TrainingRun:
     @classmethod
     def create(cls, spec: RunSpec, device: torch.device) -> TrainingRun:
         config = spec.config
-        if config.precision == "fp16" and device.type != "cuda":
-            raise UserError(f"--precision fp16 trains on CUDA only; on {device} use bf16 or fp32")
+        check_precision(config.precision, device)
         torch.manual_seed(config.seed)
         model = spec.card().build_model().to(device)
         optimizer = torch.optim.SGD(
@@ -434,6 +436,13 @@ class RunFolder:
     def evaluation_file(self) -> Path:
         """The rows of the last evaluation (a sweep's proxy), when the run had one."""
         return self.path / EVALUATION_NAME
+
+    def trained_epochs(self) -> int:
+        """How many epochs the folder's checkpoint holds (0 without one)."""
+        if not self.checkpoint.exists():
+            return 0
+        state = load_checkpoint(self.checkpoint).training_state
+        return 0 if state is None else int(state["next_epoch"])
 
     def history(self) -> list[dict[str, float]]:
         """The metrics of every finished epoch (none before the first)."""
@@ -694,13 +703,15 @@ def fit(
                 extra, rows = evaluation.metrics(sum(session.gather(evaluation.rows(run.model, part)), []))
                 metrics.update(extra)
         metrics.update(epoch=epoch + 1, lr=float(run.scheduler.get_last_lr()[0]), seconds=time.perf_counter() - began)
-        run.history.append(metrics)
-        run.next_epoch += 1
-        session.report(metrics, run, rows)
+        # Before the epoch is recorded: a diverged run leaves its last sound checkpoint, not one that looks
+        # trained (certifying NaN weights would give a constant classifier).
         if not all(math.isfinite(v) for k, v in metrics.items() if evaluation is None or k not in evaluation.names):
             raise UserError(
                 f"training diverged at epoch {epoch + 1} (non-finite metrics); lower --lr and start a new --out"
             )
+        run.history.append(metrics)
+        run.next_epoch += 1
+        session.report(metrics, run, rows)
     return run
 
 

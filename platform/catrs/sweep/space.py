@@ -598,6 +598,9 @@ def _search(check: _Checker, raw: Any, method: str, train: dict[str, Any], fixed
         search[key] = _domain(check, f"search.{key}", spec)
         if key in kind.teacher_keys and search[key].kind != "choice":
             check.fail(f"search.{key}", "must be a choice: each value trains (and caches) one teacher")
+        if key not in searchable_keys():  # a method's setting: every value the range may give is one it takes
+            for value in search[key].values:
+                _check_method_values(check, method, {**fixed, key: value}, f"search.{key}")
     return search
 
 
