@@ -4,6 +4,8 @@ MlflowClient, and through the REST API of a real `mlflow server`)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import yaml
@@ -438,6 +440,8 @@ def test_a_killed_population_sweep_resumes_records_each_copy_and_its_choice_repl
 
     code, out, err = run_cli("tune", path, "--resume", "--cache-dir", cache)
     assert code == 0, err
+    best_dir = tmp_path / "runs" / "sweeps" / "population" / "best"
+    assert f"its schedule ({best_dir / 'schedule.csv'}; trained again by OMP_NUM_THREADS=1 catrs train" in out
     runs = children()
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
     assert len({r.data.tags["catrs.trial_id"] for r in runs}) == 2  # the two members, each once
@@ -462,7 +466,8 @@ def test_a_killed_population_sweep_resumes_records_each_copy_and_its_choice_repl
     finally:
         torch.set_num_threads(threads)
     assert code == 0, err
-    best = load_checkpoint(tmp_path / "runs" / "sweeps" / "population" / "best" / "checkpoint.pt")
+    best = load_checkpoint(best_dir / "checkpoint.pt")
+    assert (best_dir / "replay.yaml").read_text() == Path(replay).read_text()  # the same file, beside it
     replayed = load_checkpoint(tmp_path / "replayed" / "checkpoint.pt").state_dict
     assert all(torch.equal(best.state_dict[k], replayed[k]) for k in best.state_dict)
     [version] = client.search_model_versions("name = 'population'")  # the registry holds the schedule too

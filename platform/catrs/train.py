@@ -439,10 +439,16 @@ class RunFolder:
 
     def trained_epochs(self) -> int:
         """How many epochs the folder's checkpoint holds (0 without one)."""
-        if not self.checkpoint.exists():
-            return 0
-        state = load_checkpoint(self.checkpoint).training_state
+        state = self._training_state()
         return 0 if state is None else int(state["next_epoch"])
+
+    def trained_config(self) -> dict[str, Any] | None:
+        """The settings the folder's checkpoint was trained with (None without one)."""
+        state = self._training_state()
+        return None if state is None else dict(state["config"])
+
+    def _training_state(self) -> dict[str, Any] | None:
+        return load_checkpoint(self.checkpoint).training_state if self.checkpoint.exists() else None
 
     def history(self) -> list[dict[str, float]]:
         """The metrics of every finished epoch (none before the first)."""

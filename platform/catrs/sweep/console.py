@@ -22,6 +22,7 @@ from catrs.metrics import DEFAULT_RADII
 from catrs.model_registry import Registration
 from catrs.report import build_report, format_report
 from catrs.sweep.ledger import Ledger
+from catrs.sweep.population import SCHEDULE_FILES
 from catrs.sweep.report import SweepReport, format_sweep_report
 from catrs.sweep.selection import VAL_PREFIX
 from catrs.sweep.space import SearchSpace
@@ -100,12 +101,25 @@ def format_outcome(
         f"once, for the choice",
         outcome.trials.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep=""),
         f"\nchosen: trial {outcome.best_trial} {outcome.best_config}{refit}{model}",
+        *schedule_lines(outcome.best_checkpoint.parent),
         format_report(build_report(outcome.final_results, DEFAULT_RADII), linf=False),
         *(outcome.ledger.lines() if outcome.ledger else []),
     ]
     if outcome.trade_off is not None:
         lines.append(format_sweep_report(outcome.trade_off))
     return "\n".join(lines + ["", next_commands(outcome, space, tracking_uri, data_root)])
+
+
+def schedule_lines(folder: Path) -> list[str]:
+    """A population's choice: its settings per epoch and the command that trains it again (none otherwise)."""
+    table, replay = folder / SCHEDULE_FILES[0], folder / SCHEDULE_FILES[2]
+    if not table.exists():
+        return []
+    return [
+        f"its schedule ({table}; trained again by OMP_NUM_THREADS=1 catrs train --config "
+        f"{shlex.quote(str(replay))} --out DIR):",
+        pd.read_csv(table).to_string(index=False, float_format=lambda v: f"{v:.4g}"),
+    ]
 
 
 def next_commands(

@@ -42,14 +42,16 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 import pandas as pd
+import yaml
 
 from catrs.sweep.space import Domain, SearchSpace
-from catrs.train import with_changes
+from catrs.train import RunFolder, with_changes
 
 if TYPE_CHECKING:
     from catrs.sweep.trial import TrialResult
 
 LINEAGE_FILE = "lineage.json"  # beside a member's checkpoint: which member trained which epochs
+SCHEDULE_FILES = ("schedule.csv", "schedule.png", "replay.yaml")  # what `write_schedule` leaves
 STUDY_FILE = "optuna.db"
 
 
@@ -139,8 +141,27 @@ def plot_schedule(table: pd.DataFrame, keys: tuple[str, ...], path: Path) -> Pat
         for ax, key in zip(axes, keys, strict=True):
             ax.step(table["epoch"], table[key].astype(float), where="mid", marker="o")
             ax.set_ylabel(key)
-            for epoch, owner in zip(table["epoch"], table["trained_by"], strict=True):
-                ax.axvspan(epoch - 0.5, epoch + 0.5, alpha=0.08 + 0.12 * owners.index(owner), color="tab:gray", lw=0)
-        axes[0].set_title("settings per epoch (shading: the member that trained it)")
+            for epoch, owner in zip(table["epoch"], table["trained_by"], strict=True):  # light, dark, light, …
+                ax.axvspan(epoch - 0.5, epoch + 0.5, alpha=(0.08, 0.25)[owners.index(owner) % 2], color="grey", lw=0)
+        axes[0].set_title("settings per epoch (a change of shading: another member trained it)")
         axes[-1].set_xlabel("epoch")
     return path
+
+
+def write_schedule(run: RunFolder, keys: tuple[str, ...], folder: Path) -> pd.DataFrame | None:
+    """The schedule of the member whose checkpoint is in `run` as `SCHEDULE_FILES` in `folder`: its settings
+    per epoch (those it inherited included) as a table and a plot of `keys`, and the file `catrs train
+    --config` trains the same weights again from. None (and no files) without a checkpoint."""
+    config = run.trained_config()
+    if config is None:
+        return None
+    table = schedule_table(config, read_lineage(run.path), keys)
+    table.to_csv(folder / SCHEDULE_FILES[0], index=False)
+    plot_schedule(table, keys, folder / SCHEDULE_FILES[1])
+    (folder / SCHEDULE_FILES[2]).write_text(
+        "# OMP_NUM_THREADS=1 catrs train --config replay.yaml --out DIR\n"
+        "#   the member's weights again (same data, seed and schedule): bit for bit on a CPU with one thread per\n"
+        "#   process, as a one-CPU trial trains; another thread count adds up sums in another order (≈1e-6 apart)\n"
+        + yaml.safe_dump(replay_config(config), sort_keys=False)
+    )
+    return table

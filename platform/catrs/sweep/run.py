@@ -31,7 +31,7 @@ from catrs.context import RunContext
 from catrs.data import SplitFacts, sealed, split_facts
 from catrs.distributed.chunks import certify_distributed, facts_on_a_worker
 from catrs.distributed.runtime import capacity, connect
-from catrs.distributed.train import cluster_producer, train_on_a_worker
+from catrs.distributed.train import cluster_producer, refuse_a_sweep_beyond_reach, train_on_a_worker
 from catrs.distributed.tune import SEALED, TrialsPlan, run_trials
 from catrs.errors import JobFailed, UserError
 from catrs.interrupts import forget_saved, note_saved
@@ -42,7 +42,7 @@ from catrs.storage import Stored, stored
 from catrs.sweep import selection
 from catrs.sweep.console import SweepOutcome, SweepProgress
 from catrs.sweep.ledger import Ledger
-from catrs.sweep.population import draw_population, population_study, record_population
+from catrs.sweep.population import draw_population, population_study, record_population, write_schedule
 from catrs.sweep.proxy import evaluation_metrics
 from catrs.sweep.space import SearchSpace
 from catrs.sweep.story import (
@@ -52,7 +52,6 @@ from catrs.sweep.story import (
     parent_run,
     tell_the_story,
     trade_off_report,
-    trained_config,
 )
 from catrs.sweep.trial import TrialObserver, TrialResult
 from catrs.teacher import Producer
@@ -82,6 +81,8 @@ def run_sweep(space: SearchSpace, options: SweepOptions, context: RunContext) ->
     test, registers it; logs all to MLflow. The sweep's folder is this process's alone while it runs; a sweep
     stopped by a signal or an error ends its MLflow runs KILLED or FAILED, and `--resume` finishes it."""
     space = replace(space, budget=replace(space.budget, num_samples=space.trials(options.num_samples)))
+    # A trial (or the certifying pool) the cluster can never hold would wait for ever: refused before anything.
+    refuse_a_sweep_beyond_reach(space.resources.plan(), space.final.workers, space.path)
     sweep_dir = options.local_dir.resolve() / space.name
     storage = options.storage_path or str(options.local_dir)
     plan = TrialsPlan(space, storage if "://" in storage else str(Path(storage).resolve()), options.resume)
@@ -150,6 +151,8 @@ def _sweep(
         # The choice is made: from here on the test split may be read, once.
         with ledger.phase("test"):
             best = _winner_checkpoint(space, winner, sweep_dir, context, ledger)
+            if space.budget.population:  # the choice's schedule and its replay file beside its checkpoint
+                write_schedule(RunFolder(best.parent), space.budget.move, best.parent)
             final = sweep_dir / "final.parquet"
             request = selection.final_request(space, best, final)
             _certify(request, space.final.workers, context)
@@ -175,7 +178,7 @@ def _sweep(
             tracker, model_run, space.model_name, best, data["val"].example, _standing(space, winner, data["val"])
         )
         test_split = split_facts_of(space.dataset, ("test",), context)["test"]
-        config = trained_config(RunFolder(best.parent)) or {}
+        config = RunFolder(best.parent).trained_config() or {}
         tell_the_story(
             tracker, space, parent, winner, winner_run, table, test_metrics, test_split, config, ledger.lines()
         )
@@ -312,7 +315,7 @@ def _refit_run(space: SearchSpace, winner: selection.Candidate, sweep_dir: Path)
     (read from the checkpoint `_validate` fetched)."""
     if not space.budget.population:
         return space.resolve(winner.point, train_split="train")
-    config = trained_config(RunFolder(sweep_dir / "trials" / winner.trial_id)) or {}
+    config = RunFolder(sweep_dir / "trials" / winner.trial_id).trained_config() or {}
     schedule = replace(TrainConfig(**config), train_split="train")
     return schedule.resolve(teacher_schedule=space.settings(space.first_point(), train_split="train"))
 

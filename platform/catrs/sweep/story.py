@@ -24,14 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
-from catrs.checkpoint import load_checkpoint
 from catrs.data import SplitFacts
 from catrs.errors import UserError
 from catrs.metrics import DEFAULT_RADII
 from catrs.plots import plot_certified_accuracy
-from catrs.sweep.population import plot_schedule, read_lineage, replay_config, schedule_table
+from catrs.sweep.population import SCHEDULE_FILES, write_schedule
 from catrs.sweep.proxy import proxy_metric_names, proxy_name
 from catrs.sweep.report import SweepReport, log_sweep_report, sweep_report
 from catrs.sweep.selection import Candidate
@@ -42,15 +40,6 @@ from catrs.train import RunFolder
 
 PARENT_FILE = "mlflow_parent_run"
 EXPLOIT_TAG = "catrs.exploit.after_epoch_"  # a population member's copies, one tag each
-REPLAY_FILE = "replay.yaml"
-
-
-def trained_config(run: RunFolder) -> dict[str, Any] | None:
-    """The settings a run folder's checkpoint was trained with (None without one)."""
-    if not run.checkpoint.exists():
-        return None
-    state = load_checkpoint(run.checkpoint).training_state
-    return None if state is None else dict(state["config"])
 
 
 def _short(value: Any) -> str:
@@ -290,13 +279,13 @@ class TrialRecords:
             run = RunFolder(folder / "checkpoint")
             if checkpoint is not None:
                 checkpoint.to_directory(str(run.path))
-            config = trained_config(run) or asdict(self.space.resolve(point).config)
+            config = run.trained_config() or asdict(self.space.resolve(point).config)
             (folder / "config.json").write_text(json.dumps(config, indent=1))
             self.tracker.log_artifact(run_id, folder / "config.json")
             if checkpoint is None:
                 return
             if self.space.budget.population:
-                self._log_schedule(run_id, config, run, folder)
+                self._log_schedule(run_id, run, folder)
             if run.evaluation_file.exists():
                 self.tracker.log_artifact(run_id, run.evaluation_file, "proxy")
                 plot_certified_accuracy(
@@ -309,19 +298,11 @@ class TrialRecords:
                 self.tracker.log_artifact(run_id, run.history_file)
                 self._log_every_epoch(run_id, trial_id, run.history(), offset)
 
-    def _log_schedule(self, run_id: str, config: dict[str, Any], run: RunFolder, folder: Path) -> None:
-        """The member's settings per epoch (those it inherited included) as a table and a plot, and the file
-        `catrs train --config` replays them with (`catrs.sweep.population`)."""
-        keys = self.space.budget.move
-        table = schedule_table(config, read_lineage(run.path), keys)
-        table.to_csv(folder / "schedule.csv", index=False)
-        plot_schedule(table, keys, folder / "schedule.png")
-        (folder / REPLAY_FILE).write_text(
-            "# catrs train --config replay.yaml --out DIR   (the member's weights again: same data, seed, schedule)\n"
-            + yaml.safe_dump(replay_config(config), sort_keys=False)
-        )
-        for name in ("schedule.csv", "schedule.png", REPLAY_FILE):
-            self.tracker.log_artifact(run_id, folder / name, "schedule")
+    def _log_schedule(self, run_id: str, run: RunFolder, folder: Path) -> None:
+        """The member's schedule: table, plot and replay file (`catrs.sweep.population.write_schedule`)."""
+        if write_schedule(run, self.space.budget.move, folder) is not None:
+            for name in SCHEDULE_FILES:
+                self.tracker.log_artifact(run_id, folder / name, "schedule")
 
     def _log_every_epoch(self, run_id: str, trial_id: str, history: list[dict[str, float]], offset: int) -> None:
         """The training metrics of the epochs whose reports this driver did not see (a driver killed and
