@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -145,3 +146,49 @@ def test_a_catrs_sweep_trains_its_teacher_votes_trials_and_certifies_on_gpu_node
     )
     expected = read_results(run_certification(clean, quiet_context()))
     pd.testing.assert_frame_equal(read_results(sweep / "final.parquet")[RESEARCH], expected[RESEARCH])
+
+
+def test_requests_beyond_what_the_cluster_has_and_its_autoscaler_can_add_are_refused_at_once(
+    head, run_cli, digits_checkpoint, tmp_path, monkeypatch
+):
+    """Issue 33: each waited for ever (the autoscaler can add 2 nodes of 1 GPU and 1 CPU; the head has no GPU)."""
+    monkeypatch.chdir(tmp_path)
+    space = tmp_path / "wide.yaml"
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "name": "wide",
+                "method": "gaussian",
+                "dataset": "synthetic",
+                "sigma": 0.25,
+                "train": {"epochs": 2, "batch_size": 64},
+                "search": {"lr": {"loguniform": [0.01, 0.1]}},
+                "objective": "acr",
+                "proxy": {"n": 64, "images": 16},
+                "resources": {"workers": 3},
+            }
+        )
+    )
+    train = ["train", "--method", "gaussian", "--dataset", "synthetic", "--epochs", "1", "--out", tmp_path / "r"]
+    refusals = {
+        "--workers 3: 3 workers of 1 CPU and 1 GPU each at once, and at most 2 fit": [
+            *["certify", "--checkpoint", digits_checkpoint, "--dataset", "digits", "--workers", "3"],
+            *["--out", tmp_path / "o.parquet"],
+        ],
+        "--workers 3 --gpus-per-worker 1: 3 workers of 1 CPU and 1 GPU each at once, and at most 2 fit": [
+            *train,
+            *["--workers", "3", "--gpus-per-worker", "1"],
+        ],
+        "--workers 1 --gpus-per-worker 2: a worker of 1 CPU and 2 GPUs fits on no node the cluster has or can add": [
+            *train,
+            *["--workers", "1", "--gpus-per-worker", "2"],
+        ],
+        "resources (each trial): 3 workers of 1 CPU and 1 GPU each at once, and at most 2 fit": ["tune", space],
+    }
+    for message, args in refusals.items():
+        began = time.monotonic()
+        code, out, err = run_cli(*args)
+        assert code == 2 and err.startswith("catrs: error:") and len(err.strip().splitlines()) == 1, err
+        assert message in err and "its autoscaler can add 2 × gpu_1x (1 CPU and 1 GPU)" in err, err
+        assert time.monotonic() - began < 30  # at once, not after a wait for nodes that never come
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.pt", "wide.yaml"]  # no output, run or sweep

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -268,6 +269,11 @@ CASES = {
         ["train", "--method", "gaussian", "--dataset", "synthetic", "--workers", "-1", "--out", tmp / "r"],
         "--workers and --gpus-per-worker must be",
     ),
+    # Issue 33: it was silently ignored, and the run trained in this process.
+    "train --gpus-per-worker without --workers": lambda tmp, good: (
+        _train(tmp, tmp / "r", "--gpus-per-worker", "1"),
+        "--gpus-per-worker 1 applies to Ray workers: add --workers K",
+    ),
     # Issue 33: a hyper-parameter out of its domain trained for minutes, then diverged.
     "train with lbd=nan": lambda tmp, good: (
         _train_method(tmp, "catrs", "lbd=nan"),
@@ -305,7 +311,7 @@ CASES = {
     ),
     "train with a non-positive lr": lambda tmp, good: (
         ["train", "--method", "gaussian", "--lr", "0", "--out", tmp / "r"],
-        "--lr must be positive",
+        "--lr must be a positive number, got 0.0",
     ),
     "tune a missing file": lambda tmp, good: (["tune", tmp / "absent.yaml"], "search space not found"),
     "tune with zero samples": lambda tmp, good: (
@@ -500,10 +506,67 @@ def _runs() -> int:
     return len(client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=50_000))
 
 
+# Requests no cluster of this shape can serve (issue 33: each waited for ever, printing nothing), on the session's
+# local Ray instance: 2 CPUs, no GPU, no autoscaler.
+NO_GPU = "(Ray has 1 node up (2 CPUs, no GPU) and no autoscaler to add any)"
+RAY_CASES = {
+    "certify on more workers than the cluster can hold": lambda tmp, good: (
+        _certify(good, tmp / "o.parquet", "--workers", "1000"),
+        f"--workers 1000: 1000 workers of 1 CPU each at once, and at most 2 fit {NO_GPU}; lower --workers",
+    ),
+    "certify on one worker more than the CPUs": lambda tmp, good: (
+        _certify(good, tmp / "o.parquet", "--workers", "3"),
+        "--workers 3: 3 workers of 1 CPU each at once, and at most 2 fit",
+    ),
+    "train on more workers than the cluster can hold": lambda tmp, good: (
+        _train(tmp, tmp / "r", "--workers", "1000"),
+        f"--workers 1000: 1000 workers of 1 CPU each at once, and at most 2 fit {NO_GPU}; lower --workers, "
+        f"--gpus-per-worker or --cpus-per-worker",
+    ),
+    "train on a GPU per worker where there is none": lambda tmp, good: (
+        _train(tmp, tmp / "r", "--workers", "1", "--gpus-per-worker", "1"),
+        f"--workers 1 --gpus-per-worker 1: a worker of 1 CPU and 1 GPU fits on no node the cluster has or can add "
+        f"{NO_GPU}",
+    ),
+    "train on workers bigger than any node": lambda tmp, good: (
+        _train(tmp, tmp / "r", "--workers", "1", "--cpus-per-worker", "3"),
+        "--workers 1 --cpus-per-worker 3: a worker of 3 CPUs fits on no node the cluster has or can add",
+    ),
+    "a sweep whose trials ask for a GPU where there is none": lambda tmp, good: (
+        ["tune", _space_with(tmp, SMALL_SPACE.format(fixed="{}") + "resources: {workers: 1, gpus_per_worker: 1}\n")],
+        f"space.yaml: resources: a worker of 1 CPU and 1 GPU fits on no node the cluster has or can add {NO_GPU}; "
+        f"lower its workers, gpus_per_worker or cpus_per_worker",
+    ),
+    "a sweep whose trials' workers and driver need more CPUs than there are": lambda tmp, good: (
+        ["tune", _space_with(tmp, SMALL_SPACE.format(fixed="{}") + "resources: {workers: 2}\n")],
+        "space.yaml: resources (each trial): 2 workers of 1 CPU each and 1 CPU to drive them need 3 CPUs at once, "
+        "and the cluster can have at most 2 CPUs",
+    ),
+    "a sweep certifying on more workers than the cluster can hold": lambda tmp, good: (
+        ["tune", _space_with(tmp, SMALL_SPACE.format(fixed="{}") + "final: {workers: 8}\n")],
+        "space.yaml: final.workers 8: 8 workers of 1 CPU each at once, and at most 2 fit",
+    ),
+}
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(run_cli, digits_checkpoint, tmp_path, case, monkeypatch):
+    _refused(run_cli, digits_checkpoint, tmp_path, CASES[case], monkeypatch)
+
+
+@pytest.mark.parametrize("case", list(RAY_CASES))
+def test_requests_no_cluster_can_serve_are_refused_at_once(
+    ray_cluster, run_cli, digits_checkpoint, tmp_path, case, monkeypatch
+):
+    began = time.monotonic()
+    _refused(run_cli, digits_checkpoint, tmp_path, RAY_CASES[case], monkeypatch)
+    assert time.monotonic() - began < 30  # at once, not after a wait
+
+
+def _refused(run_cli, digits_checkpoint, tmp_path, case, monkeypatch) -> None:
+    """The case's command ends in its one line, exit 2, no file written or changed, no MLflow run."""
     monkeypatch.chdir(tmp_path)  # anything written to the working directory would show in the snapshot too
-    args, message = CASES[case](tmp_path, digits_checkpoint)
+    args, message = case(tmp_path, digits_checkpoint)
     before, runs = _snapshot(tmp_path), _runs()
     code, out, err = run_cli(*args)
     assert code == 2, (case, out, err)

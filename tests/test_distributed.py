@@ -208,3 +208,55 @@ def test_running_out_of_gpu_memory_is_reported_with_the_batch_to_lower_not_retri
         # (the queue's backup tasks), which would also run out of memory without being a retry.
         certify_distributed(request, quiet_context(), 1, 6)
     assert len(list(faults.folder.glob("oom-certify.group-0-*"))) == 1  # tried once: it would fail again
+
+
+def test_what_a_cluster_can_ever_hold_counts_its_nodes_up_and_those_its_autoscaler_can_add():
+    from catrs.distributed.runtime import NodeKind, Reach
+
+    # cluster.yaml's shape: a head of 4 CPUs; at most 8 nodes in all, of 1 GPU (up to 8) or of 4 (up to 2).
+    head = {"CPU": 4.0, "node:__internal_head__": 1.0}
+    kinds = (NodeKind("gpu_1x", {"CPU": 4, "GPU": 1}, 8), NodeKind("gpu_4x", {"CPU": 48, "GPU": 4}, 2))
+    aws = Reach((head,), kinds, 8)
+    assert aws.most({"CPU": 1, "GPU": 1}) == 14  # 2 nodes of 4 GPUs, then 6 of 1: the cluster's 8
+    assert aws.most({"CPU": 8, "GPU": 4}) == 2 and aws.total("GPU") == 14 and aws.total("CPU") == 4 + 96 + 24
+    assert aws.shortfall(14, {"CPU": 1, "GPU": 1}) is None
+    assert aws.shortfall(15, {"CPU": 1, "GPU": 1}) == "15 workers of 1 CPU and 1 GPU each at once, and at most 14 fit"
+    assert aws.shortfall(1, {"GPU": 8}) == "a worker of 8 GPUs fits on no node the cluster has or can add"
+    assert aws.describe() == (
+        "Ray has 1 node up (4 CPUs, no GPU) and its autoscaler can add 8 × gpu_1x (4 CPUs and 1 GPU), "
+        "2 × gpu_4x (48 CPUs and 4 GPUs), 8 nodes in all"
+    )
+    # Nodes it has added already are not counted twice (they are among the 8); one started by hand is.
+    added, by_hand = {"CPU": 48.0, "GPU": 4.0}, {"CPU": 2.0, "GPU": 2.0}
+    assert Reach((head, added, added), kinds, 8).most({"GPU": 1}) == 14
+    assert Reach((head, added, by_hand), kinds, 8).most({"GPU": 1}) == 16
+    # Without an autoscaler, the nodes up; Ray's resources in fixed point (three workers of ⅓ CPU fit on one).
+    fixed = Reach(({"CPU": 2.0}, {"CPU": 2.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 1.0}))
+    assert fixed.most({"CPU": 1 / 3}) == 18 and fixed.most({"CPU": 0.75}) == 6
+    assert fixed.shortfall(2, {"CPU": 1, "GPU": 1}, driver={"CPU": 1}) is None
+    assert fixed.shortfall(3, {"CPU": 2}, driver={"CPU": 1}) == (
+        "3 workers of 2 CPUs each and 1 CPU to drive them need 7 CPUs at once, and the cluster can have at most 6 CPUs"
+    )
+    assert fixed.shortfall(1, {"CPU": 1}, driver={"CPU": 3}) == (
+        "3 CPUs to drive the workers fits on no node the cluster has or can add"
+    )
+    assert fixed.describe() == "Ray has 3 nodes up (6 CPUs, 2 GPUs) and no autoscaler to add any"
+    # A node type whose resources Ray learns only once it starts refuses nothing; an autoscaler with no room adds none.
+    assert Reach((head,), (NodeKind("custom", None, 2),), 2).shortfall(1000, {"GPU": 8}) is None
+    assert Reach((head,), kinds, 0).shortfall(1, {"CPU": 1, "GPU": 1}) is not None
+
+
+def test_a_pool_or_a_plan_the_cluster_can_never_hold_is_refused_before_any_work(
+    ray_cluster, digits_checkpoint, tmp_path
+):
+    from catrs.distributed.chunks import certify_distributed
+    from catrs.distributed.train import WorkerPlan, train_distributed
+    from catrs.errors import UserError
+
+    request = CertifyRequest(digits_checkpoint, "digits", 0.5, tmp_path / "o.parquet", SETTINGS, max_index=10)
+    with pytest.raises(UserError, match=r"--workers 3: 3 workers of 1 CPU each at once, and at most 2 fit \(Ray has"):
+        certify_distributed(request, quiet_context(), 3)  # the session's instance has 2 CPUs, no GPU
+    spec = TrainConfig(method="gaussian", dataset="synthetic", sigma=0.25, epochs=1).resolve()
+    with pytest.raises(UserError, match="a worker of 1 CPU and 1 GPU fits on no node the cluster has or can add"):
+        train_distributed(spec, tmp_path / "run", WorkerPlan(1, gpus_per_worker=1), quiet_context())
+    assert list(tmp_path.iterdir()) == [digits_checkpoint]  # no output, chunk folder or run folder

@@ -379,6 +379,11 @@ def _run_train(args: argparse.Namespace) -> None:
     config = spec.config
     if args.workers < 0 or (args.gpus_per_worker or 0) < 0 or args.cpus_per_worker <= 0:
         raise UserError("--workers and --gpus-per-worker must be ≥ 0 and --cpus-per-worker > 0")
+    if args.gpus_per_worker is not None and not args.workers:  # it was silently ignored
+        raise UserError(
+            f"--gpus-per-worker {args.gpus_per_worker:g} applies to Ray workers: add --workers K, or leave it out "
+            f"(without --workers the run trains in this process, on --device)"
+        )
     context = _context(args)
     # Every refusal before the MLflow run starts: the folder, a run of other settings in it, the data.
     check_run_folder(spec, args.out)
@@ -386,6 +391,15 @@ def _run_train(args: argparse.Namespace) -> None:
         print(f"{args.out} is complete: {config.epochs} epochs trained; nothing to do, no run added")
         print(f"checkpoint: {RunFolder(args.out).checkpoint}")
         return
+    if args.workers:  # workers the cluster can never hold would be waited for for ever: refused before any work
+        from catrs.distributed.train import refuse_a_plan_beyond_reach
+        from catrs.train import WorkerPlan
+
+        plan = WorkerPlan(args.workers, args.gpus_per_worker, args.cpus_per_worker)
+        asked = f"--workers {args.workers}"
+        asked += "" if args.gpus_per_worker is None else f" --gpus-per-worker {args.gpus_per_worker:g}"
+        asked += "" if args.cpus_per_worker == 1.0 else f" --cpus-per-worker {args.cpus_per_worker:g}"
+        refuse_a_plan_beyond_reach(plan, asked)
     data = _training_split(args, config, context)
     _check_precision(args, config.precision)
     with claimed_run(spec, args.out):
@@ -522,6 +536,10 @@ def _run_sampling(args: argparse.Namespace) -> None:
         print(f"{prepared.writer.path} is complete: all {len(prepared.selected)} images; nothing to do, no run added")
         _print_results(args, prepared.writer.path)
         return
+    if args.workers:  # a pool the cluster can never hold would be waited for for ever: refused before any work
+        from catrs.distributed.chunks import refuse_a_pool_beyond_reach
+
+        refuse_a_pool_beyond_reach(args.workers, f"--workers {args.workers}")
     with prepared.claimed():
         out, tracker, run_id = _sample_and_track(args, request, prepared, context)
     _print_results(args, out)

@@ -14,7 +14,9 @@ are written to its own object in `OUT.chunks/` (`catrs.storage`: a directory or 
 it finishes, so a lost node costs only the chunks it held, and a re-run skips every image already in a chunk
 file. The chunks are then merged into OUT — the same table as a single-process run, row for row, since each
 image's noise is keyed by its index — and removed. Every worker must run on one kind of device (the noise of
-an index differs between GPU models): a pool of mixed devices is refused, and so is a resume on another.
+an index differs between GPU models): a pool of mixed devices is refused, and so is a resume on another. A
+pool the cluster can never hold (more workers than its nodes and those its autoscaler can add take) is refused
+before any work, where it would be waited for for ever.
 
 Why actors and not Ray Data: a chunk's work is one call of the single-process core on a handful of indices,
 its rows are a few kilobytes, and resume needs to know which indices are done — a bounded window of calls
@@ -40,7 +42,7 @@ from tqdm import tqdm
 from catrs.certify import CertifyRequest, certify_rows, inputs_per_pass, prepare_certification
 from catrs.context import RunContext
 from catrs.data import SplitFacts, get_dataset, split_facts
-from catrs.distributed.runtime import ask_for, capacity, connect
+from catrs.distributed.runtime import ask_for, capacity, connect, refuse_beyond_reach
 from catrs.errors import JobFailed, UserError
 from catrs.faults import inject, straggle
 from catrs.inference import describe_device, worker_device
@@ -61,6 +63,7 @@ CHUNKS_PER_WORKER = 8  # enough that the last chunks balance the workers, few en
 # far more. Four times as many chunks let the queue even it out.
 ADAPTIVE_CHUNKS_PER_WORKER = 4 * CHUNKS_PER_WORKER
 POLL_SECONDS = 0.5
+POOL_FIX = "lower --workers (each takes a GPU where the cluster has or can add GPUs, else a CPU)"
 
 
 class OutOfMemory(Exception):
@@ -144,6 +147,13 @@ def _out_of_memory(batch: int) -> Iterator[None]:
         yield
     except torch.cuda.OutOfMemoryError:
         raise OutOfMemory(f"out of GPU memory with batches of {batch:,} samples; lower --batch") from None
+
+
+def refuse_a_pool_beyond_reach(workers: int, asked: str, fix: str = "") -> None:
+    """Refuses (before any work) a pool of `workers` chunk workers that the cluster can never hold at once: a
+    GPU (and Ray's default CPU) each where it has or can add GPUs, else a CPU each (`Pool`)."""
+    connect()
+    refuse_beyond_reach(asked, workers, capacity().worker_bundle(), fix or POOL_FIX)
 
 
 class Pool:
@@ -274,6 +284,8 @@ def certify_distributed(
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be a positive integer, got {workers}")
     prepared = prepare_certification(request, context)
+    if workers is not None:  # a pool the cluster can never hold would wait for ever
+        refuse_a_pool_beyond_reach(workers, f"--workers {workers}")
     with prepared.claimed():  # the chunk folder is the output's: claimed with it
         connect()
         with Pool(workers or capacity().workers()) as pool:

@@ -12,6 +12,9 @@
   this machine, as on a `ray up` head).
 - `ask_for`: tells the autoscaler the bundles a phase will need (`request_resources`), so nodes start while
   the driver prepares the work rather than when the first task waits.
+- `refuse_beyond_reach`: a request no cluster of this shape can ever serve (more workers, or a bigger worker,
+  than the nodes up and the nodes its autoscaler can add can hold) is refused at once, in one line that says
+  what was asked and what exists (`reach`), rather than waited on for ever.
 - `gpu_workers_see_cuda`: whether a process given a GPU by Ray can use it (on a test cluster whose nodes
   only advertise GPUs it cannot), which decides the worker device and the collective backend.
 """
@@ -21,11 +24,14 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from catrs.errors import UserError
 from catrs.interrupts import stop_on_sigterm
 
 CONFIG_ENVIRONMENT = "CATRS_AUTOSCALING_CONFIG"
@@ -89,6 +95,10 @@ class Capacity:
         """One worker's request: a GPU where the cluster has or can get them (never the head's CPUs), else a CPU."""
         return {"num_gpus": 1} if self.accelerated else {"num_cpus": 1}
 
+    def worker_bundle(self) -> dict[str, float]:
+        """`worker_resources` as Ray reserves them: an actor given a GPU also holds Ray's default CPU."""
+        return {"CPU": 1, "GPU": 1} if self.accelerated else {"CPU": 1}
+
 
 def capacity() -> Capacity:
     """The cluster's capacity now and within its autoscaler's reach (see the module docstring)."""
@@ -123,6 +133,159 @@ def autoscaling_gpus(config: dict[str, Any] | None = None) -> int | None:
     return total
 
 
+UNIT = 10_000  # Ray counts resources in fixed point, to 1/10,000 (so 3 workers of 1/3 CPU fit on one CPU)
+SHOWN = ("CPU", "GPU")  # what catrs's work asks for, and what a refusal names
+
+
+@dataclass(frozen=True)
+class NodeKind:
+    """Nodes an autoscaler can add: a node type's name, its `resources` (None: the config names none, so they
+    are known only once one starts, and no request is refused for lack of them) and its `max_workers`."""
+
+    name: str
+    resources: dict[str, float] | None
+    count: int
+
+
+@dataclass(frozen=True)
+class Reach:
+    """The nodes a cluster has up (`up`) and the nodes its autoscaler can add (`kinds`, at most `room` of them
+    in all; None: no autoscaler)."""
+
+    up: tuple[dict[str, float], ...]
+    kinds: tuple[NodeKind, ...] | None = None
+    room: int = 0
+
+    @property
+    def kept(self) -> tuple[dict[str, float], ...]:
+        """The nodes up that its autoscaler did not add, and counts in no node type's `max_workers`: the head,
+        and any node of a shape no node type has (one started by hand)."""
+        shapes = [kind.resources for kind in self.kinds or () if kind.resources is not None]
+        return tuple(
+            node
+            for node in self.up
+            if "node:__internal_head__" in node
+            or not any(all(node.get(r, 0.0) == shape.get(r, 0.0) for r in SHOWN) for shape in shapes)
+        )
+
+    def most(self, bundle: dict[str, float]) -> float:
+        """How many `bundle`s (each on one node) the cluster can ever hold at once: on the nodes up now, or on
+        its kept nodes and the nodes its autoscaler can add, the roomiest kinds first (inf: unknown)."""
+        now = sum(_holds(node, bundle) for node in self.up)
+        return max(now, self._added(lambda node: _holds(node, bundle)))
+
+    def total(self, resource: str) -> float:
+        """The most of `resource` the cluster can ever have at once (inf: unknown)."""
+        now = sum(node.get(resource, 0.0) for node in self.up)
+        return max(now, self._added(lambda node: math.inf if node is None else node.get(resource, 0.0)))
+
+    def _added(self, value: Callable[[dict[str, float] | None], float]) -> float:
+        """`value` summed over the kept nodes and the nodes the autoscaler can add that have most of it."""
+        if self.kinds is None:
+            return 0.0
+        total, room = float(sum(value(node) for node in self.kept)), self.room
+        for kind in sorted(self.kinds, key=lambda kind: value(kind.resources), reverse=True):
+            taken = min(kind.count, room)
+            if taken > 0:
+                total, room = total + taken * value(kind.resources), room - taken
+        return total
+
+    def shortfall(self, workers: int, bundle: dict[str, float], driver: dict[str, float] | None = None) -> str | None:
+        """Why `workers` bundles (and one `driver` bundle beside them) can never run at once; None if they may."""
+        most = self.most(bundle)
+        if most < 1:
+            return f"a worker of {describe_resources(bundle)} fits on no node the cluster has or can add"
+        if workers > most:
+            return f"{workers} workers of {describe_resources(bundle)} each at once, and at most {int(most)} fit"
+        if driver is not None:
+            if self.most(driver) < 1:
+                return f"{describe_resources(driver)} to drive the workers fits on no node the cluster has or can add"
+            for resource in SHOWN:
+                need = workers * bundle.get(resource, 0.0) + driver.get(resource, 0.0)
+                if need > self.total(resource):
+                    return (
+                        f"{workers} workers of {describe_resources(bundle)} each and "
+                        f"{describe_resources(driver)} to drive them need {_count(need, resource)} at once, and "
+                        f"the cluster can have at most {_count(self.total(resource), resource)}"
+                    )
+        return None
+
+    def describe(self) -> str:
+        """What exists, in words: the nodes up, and what the autoscaler can add."""
+        totals = ", ".join(_count(sum(node.get(r, 0.0) for node in self.up), r) for r in SHOWN)
+        nodes = f"{len(self.up)} node{'s' if len(self.up) != 1 else ''}"
+        if self.kinds is None:
+            return f"Ray has {nodes} up ({totals}) and no autoscaler to add any"
+        offers = [kind for kind in self.kinds if kind.count > 0]
+        if not offers or self.room <= 0:
+            return f"Ray has {nodes} up ({totals}) and its autoscaler can add none"
+        kinds = ", ".join(
+            f"{kind.count} × {kind.name} "
+            + ("(resources known at launch)" if kind.resources is None else f"({describe_resources(kind.resources)})")
+            for kind in offers
+        )
+        most = "" if self.room >= sum(kind.count for kind in offers) else f", {self.room} nodes in all"
+        return f"Ray has {nodes} up ({totals}) and its autoscaler can add {kinds}{most}"
+
+
+def _holds(node: dict[str, float] | None, bundle: dict[str, float]) -> float:
+    """How many `bundle`s fit on one node (inf: a node of unknown resources, or a bundle that asks nothing)."""
+    if node is None:
+        return math.inf
+    asked = [(round(node.get(key, 0.0) * UNIT), round(value * UNIT)) for key, value in bundle.items() if value > 0]
+    return min((has // wants for has, wants in asked), default=math.inf)
+
+
+def _count(amount: float, resource: str) -> str:
+    if amount == math.inf:
+        return f"any number of {resource}s"
+    shown = f"{amount:g}"
+    if amount == 0:
+        return f"no {resource}"
+    return f"{shown} {resource}" + ("s" if amount != 1 and float(amount).is_integer() else "")
+
+
+def describe_resources(bundle: dict[str, float]) -> str:
+    """A bundle in words: `{"CPU": 1, "GPU": 1}` → "1 CPU and 1 GPU"."""
+    shown = [_count(bundle[r], r) for r in SHOWN if bundle.get(r, 0) > 0]
+    return " and ".join(shown) or "no CPU or GPU"
+
+
+def reach(config: dict[str, Any] | None = None) -> Reach:
+    """The cluster's nodes up now, and what its autoscaler (its config: `config`, else found as `capacity`
+    finds it) can add."""
+    import ray
+
+    config = config if config is not None else _autoscaling_config()
+    up = tuple({**node["Resources"]} for node in ray.nodes() if node.get("Alive") and node.get("Resources") is not None)
+    if config is None:
+        return Reach(up)
+    head = config.get("head_node_type")
+    kinds = tuple(
+        NodeKind(
+            name,
+            None if node_type.get("resources") is None else {k: float(v) for k, v in node_type["resources"].items()},
+            int(node_type.get("max_workers", 0)),
+        )
+        for name, node_type in (config.get("available_node_types") or {}).items()
+        if name != head
+    )
+    return Reach(up, kinds, int(config.get("max_workers", 1 << 30)))
+
+
+def refuse_beyond_reach(
+    asked: str, workers: int, bundle: dict[str, float], fix: str, driver: dict[str, float] | None = None
+) -> None:
+    """Refuses (`UserError`, before any work) `workers` bundles, and a `driver` bundle beside them, that the
+    cluster could never hold at once — it has too few nodes up and its autoscaler can add too few — rather
+    than wait for them for ever. `asked` names the request (its flags), `fix` says what to change."""
+    connect()
+    cluster = reach()
+    problem = cluster.shortfall(workers, bundle, driver)
+    if problem is not None:
+        raise UserError(f"{asked}: {problem} ({cluster.describe()}); {fix}")
+
+
 def _autoscaling_config() -> dict[str, Any] | None:
     path = os.environ.get(CONFIG_ENVIRONMENT) or _running_autoscaler_config()
     if not path or not Path(path).expanduser().is_file():
@@ -134,16 +297,30 @@ def _autoscaling_config() -> dict[str, Any] | None:
 
 
 def _running_autoscaler_config() -> str | None:
-    """The `--autoscaling-config` of the Ray autoscaler running on this machine (a cluster's head), if any."""
+    """The `--autoscaling-config` of the Ray autoscaler running on this machine (a cluster's head) for the
+    cluster this process has joined, if any: another cluster's autoscaler on the same machine (a second head,
+    a test's) says nothing of this one's nodes."""
     import psutil
 
+    port = _gcs_port()
     for process in psutil.process_iter(["cmdline"]):
         arguments = process.info["cmdline"] or []
         if any(a.endswith("autoscaler/_private/monitor.py") for a in arguments):
-            for argument in arguments:
-                if argument.startswith("--autoscaling-config="):
-                    return argument.split("=", 1)[1]
+            options = dict(a.split("=", 1) for a in arguments if a.startswith("--") and "=" in a)
+            if port is not None and options.get("--gcs-address", "").rpartition(":")[2] not in ("", port):
+                continue
+            if "--autoscaling-config" in options:
+                return options["--autoscaling-config"]
     return None
+
+
+def _gcs_port() -> str | None:
+    """The port of the cluster this process has joined (None: none yet)."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    return str(ray.get_runtime_context().gcs_address).rpartition(":")[2]
 
 
 def ask_for(bundles: list[dict[str, float]]) -> None:

@@ -6,7 +6,9 @@ and each of its chunks is one synchronised optimizer step, so the released per-n
 Checkpoints go to the run's storage (`--storage-path`, a local directory or a cloud URI; default the run
 directory's parent, so the run's own directory is its storage); a worker failure restarts the group from the
 latest checkpoint (`FailureConfig`), and the same command resumes a stopped run. Soft labels are made
-by the cluster (`cluster_producer`, below) and handed to the workers through the object store.
+by the cluster (`cluster_producer`, below) and handed to the workers through the object store. Workers the
+cluster can never hold (more than its nodes and its autoscaler's can take, or one bigger than any node) are
+refused before any work, as is a sweep's trial (`refuse_a_sweep_beyond_reach`).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from catrs.checkpoint import Checkpoint, load_checkpoint
 from catrs.context import RunContext
 from catrs.data import sealed
 from catrs.distributed.cache import cluster_exclusive
-from catrs.distributed.chunks import distributed_votes
-from catrs.distributed.runtime import ask_for, capacity, connect, gpu_workers_see_cuda
+from catrs.distributed.chunks import distributed_votes, refuse_a_pool_beyond_reach
+from catrs.distributed.runtime import ask_for, capacity, connect, gpu_workers_see_cuda, refuse_beyond_reach
 from catrs.errors import JobFailed
 from catrs.inference import worker_device
 from catrs.storage import Stored, stored
@@ -142,10 +144,42 @@ def gpus_of(plan: WorkerPlan) -> float:
     return 1.0 if capacity().accelerated else 0.0
 
 
-def scaling(plan: WorkerPlan) -> ray.train.ScalingConfig:
+def worker_bundle(plan: WorkerPlan) -> dict[str, float]:
+    """What each worker of `plan` asks Ray for."""
     gpus = gpus_of(plan)
-    resources = {"CPU": plan.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
-    return ray.train.ScalingConfig(num_workers=plan.workers, use_gpu=gpus > 0, resources_per_worker=resources)
+    return {"CPU": plan.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+
+
+def scaling(plan: WorkerPlan) -> ray.train.ScalingConfig:
+    resources = worker_bundle(plan)
+    return ray.train.ScalingConfig(
+        num_workers=plan.workers, use_gpu=resources.get("GPU", 0) > 0, resources_per_worker=resources
+    )
+
+
+PLAN_FIX = "lower --workers, --gpus-per-worker or --cpus-per-worker"
+TRIAL_FIX = "lower its workers, gpus_per_worker or cpus_per_worker"
+
+
+def refuse_a_plan_beyond_reach(plan: WorkerPlan, asked: str, fix: str = PLAN_FIX) -> None:
+    """Refuses (before any work) a plan whose workers the cluster can never hold at once: more than its nodes
+    and its autoscaler's can take, or a worker bigger than any node (`catrs.distributed.runtime.reach`)."""
+    connect()
+    refuse_beyond_reach(asked, plan.workers, worker_bundle(plan), fix)
+
+
+def refuse_a_sweep_beyond_reach(resources: WorkerPlan, certify_workers: int, space: Path) -> None:
+    """Refuses, when a sweep starts (before its MLflow parent run), what its file asks and the cluster can
+    never hold: a trial (`resources`: one worker's bundle, or Ray Train workers and the trial that drives them
+    with one CPU, as `catrs.distributed.tune.trial_trainable` asks) or the pool of `certify_workers` that
+    certifies the candidates and the winner (`final.workers`)."""
+    connect()
+    if resources.workers == 1:
+        refuse_beyond_reach(f"{space}: resources", 1, worker_bundle(resources), TRIAL_FIX)
+    else:
+        bundle, driver = worker_bundle(resources), {"CPU": 1.0}
+        refuse_beyond_reach(f"{space}: resources (each trial)", resources.workers, bundle, TRIAL_FIX, driver)
+    refuse_a_pool_beyond_reach(certify_workers, f"{space}: final.workers {certify_workers}", "lower final.workers")
 
 
 def torch_config(plan: WorkerPlan) -> TorchConfig:
@@ -157,6 +191,7 @@ def torch_config(plan: WorkerPlan) -> TorchConfig:
 def train_distributed(spec: RunSpec, out: Path, plan: WorkerPlan, context: RunContext) -> Path:
     """Trains (or resumes) the run `spec` on the plan's Ray Train workers; copies the final checkpoint into `out`."""
     out = Path(out).resolve()
+    refuse_a_plan_beyond_reach(plan, f"--workers {plan.workers}")  # what the cluster can never hold waits for ever
     with claimed_run(spec, out):
         return _train_on_workers(spec, out, plan, context)
 
