@@ -91,7 +91,7 @@ def test_dry_run_from_an_empty_directory_resolves_and_validates_the_demo(install
     assert first == f"search space: {shipped} (valid)"
     name = "demo_digits-" if command[0] == "demo" else "demo_digits:"  # the demo is a new sweep each time
     assert sweep.startswith(f"sweep {name}") and "catrs on digits (digits_cnn_bn) at σ = 0.5" in sweep, sweep
-    assert "searching lbd, epsilon, sigma0, confidence_mask; " in sweep and " trials, 2 at a time" in sweep
+    assert "searching lbd, epsilon, num_noises, sigma0, confidence_mask; " in sweep and "population-based" in sweep
     assert cost.startswith("expected cost: ≈ ") and "training-run equivalents" in cost
     assert last == "dry run: nothing started"
     assert list(empty.iterdir()) == []  # no MLflow store, no runs/
